@@ -44,6 +44,10 @@ class StaticKVCache:
         self.v[layer].index_copy_(2, positions, v)
         return self.k[layer], self.v[layer]
 
+    def key_len(self, write_end: int) -> int:
+        """Width of the keys attention will see after a write ending at `write_end` (masks are built this wide)."""
+        return self.capacity
+
     def reset(self) -> None:
         self.k.zero_()
         self.v.zero_()
@@ -103,6 +107,9 @@ class GrowingKVCache:
         if layer == self.num_layers - 1:
             self.cursor = start + n
         return self.k[layer], self.v[layer]
+
+    def key_len(self, write_end: int) -> int:
+        return max(len(self), write_end)
 
     def reset(self) -> None:
         for i in range(self.num_layers):

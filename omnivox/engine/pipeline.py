@@ -1,0 +1,325 @@
+"""The official streaming algorithm (fact sheet section 4), as one generator over a runner.
+
+Text → LLM (3-token calls) → text re-tokenised for the TTS → text slots prefilled as they become available →
+25-token TTS calls → DVAE + Vocos over each new window with 4 tokens of left context → crossfade → PCM pieces.
+Long replies restart the TTS in a new segment at a sentence end. Everything here is host-side control flow; the
+runner executes the steps, so the reference and fast paths share this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omnivox.engine.crossfade import Framer
+from omnivox.engine.profiler import StageTimer
+from omnivox.engine.session import Session
+from omnivox.engine.text import (
+    LLMTextDecoder,
+    build_tts_prompt,
+    detect_language,
+    normalize_for_tts,
+    sentence_end,
+    split_for_tts,
+)
+from omnivox.engine.types import SamplingParams
+
+LLM_TOKENS_PER_CALL = 3
+TTS_TOKENS_PER_CALL = 25
+DECODE_LEFT_CONTEXT = 4
+SEGMENT_SHIFT = 180  # a new segment may start once the text reaches 300 - 180 = 120 BERT tokens
+SEGMENT_MAX_AUDIO_TOKENS = 2048
+RESTART_TEXT_TOKENS = 5
+RESTART_AUDIO_TOKENS = 50
+READ_ALOUD_PART_TOKENS = 200
+TTS_EOS = "<|tts_eos|>"
+ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>"
+
+
+@dataclass
+class LLMChunk:
+    text: str
+    speaker_hidden: torch.Tensor | None = None  # post-norm hidden at <|spk|>, first chunk only
+
+
+@dataclass
+class Piece:
+    """PCM ready for the caller and the raw reply text first covered by it."""
+
+    pcm: np.ndarray
+    text: str
+    final: bool = False
+
+
+@dataclass
+class Restart:
+    text_ids: list[int]  # last 5 BERT text tokens of the finished segment
+    codes: torch.Tensor  # its last 50 audio tokens [50, num_vq]
+    text_left: str  # text after the cut
+
+
+@dataclass
+class Forcing:
+    """Dummy-weight runs: the reply tokens are teacher-forced and the end of speech is forced."""
+
+    reply_ids: list[int]
+    audio_tokens: int
+
+
+class ReplyGenerator:
+    """Generates one spoken reply for a session whose prompt is already prefilled."""
+
+    def __init__(
+        self,
+        runner,
+        session: Session | None,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        timer: StageTimer,
+        forcing: Forcing | None = None,
+        early_first_chunk: bool = True,
+    ):
+        model = runner.model
+        self.runner = runner
+        self.session = session
+        self.sampling = sampling
+        self.generator = generator
+        self.timer = timer
+        self.forcing = forcing
+        self.early = early_first_chunk
+        self.tokenizer = model.tokenizer
+        self.tts_tokenizer = model.tts_tokenizer
+        tts_cfg = model.config.tts
+        self.text_chunk = tts_cfg.streaming_text_chunk_size
+        self.reserved = tts_cfg.streaming_text_reserved_len
+        special = self.tokenizer.special
+        self.terminators = (special.im_end, special.endoftext)
+        self.audio_tokens_total = 0  # new audio tokens over all segments (forced-EOS accounting)
+        self.cancelled = False
+        self.last_restart: Restart | None = None
+        self.tts_state = None  # the live TTS segment (for cache accounting)
+
+    def cache_bytes(self) -> int:
+        """Bytes of KV cache this request holds now (its session's LLM cache and its TTS segment's cache)."""
+        llm = self.session.cache_bytes if self.session is not None else 0
+        return llm + (self.tts_state.cache.nbytes if self.tts_state is not None else 0)
+
+    # ---- LLM: chunks of 3 tokens ----------------------------------------------------------------------------------
+    def llm_chunks(self) -> Iterator[LLMChunk]:
+        special = self.tokenizer.special
+        header = self.tokenizer.encode(ASSISTANT_HEADER)
+        speaker_pos = header.index(special.spk)
+        forced = None
+        if self.forcing is not None:
+            forced = self.forcing.reply_ids + [special.tts_eos, special.im_end]
+        decoder = LLMTextDecoder(self.tokenizer, bos_id=special.endoftext, terminator_ids=self.terminators)
+        metrics = self.timer.metrics
+        inputs, first, new_tokens = header, True, 0
+        while True:
+            speaker_hidden = None
+            with self.timer.stage("llm"):
+                window, chunk = list(inputs), []
+                for step in range(LLM_TOKENS_PER_CALL):
+                    feed = inputs if step == 0 else chunk[-1:]
+                    token, hidden = self.runner.llm_step(
+                        self.session, feed, window, self.sampling, self.generator, want_hidden=first and step == 0
+                    )
+                    if hidden is not None:
+                        speaker_hidden = hidden[speaker_pos]
+                    if forced is not None:
+                        token = forced[min(new_tokens, len(forced) - 1)]
+                    chunk.append(token)
+                    window.append(token)
+                    new_tokens += 1
+                    metrics.llm_tokens += 1
+                    if token in self.terminators:
+                        break
+                text = decoder.push(chunk)
+            ended = chunk[-1] in self.terminators
+            self.session.last_reply_terminated = ended
+            yield LLMChunk(text=text, speaker_hidden=speaker_hidden)
+            first, inputs = False, chunk[-1:]
+            if ended or new_tokens >= self.sampling.max_new_tokens:
+                return
+
+    # ---- TTS ------------------------------------------------------------------------------------------------------
+    def _eos_after(self) -> int | None:
+        if self.forcing is None:
+            return None
+        return max(self.forcing.audio_tokens - self.audio_tokens_total, 0)
+
+    def _tts_call(self, state, num_text_tokens: int) -> None:
+        with self.timer.stage("tts"):
+            kept = self.runner.tts_generate(
+                state, TTS_TOKENS_PER_CALL, num_text_tokens, self.sampling, self.generator, self._eos_after()
+            )
+        self.audio_tokens_total += kept
+        self.timer.metrics.tts_steps += kept + int(state.finished)
+        self.timer.metrics.tts_calls += 1
+
+    def _decode(self, state, decoded: int, framer: Framer) -> np.ndarray | None:
+        """DVAE + Vocos over the new tokens plus 4 of left context; returns PCM that may be released now."""
+        if state.num_codes == decoded:
+            return None
+        with self.timer.stage("audio"):
+            window = state.codes_tensor(max(decoded - DECODE_LEFT_CONTEXT, 0))
+            return framer.push(self.runner.decode_audio(window))
+
+    def _prefill(self, state, prompt_text: str, begin: int, end: int, speaker: torch.Tensor | None) -> list[int]:
+        ids = self.tts_tokenizer.encode(prompt_text)
+        with self.timer.stage("tts"):
+            self.runner.tts_prefill_text(state, ids[begin:end], begin, speaker)
+        return ids
+
+    def segment(
+        self, llm: Iterator[LLMChunk], gen_text: str, speaker: torch.Tensor, restart: Restart | None
+    ) -> Iterator[Piece]:
+        """One TTS segment (official `_generate_mel_spec_audio_streaming`). Yields Pieces; leaves in
+        `self.last_restart` how the next segment must start (None: the reply is over)."""
+        self.last_restart = None
+        with self.timer.stage("tts_init"):
+            state = self.tts_state = self.runner.new_tts_state()
+        framer = Framer(early=self.early)
+        m, decoded, prev_text_len = 0, 0, 0
+        prompt, mask_len, tts_ids = None, 0, []
+        if restart is not None:
+            start_ids = self.tts_tokenizer.encode("[Stts][spk_emb]")
+            with self.timer.stage("tts"):
+                self.runner.tts_prefill_text(state, start_ids + restart.text_ids, 0, speaker)
+                self.runner.tts_prefill_audio(state, restart.codes, len(restart.text_ids))
+            mask_len = len(restart.text_ids)
+            gen_text = self.tts_tokenizer.decode(restart.text_ids) + restart.text_left
+            prev_text_len, decoded = len(gen_text), state.num_codes
+        else:
+            prompt = build_tts_prompt(gen_text, self.tts_tokenizer, self.reserved)
+        gen_text_raw = gen_text
+        language = None
+        finished = cut = False
+        text_left = ""
+        for t, chunk in enumerate(llm, start=1):
+            if self.cancelled:
+                return None
+            txt = chunk.text.split(TTS_EOS)[0]
+            gen_text_raw += txt
+            if t == 1 and txt == "" and restart is not None:
+                return None
+            if t <= 2:
+                language = detect_language(gen_text_raw)
+            gen_text += normalize_for_tts(txt, language)
+            prompt = build_tts_prompt(gen_text, self.tts_tokenizer, self.reserved)
+            num_text = prompt.num_text_tokens
+            if num_text >= self.reserved - SEGMENT_SHIFT:
+                mark = sentence_end(txt)
+                if mark:
+                    cut_at = gen_text.rfind(mark)
+                    text_left, gen_text = gen_text[cut_at + 1 :], gen_text[: cut_at + 1]
+                    prompt = build_tts_prompt(gen_text, self.tts_tokenizer, self.reserved)
+                    cut = True
+                    break
+            if num_text >= self.text_chunk * (m + 1):
+                begin = 0 if m == 0 else self.text_chunk * m + 2
+                end = min(self.text_chunk * (m + 1) + 2, self.reserved + 2)
+                tts_ids = self._prefill(state, prompt.text, begin, end, speaker if m == 0 else None)
+                mask_len = num_text
+                self._tts_call(state, mask_len)
+                m += 1
+                pcm = self._decode(state, decoded, framer)
+                decoded = state.num_codes
+                if pcm is not None:
+                    yield Piece(pcm, gen_text_raw[prev_text_len:])
+                    prev_text_len = len(gen_text_raw)
+                if state.finished:
+                    finished = True
+                    break
+        stop = False
+        end = 0
+        if not finished and prompt is not None and not self.cancelled:
+            num_text = prompt.num_text_tokens
+            begin = 0 if m == 0 else self.text_chunk * m + 2
+            end = num_text + 3
+            if end > begin:
+                tts_ids = self._prefill(state, prompt.text, begin, end, speaker if m == 0 else None)
+                mask_len = num_text
+            while not self.cancelled:
+                self._tts_call(state, mask_len)
+                m += 1
+                pcm = self._decode(state, decoded, framer)
+                decoded = state.num_codes
+                if pcm is not None:
+                    yield Piece(pcm, gen_text_raw[prev_text_len:])
+                    prev_text_len = len(gen_text_raw)
+                if state.finished:
+                    break
+                if state.num_codes > SEGMENT_MAX_AUDIO_TOKENS:
+                    stop = True
+                    break
+        restart_next = cut and not stop and not self.cancelled
+        tail = framer.flush()
+        if tail is not None:
+            yield Piece(tail, gen_text_raw[prev_text_len:], final=not restart_next)
+        if restart_next:
+            self.last_restart = Restart(
+                text_ids=tts_ids[end - 1 - RESTART_TEXT_TOKENS : end - 1],
+                codes=state.codes_tensor(max(state.num_codes - RESTART_AUDIO_TOKENS, 0)),
+                text_left=text_left,
+            )
+
+    def __iter__(self) -> Iterator[Piece]:
+        llm = self._recording(self.llm_chunks())
+        first = next(llm)
+        with self.timer.stage("tts_init"):
+            speaker = self.runner.project_speaker(first.speaker_hidden)
+        gen_text, restart = first.text.split(TTS_EOS)[0], None
+        final_sent = False
+        while True:
+            for piece in self.segment(llm, gen_text, speaker, restart):
+                final_sent = final_sent or piece.final
+                yield piece
+            restart = self.last_restart
+            if restart is None:
+                break
+            gen_text = ""
+        if not final_sent:
+            yield Piece(np.zeros(0, dtype=np.float32), "", final=True)
+
+    def read_aloud(self, text: str, speaker: torch.Tensor) -> Iterator[Piece]:
+        """TTS only: the given text, spoken with `speaker`, in parts of at most 200 BERT tokens (each part is one
+        segment: all its text prefilled at once, then 25-token calls until EOS, as the official flush loop)."""
+        language = detect_language(text)
+        parts = split_for_tts(normalize_for_tts(text, language), self.tts_tokenizer, READ_ALOUD_PART_TOKENS)
+        total_tokens = sum(len(self.tts_tokenizer.encode(p)) for p in parts)
+        forced_total = self.forcing.audio_tokens if self.forcing is not None else 0
+        for index, part in enumerate(parts):
+            last_part = index == len(parts) - 1
+            if self.forcing is not None:
+                share = len(self.tts_tokenizer.encode(part)) / total_tokens
+                self.forcing, self.audio_tokens_total = Forcing([], max(round(forced_total * share), 1)), 0
+            with self.timer.stage("tts_init"):
+                state = self.tts_state = self.runner.new_tts_state()
+            framer, decoded, pending_text = Framer(early=self.early), 0, part
+            prompt = build_tts_prompt(part, self.tts_tokenizer, self.reserved)
+            self._prefill(state, prompt.text, 0, prompt.num_text_tokens + 3, speaker)
+            while not self.cancelled:
+                self._tts_call(state, prompt.num_text_tokens)
+                pcm = self._decode(state, decoded, framer)
+                decoded = state.num_codes
+                if pcm is not None:
+                    yield Piece(pcm, pending_text)
+                    pending_text = ""
+                if state.finished or state.num_codes > SEGMENT_MAX_AUDIO_TOKENS:
+                    break
+            tail = framer.flush()
+            if tail is not None or last_part:
+                yield Piece(tail if tail is not None else np.zeros(0, np.float32), pending_text, final=last_part)
+        self.timer.metrics.reply_text = text
+
+    def _recording(self, llm: Iterator[LLMChunk]) -> Iterator[LLMChunk]:
+        """Keeps the metrics' reply text up to date with every chunk the LLM produced."""
+        reply = []
+        for chunk in llm:
+            reply.append(chunk.text)
+            self.timer.metrics.reply_text = "".join(reply).split(TTS_EOS)[0]
+            yield chunk

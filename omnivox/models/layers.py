@@ -1,0 +1,212 @@
+"""Decoder building blocks shared by the LLM (Qwen2) and the TTS backbone (Llama).
+
+Both are pre-norm decoders with RMSNorm, rotary attention and a SiLU-gated MLP; they differ only in sizes, rope
+theta, GQA and whether q/k/v carry a bias. Every op mirrors transformers' Qwen2/Llama code so outputs match the
+official implementation: fp32 RMSNorm, fp32 rotary tables cast to the activation dtype, explicit softmax scale.
+
+Attention never owns state: the engine hands in a KV cache (`cache.update(layer, positions, k, v)`) and a boolean
+mask `[B or 1, 1, Tq, Tk_max]` built at the cache's capacity; each layer slices it to the keys it gets back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnivox.engine.kv_cache import KVCache
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [T, head_dim] in the activation dtype
+
+
+class RMSNorm(nn.Module):
+    """Normalise in fp32, cast back, then scale: the exact op order of transformers' Qwen2/Llama RMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(input_dtype)
+
+
+def rotary_tables(
+    head_dim: int, theta: float, max_positions: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin `[max_positions, head_dim]` in HF layout cat(freqs, freqs).
+
+    inv_freq is computed on the CPU (where transformers builds it) and the angles on `device` (where transformers
+    computes them each step), so gathering rows gives bit-identical values to its on-the-fly rotary embedding.
+    """
+    device = torch.get_default_device() if device is None else device  # honours `with torch.device(...)`
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+    inv_freq = (1.0 / (float(theta) ** exponents)).to(device)  # [D/2]
+    positions = torch.arange(max_positions, device=device).float()
+    freqs = positions[:, None] * inv_freq  # [P, D/2]
+    angles = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [T, D], shared by every batch row and head."""
+    cos, sin = rope
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The one SDPA call site, so backend choices live in one place.
+
+    q: [B, H, Tq, D]; k, v: [B, KV, Tk, D]; mask: bool [B or 1, 1, Tq, Tk] (True = may attend) or None (all keys).
+    GQA folds each kv head's query group into the query length ([B, KV, G*Tq, D]) instead of copying K/V G times;
+    every query row still attends on its own, so the result is the same attention.
+    """
+    batch, num_heads, q_len, head_dim = q.shape
+    groups = num_heads // k.shape[1]
+    if groups > 1:
+        q = q.reshape(batch, k.shape[1], groups * q_len, head_dim)  # [B, KV, G*Tq, D]
+        if mask is not None:
+            mask = mask.repeat(1, 1, groups, 1)  # row g*Tq + t = mask row t
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, num_heads, q_len, head_dim)
+
+
+class Attention(nn.Module):
+    """Rotary multi-head attention with GQA over a KV cache supplied by the caller."""
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int, qkv_bias: bool
+    ):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.scale = head_dim**-0.5  # the float transformers passes to SDPA
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: Rope,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch, q_len, _ = x.shape
+        q = self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, positions, k, v)  # [B, KV, Tk, D]
+        if mask is not None:
+            mask = mask[..., : k.shape[2]]
+        out = attend(q, k, v, mask, self.scale)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        rms_norm_eps: float,
+        layer_idx: int,
+        qkv_bias: bool,
+    ):
+        super().__init__()
+        head_dim = hidden_size // num_heads
+        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, layer_idx, qkv_bias)
+        self.mlp = GatedMLP(hidden_size, intermediate_size)
+        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: Rope,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """`layers.N.*` + final `norm`, with rotary tables as non-persistent buffers (never in a checkpoint).
+
+    The tables are fp32 when built; `module.to(dtype)` rounds them once, which gives the same values as rounding
+    the gathered fp32 rows, so they stay exact in the model dtype. `reset_rotary` rebuilds them in fp32, e.g.
+    after building on the meta device.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        intermediate_size: int,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: int,
+        rope_theta: float,
+        rms_norm_eps: float,
+        max_positions: int,
+        qkv_bias: bool,
+    ):
+        super().__init__()
+        self.head_dim = hidden_size // num_heads
+        self.rope_theta = rope_theta
+        self.max_positions = max_positions
+        self.layers = nn.ModuleList(
+            DecoderLayer(hidden_size, intermediate_size, num_heads, num_kv_heads, rms_norm_eps, i, qkv_bias)
+            for i in range(num_layers)
+        )
+        self.norm = RMSNorm(hidden_size, rms_norm_eps)
+        cos, sin = rotary_tables(self.head_dim, rope_theta, max_positions)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [P, D]
+        self.register_buffer("rope_sin", sin, persistent=False)  # [P, D]
+
+    def reset_rotary(self, device: torch.device | str | None = None) -> None:
+        device = self.norm.weight.device if device is None else device
+        self.rope_cos, self.rope_sin = rotary_tables(self.head_dim, self.rope_theta, self.max_positions, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, T, C] embeddings; positions: long [T]; returns post-norm hidden [B, T, C]."""
+        rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))  # [T, D] each
+        for layer in self.layers:
+            x = layer(x, positions, rope, cache, mask)
+        return self.norm(x)

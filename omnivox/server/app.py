@@ -1,0 +1,114 @@
+"""`build_app`: the FastAPI application, its lifespan (engine built and warmed up once) and the one error mapping.
+
+Every error leaves the server in the OpenAI envelope `{"error": {"message", "type", "param", "code"}}` with the
+status from `protocol.ERROR_TABLE`: bad requests 400 (unknown model 404), too many concurrent requests 429 with
+Retry-After, model not ready 503 with Retry-After, 500 only for generation failures and bugs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from omnivox.server.metrics import ServerMetrics
+from omnivox.server.protocol import ErrorInfo, ErrorResponse, RequestError, describe_error
+from omnivox.server.routes import router
+from omnivox.server.serving import EngineSource, ServerConfig, SpeechService
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(service: SpeechService, exc: BaseException) -> JSONResponse:
+    status, info, headers = describe_error(exc)
+    service.metrics.errors.labels(info.code or info.type).inc()
+    if status >= 500:
+        logger.error("request failed with %d", status, exc_info=exc)
+    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
+
+
+def validation_message(exc: RequestValidationError) -> RequestError:
+    """Pydantic's errors -> one RequestError that says which field is wrong and what it should be."""
+    messages, param = [], None
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        if error.get("type") == "json_invalid":
+            detail = error.get("ctx", {}).get("error", "")
+            return RequestError(f"the request body is not valid JSON ({detail}); send one JSON object",
+                                code="json_invalid")
+        msg = error.get("msg", "invalid value")
+        if error.get("type") == "missing":
+            msg = "required field is missing"
+        messages.append(f"{where}: {msg}" if where else msg)
+        param = param or where or None
+    return RequestError("; ".join(messages) or "invalid request", param=param)
+
+
+def build_app(engine: EngineSource, config: ServerConfig | None = None) -> FastAPI:
+    """The server around `engine` (an Engine, or a zero-argument factory run once at start-up).
+
+    /healthz answers at once; /readyz and the model endpoints answer 503 until the engine is built and warmed up.
+    """
+    config = config or ServerConfig()
+    metrics = ServerMetrics()
+    service = SpeechService(engine, config, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        start = asyncio.create_task(service.start())
+        try:
+            yield
+        finally:
+            start.cancel()
+            await service.stop()
+
+    app = FastAPI(title="omnivox", version="0.1.0", lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(service, validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        hint = {404: f"no route {request.url.path}; see /docs for the API",
+                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        info = ErrorInfo(message=hint, type="invalid_request_error", code=code)
+        metrics.errors.labels(code).inc()
+        return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(service, exc)
+
+    app.include_router(router)
+    return app
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+          dtype: str | None = None, dummy_weights: bool = False, fast: bool = False,
+          max_concurrent_requests: int = 8, served_model_name: str | None = None, max_input_chars: int = 4096,
+          log_level: str = "info") -> None:
+    """`omnivox serve`: build the engine in the background, serve until interrupted."""
+    import uvicorn
+
+    def factory() -> Any:
+        from omnivox.engine import Engine
+
+        return Engine.from_pretrained(model, device=device, dtype=dtype, dummy_weights=dummy_weights, fast=fast,
+                                      max_concurrent_requests=max_concurrent_requests)
+
+    config = ServerConfig(served_model_name=served_model_name or ServerConfig.served_model_name,
+                          max_input_chars=max_input_chars, dummy_weights=dummy_weights)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(build_app(factory, config), host=host, port=port, log_level=log_level)

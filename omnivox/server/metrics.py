@@ -1,0 +1,59 @@
+"""Prometheus metrics of one server, in a registry of its own (several apps in one process never collide)."""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from omnivox.engine.types import RequestMetrics
+
+TTFB_BUCKETS_S = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class ServerMetrics:
+    """All the server's metrics. `endpoint` labels are "chat", "speech" and "ws"."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttfb = Histogram(
+            "omnivox_ttfb_seconds", "Request start to first audio chunk ready (server side)", ["endpoint"],
+            buckets=TTFB_BUCKETS_S, registry=r,
+        )
+        self.rtf = Histogram(
+            "omnivox_rtf", "Real-time factor of finished requests: wall time / audio time", ["endpoint"],
+            buckets=RTF_BUCKETS, registry=r,
+        )
+        self.audio_seconds = Counter("omnivox_audio_seconds", "Seconds of audio sent", ["endpoint"], registry=r)
+        self.requests = Counter(
+            "omnivox_requests", "Streams ended, by finish reason (eos, length, cancelled, error)",
+            ["endpoint", "finish_reason"], registry=r,
+        )
+        self.active = Gauge("omnivox_streams_active", "Engine streams open now", registry=r)
+        self.queued = Gauge(
+            "omnivox_streams_queued", "Streams waiting for the engine worker thread (admitted, not running)",
+            registry=r,
+        )
+        self.underruns = Counter(
+            "omnivox_underruns",
+            "Chunks that were ready only after the audio sent before them had finished playing", ["endpoint"],
+            registry=r,
+        )
+        self.errors = Counter("omnivox_errors", "Errors returned, by kind", ["kind"], registry=r)
+
+    def observe_stream(self, endpoint: str, metrics: RequestMetrics, underruns: int) -> None:
+        self.requests.labels(endpoint, metrics.finish_reason or "unknown").inc()
+        self.audio_seconds.labels(endpoint).inc(metrics.audio_s)
+        if underruns:
+            self.underruns.labels(endpoint).inc(underruns)
+        if not math.isnan(metrics.ttfb_s):
+            self.ttfb.labels(endpoint).observe(metrics.ttfb_s)
+        if metrics.finish_reason in ("eos", "length") and metrics.audio_s > 0:
+            self.rtf.labels(endpoint).observe(metrics.rtf)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,96 @@
+"""Thin handlers: parse (FastAPI + protocol.py), ask the SpeechService, wrap the answer. Errors are raised, and
+build_app's handlers turn them into the OpenAI error envelope."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from omnivox.engine.types import SAMPLE_RATE
+from omnivox.server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    ModelList,
+    SpeechRequest,
+)
+from omnivox.server.serving import SpeechService
+from omnivox.server.stream import ChatSSEEncoder, EngineStreamResponse, RawAudioEncoder, SpeechSSEEncoder
+from omnivox.server.websocket import WebSocketConversation
+
+STATIC = Path(__file__).parent / "static"
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 429, 500, 503)}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+router = APIRouter()
+
+
+def _service(request: Request | WebSocket) -> SpeechService:
+    return request.app.state.service
+
+
+def _stream_headers(stream, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"X-Request-Id": stream.request_id, "X-Omnivox-Seed": str(stream.seed), **(extra or {})}
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    service = _service(request)
+    body = {"status": service.status, "model": service.config.served_model_name}
+    if service.status != "ready":
+        body["error"] = service.failure
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({**body, "engine": service.stats()})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    m = _service(request).metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    return _service(request).models()
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    service = _service(request)
+    if not body.stream:
+        return await service.complete_chat(body, request.is_disconnected)
+    stream = await service.open_chat(body)
+    encoder = ChatSSEEncoder(stream.request_id, f"audio_{stream.request_id}", service.config.served_model_name,
+                             bool(body.stream_options and body.stream_options.include_usage), stream.created)
+    return EngineStreamResponse(stream, encoder, "text/event-stream", service.describe_error,
+                                _stream_headers(stream, SSE_HEADERS))
+
+
+@router.post("/v1/audio/speech", responses={200: {"content": {"audio/wav": {}, "audio/pcm": {}}}, **ERRORS})
+async def audio_speech(body: SpeechRequest, request: Request) -> EngineStreamResponse:
+    service = _service(request)
+    stream = await service.open_speech(body)
+    if body.stream_format == "sse":
+        return EngineStreamResponse(stream, SpeechSSEEncoder(body.response_format), "text/event-stream",
+                                    service.describe_error, _stream_headers(stream, SSE_HEADERS))
+    media_type = "audio/wav" if body.response_format == "wav" else "audio/pcm"
+    headers = _stream_headers(stream, {"X-Sample-Rate": str(SAMPLE_RATE)})
+    return EngineStreamResponse(stream, RawAudioEncoder(body.response_format), media_type, service.describe_error,
+                                headers)
+
+
+@router.websocket("/v1/stream")
+async def stream_socket(websocket: WebSocket) -> None:
+    await WebSocketConversation(websocket, _service(websocket)).run()

@@ -1,0 +1,281 @@
+"""The server's work behind the thin routes: engine lifetime, request checks, request → engine stream.
+
+`SpeechService` owns the engine (built and warmed up once, on the engine worker thread), the checks that depend on
+the server's configuration (served model name, input length) and the translation of OpenAI-shaped requests into
+`engine.stream` / `engine.read_aloud` calls. Every engine call goes through the one `EngineWorker`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from omnivox.audio import float_to_pcm16, wav_header
+from omnivox.engine.types import SAMPLE_RATE, SamplingParams
+from omnivox.errors import EngineNotReady
+from omnivox.server.metrics import ServerMetrics
+from omnivox.server.protocol import (
+    ChatAudio,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatResponseMessage,
+    ErrorInfo,
+    ModelCard,
+    ModelList,
+    RequestError,
+    SpeechRequest,
+    UnknownModel,
+    Usage,
+    WsSpeak,
+    describe_error,
+)
+from omnivox.server.stream import FINISH_REASONS, EngineWorker, ManagedStream
+
+logger = logging.getLogger(__name__)
+
+AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for multi-turn (`{"role": "assistant", "audio": ...}`)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server knobs. Models are chosen here, at start-up; requests only name `served_model_name`."""
+
+    served_model_name: str = "minicpm-o-2_6"
+    max_input_chars: int = 4096  # per text field (speech input, each chat message, WebSocket text)
+    max_messages: int = 64
+    warmup: bool = True
+    transcript_cache_size: int = 1024
+    # Random weights never end a reply by themselves: cap each reply's spoken length (seconds) and LLM tokens.
+    dummy_weights: bool = False
+    dummy_audio_seconds: float = 2.0
+
+
+EngineSource = Any  # an Engine, or a zero-argument callable that builds one (run on the engine thread)
+
+
+class SpeechService:
+    def __init__(self, source: EngineSource, config: ServerConfig, metrics: ServerMetrics):
+        self.config = config
+        self.metrics = metrics
+        self.worker = EngineWorker(metrics.queued)
+        self.engine: Any = None
+        self.status = "loading"  # loading -> warming_up -> ready | failed
+        self.failure: str | None = None
+        self.created = int(time.time())
+        self._source = source
+        self._transcripts: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    # ------------------------------------------------------------------------------------------ lifetime
+
+    async def start(self) -> None:
+        """Build (if given a factory) and warm up the engine on the engine thread; then report ready."""
+        try:
+            source = self._source
+            engine = await self.worker.run(source) if callable(source) and not hasattr(source, "stream") else source
+            self.status = "warming_up"
+            if self.config.warmup:
+                t0 = time.perf_counter()
+                await self.worker.run(self._warm_up, engine)
+                logger.info("engine warmed up in %.2f s", time.perf_counter() - t0)
+            self.engine = engine
+            self.status = "ready"
+        except Exception as exc:  # reported by /readyz and every request; the process stays up to say why
+            self.status = "failed"
+            self.failure = f"{type(exc).__name__}: {exc}"
+            logger.exception("engine start-up failed")
+
+    def _warm_up(self, engine: Any) -> None:
+        """One short chat reply and one short read-aloud, to the end: pays for lazy initialisation up front."""
+        sampling = SamplingParams(max_new_tokens=8)
+        for stream in (
+            engine.stream("Hello!", seed=0, sampling=sampling, request_id="warmup-chat", **self._forcing()),
+            engine.read_aloud("Hello there.", seed=0, request_id="warmup-read", **self._forcing()),
+        ):
+            try:
+                for _ in stream:
+                    pass
+            finally:
+                stream.close()
+
+    async def stop(self) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(self.worker.shutdown)
+
+    def ready_engine(self) -> Any:
+        if self.status != "ready":
+            detail = f": {self.failure}" if self.failure else "; retry in a few seconds"
+            raise EngineNotReady(f"the model is not ready (status {self.status}){detail}")
+        return self.engine
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.engine.stats()) if self.engine is not None else {}
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.config.served_model_name, created=self.created)])
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise UnknownModel(
+                f"model {model!r} is not served here; use {self.config.served_model_name!r} (see GET /v1/models)"
+            )
+
+    def check_text(self, text: str, param: str) -> str:
+        if not text.strip():
+            raise RequestError(f"{param} is empty; send the text to speak", param=param)
+        if len(text) > self.config.max_input_chars:
+            raise RequestError(
+                f"{param} has {len(text)} characters, more than this server's limit of "
+                f"{self.config.max_input_chars}; send shorter text", param=param, code="string_above_max_length",
+            )
+        return text
+
+    def describe_error(self, exc: BaseException) -> ErrorInfo:
+        """ErrorInfo for an exception, counted in the errors metric (the one mapping lives in protocol.py)."""
+        status, info, _ = describe_error(exc)
+        self.metrics.errors.labels(info.code or info.type).inc()
+        return info
+
+    def _forcing(self, reply: str | None = None) -> dict[str, Any]:
+        if not self.config.dummy_weights:
+            return {}
+        return {"forced_audio_seconds": self.config.dummy_audio_seconds}
+
+    @staticmethod
+    def _seed(seed: int | None) -> int:
+        return secrets.randbits(31) if seed is None else seed
+
+    @staticmethod
+    def _sampling(temperature: float | None, top_p: float | None, max_tokens: int | None) -> SamplingParams:
+        fields: dict[str, Any] = {}
+        if temperature is not None:
+            fields["temperature"] = temperature
+            fields["greedy"] = temperature == 0.0
+        if top_p is not None:
+            fields["top_p"] = top_p
+        if max_tokens is not None:
+            fields["max_new_tokens"] = max_tokens
+        return SamplingParams(**fields)
+
+    # ------------------------------------------------------------------------------------------ conversations
+
+    def _transcript_of(self, audio_id: str, param: str) -> str:
+        now = time.time()
+        while self._transcripts and next(iter(self._transcripts.values()))[1] < now:
+            self._transcripts.popitem(last=False)
+        if audio_id not in self._transcripts:
+            raise RequestError(
+                f"audio id {audio_id!r} is unknown or expired; send the assistant's transcript as `content` instead",
+                param=param,
+            )
+        return self._transcripts[audio_id][0]
+
+    def remember_transcript(self, audio_id: str, transcript: str) -> None:
+        self._transcripts[audio_id] = (transcript, time.time() + AUDIO_TTL_S)
+        while len(self._transcripts) > self.config.transcript_cache_size:
+            self._transcripts.popitem(last=False)
+
+    def conversation(self, request: ChatCompletionRequest) -> tuple[str, list[dict[str, str]]]:
+        """messages -> (the last user text, the earlier turns as engine history)."""
+        if len(request.messages) > self.config.max_messages:
+            raise RequestError(f"{len(request.messages)} messages, more than the limit of "
+                               f"{self.config.max_messages}; drop the oldest turns", param="messages")
+        history = []
+        for i, message in enumerate(request.messages):
+            param = f"messages[{i}]"
+            text = message.text()
+            if text is None and message.role == "assistant" and message.audio is not None:
+                text = self._transcript_of(message.audio.id, f"{param}.audio.id")
+            if text is None:
+                raise RequestError(f"{param} has no content; give it text content", param=f"{param}.content")
+            role = "system" if message.role == "developer" else message.role
+            history.append({"role": role, "content": self.check_text(text, f"{param}.content")})
+        last = history.pop()
+        return last["content"], history
+
+    # ------------------------------------------------------------------------------------------ opening streams
+
+    async def _open(self, endpoint: str, request_id: str, seed: int, call: Callable[[Any], Any]) -> ManagedStream:
+        engine = self.ready_engine()
+        stream = await self.worker.run(call, engine)
+        return ManagedStream(stream, self.worker, self.metrics, endpoint, request_id, seed)
+
+    async def open_chat(self, request: ChatCompletionRequest) -> ManagedStream:
+        self.check_model(request.model)
+        text, history = self.conversation(request)
+        sampling = self._sampling(request.temperature, request.top_p, request.max_new_tokens)
+        request_id, seed = f"chatcmpl-{uuid.uuid4().hex}", self._seed(request.seed)
+        return await self._open("chat", request_id, seed, lambda engine: engine.stream(
+            text, history=history or None, seed=seed, sampling=sampling, request_id=request_id, **self._forcing()))
+
+    async def open_speech(self, request: SpeechRequest) -> ManagedStream:
+        self.check_model(request.model)
+        text = self.check_text(request.input, "input")
+        request_id, seed = f"speech-{uuid.uuid4().hex}", self._seed(request.seed)
+        return await self._open("speech", request_id, seed, lambda engine: engine.read_aloud(
+            text, seed=seed, request_id=request_id, **self._forcing()))
+
+    async def new_session(self) -> Any:
+        engine = self.ready_engine()
+        return await self.worker.run(engine.new_session)
+
+    async def close_session(self, session: Any) -> None:
+        close = getattr(session, "close", None)
+        if close is not None:
+            await self.worker.run(close)
+
+    async def open_ws(self, speak: WsSpeak, session: Any) -> ManagedStream:
+        text = self.check_text(speak.text, "text")
+        request_id, seed = f"ws-{uuid.uuid4().hex}", self._seed(speak.seed)
+        if speak.mode == "read":
+            return await self._open("ws", request_id, seed, lambda engine: engine.read_aloud(
+                text, seed=seed, request_id=request_id, **self._forcing()))
+        sampling = self._sampling(speak.temperature, speak.top_p, speak.max_tokens)
+        return await self._open("ws", request_id, seed, lambda engine: engine.stream(
+            text, session=session, seed=seed, sampling=sampling, request_id=request_id, **self._forcing()))
+
+    # ------------------------------------------------------------------------------------------ whole replies
+
+    async def complete_chat(self, request: ChatCompletionRequest,
+                            is_disconnected: Callable[[], Awaitable[bool]]) -> ChatCompletion:
+        """Non-streaming chat: generate to the end (stopping early if the client leaves) and return one body."""
+        stream = await self.open_chat(request)
+        parts, transcript = [], []
+        try:
+            async for chunk in stream:
+                parts.append(chunk.pcm)
+                transcript.append(chunk.text)
+                if await is_disconnected():
+                    break
+        finally:
+            await stream.aclose()
+        pcm = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        data = float_to_pcm16(pcm)
+        if request.audio.format == "wav":
+            data = wav_header(SAMPLE_RATE, len(data) // 2) + data
+        m = stream.metrics
+        audio_id = f"audio_{uuid.uuid4().hex}"
+        text = "".join(transcript)
+        self.remember_transcript(audio_id, text)
+        audio = ChatAudio(id=audio_id, data=base64.b64encode(data).decode("ascii"),
+                          expires_at=int(time.time()) + AUDIO_TTL_S, transcript=text)
+        return ChatCompletion(
+            id=stream.request_id, created=stream.created, model=self.config.served_model_name,
+            choices=[ChatChoice(message=ChatResponseMessage(audio=audio),
+                                finish_reason=FINISH_REASONS.get(m.finish_reason, m.finish_reason))],
+            usage=Usage(prompt_tokens=m.prompt_tokens, completion_tokens=m.llm_tokens,
+                        total_tokens=m.prompt_tokens + m.llm_tokens),
+            metrics=stream.metrics_dict(),
+        )

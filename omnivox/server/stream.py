@@ -1,0 +1,315 @@
+"""Engine streams driven from asyncio, and their wire encodings (SSE, raw WAV/PCM, WebSocket frames).
+
+One worker thread makes every engine call. A stream asks for its next chunk by queueing one `next()` on that thread
+and waiting; with several streams open, their calls alternate, so concurrent requests interleave at chunk
+granularity and the engine is never entered by two threads. `close()` (cancel, disconnect, normal end) is queued on
+the same thread, so it runs right after the chunk in flight: generation stops within one chunk and the request's
+caches are freed there.
+
+Once a streaming 200 has gone out, a failure is sent in-band as a last event (SSE and WebSocket); a raw audio body
+has no room for one, so it is cut off without its final chunk and the client sees an incomplete transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import anyio
+from prometheus_client import Gauge
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from omnivox.audio import float_to_pcm16, wav_header
+from omnivox.engine.types import SAMPLE_RATE, AudioChunk, RequestMetrics
+from omnivox.server.metrics import ServerMetrics
+from omnivox.server.protocol import (
+    ChatCompletionChunk,
+    ChunkChoice,
+    ChunkDelta,
+    DeltaAudio,
+    ErrorInfo,
+    SpeechDeltaEvent,
+    SpeechDoneEvent,
+    SpeechUsage,
+    Usage,
+)
+
+
+class EngineWorker:
+    """The one thread that calls the engine. Calls run in submission order, one at a time."""
+
+    def __init__(self, queued: Gauge | None = None):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omnivox-engine")
+        self._queued = queued
+        self.thread_ident: int | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Queue `fn(*args, **kwargs)` on the engine thread (usable from any thread)."""
+        if self._queued is not None:
+            self._queued.inc()
+        dequeued = threading.Event()
+
+        def leave_queue() -> None:
+            if not dequeued.is_set():
+                dequeued.set()
+                if self._queued is not None:
+                    self._queued.dec()
+
+        def job() -> Any:
+            leave_queue()
+            self.thread_ident = threading.get_ident()
+            return fn(*args, **kwargs)
+
+        future = self._pool.submit(job)
+        future.add_done_callback(lambda f: leave_queue())  # a call cancelled before it started
+        return future
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a call on the engine thread and await it; cancelling the await drops the call if not yet started."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _next_chunk(stream: Any) -> AudioChunk | None:
+    return next(stream, None)
+
+
+class ManagedStream:
+    """An engine `SpeechStream` iterated from asyncio through the engine worker; `aclose()` always runs once.
+
+    It also counts server-side underruns: a chunk ready only after the audio sent before it would have finished
+    playing, with playback starting when the first chunk was sent.
+    """
+
+    def __init__(self, stream: Any, worker: EngineWorker, metrics: ServerMetrics, endpoint: str, request_id: str,
+                 seed: int):
+        self._stream = stream
+        self._worker = worker
+        self._metrics = metrics
+        self.endpoint = endpoint
+        self.request_id = request_id
+        self.seed = seed
+        self.created = int(time.time())
+        self.underruns = 0
+        self.num_samples = 0
+        self._first_sent: float | None = None
+        self._exhausted = False
+        self._close_future: Future | None = None
+        metrics.active.inc()
+
+    def __aiter__(self) -> ManagedStream:
+        return self
+
+    async def __anext__(self) -> AudioChunk:
+        if self._exhausted or self._close_future is not None:
+            raise StopAsyncIteration
+        chunk = await self._worker.run(_next_chunk, self._stream)
+        if chunk is None:
+            self._exhausted = True
+            raise StopAsyncIteration
+        now = time.monotonic()
+        if self._first_sent is None:
+            self._first_sent = now
+        elif now > self._first_sent + self.num_samples / SAMPLE_RATE:
+            self.underruns += 1
+        self.num_samples += len(chunk.pcm)
+        return chunk
+
+    @property
+    def metrics(self) -> RequestMetrics:
+        """Complete once the stream is exhausted or closed."""
+        return self._stream.metrics
+
+    def close_soon(self) -> Future:
+        """Queue the engine-side close (idempotent); it runs after the chunk in flight."""
+        if self._close_future is None:
+            self._close_future = self._worker.submit(self._stream.close)
+            self._close_future.add_done_callback(self._account)
+        return self._close_future
+
+    async def aclose(self) -> None:
+        """Close and wait for it, even inside a cancelled scope; the close runs even if this await is interrupted."""
+        future = self.close_soon()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wrap_future(future)
+
+    def _account(self, _: Future) -> None:
+        self._metrics.active.dec()
+        self._metrics.observe_stream(self.endpoint, self._stream.metrics, self.underruns)
+
+    def metrics_dict(self) -> dict[str, Any]:
+        d = self._stream.metrics.to_dict()
+        d.update(seed=self.seed, underruns=self.underruns)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ HTTP bodies
+
+
+class Encoder(Protocol):
+    """Turns a stream into body bytes: `head` before any chunk, `chunk` per chunk, `tail` after the last one,
+    `error` for a failure after the 200 went out (None: the format cannot carry it, cut the body off)."""
+
+    def head(self) -> bytes: ...
+    def chunk(self, chunk: AudioChunk) -> bytes: ...
+    def tail(self, stream: ManagedStream) -> bytes: ...
+    def error(self, info: ErrorInfo) -> bytes | None: ...
+
+
+def sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def _b64_pcm16(pcm) -> str:
+    return base64.b64encode(float_to_pcm16(pcm)).decode("ascii")
+
+
+class RawAudioEncoder:
+    """`/v1/audio/speech` with stream_format "audio": a streaming WAV (header with unknown length) or bare PCM16."""
+
+    def __init__(self, response_format: str):
+        self.response_format = response_format
+
+    def head(self) -> bytes:
+        return wav_header(SAMPLE_RATE, None) if self.response_format == "wav" else b""
+
+    def chunk(self, chunk: AudioChunk) -> bytes:
+        return float_to_pcm16(chunk.pcm)
+
+    def tail(self, stream: ManagedStream) -> bytes:
+        return b""
+
+    def error(self, info: ErrorInfo) -> bytes | None:
+        return None
+
+
+class SpeechSSEEncoder:
+    """`/v1/audio/speech` with stream_format "sse": `speech.audio.delta` events, then `speech.audio.done`."""
+
+    def __init__(self, response_format: str):
+        self.raw = RawAudioEncoder(response_format)
+        self._pending_head = self.raw.head()
+
+    def head(self) -> bytes:
+        return b""
+
+    def chunk(self, chunk: AudioChunk) -> bytes:
+        data, self._pending_head = self._pending_head + self.raw.chunk(chunk), b""
+        return sse(SpeechDeltaEvent(audio=base64.b64encode(data).decode("ascii")).model_dump_json())
+
+    def tail(self, stream: ManagedStream) -> bytes:
+        m = stream.metrics
+        usage = SpeechUsage(input_tokens=m.prompt_tokens, output_tokens=m.tts_steps,
+                            total_tokens=m.prompt_tokens + m.tts_steps)
+        return sse(SpeechDoneEvent(usage=usage, metrics=stream.metrics_dict()).model_dump_json())
+
+    def error(self, info: ErrorInfo) -> bytes | None:
+        return sse(json.dumps({"type": "error", "error": info.model_dump()}))
+
+
+FINISH_REASONS = {"eos": "stop", "length": "length"}
+
+
+class ChatSSEEncoder:
+    """`/v1/chat/completions` with stream=true: `chat.completion.chunk` events carrying `delta.audio` (base64
+    PCM16 `data` and the `transcript` delta first spoken in it), a last chunk with finish_reason and metrics,
+    an optional usage chunk, then `[DONE]`."""
+
+    def __init__(self, completion_id: str, audio_id: str, model: str, include_usage: bool, created: int):
+        self.completion_id = completion_id
+        self.audio_id = audio_id
+        self.model = model
+        self.include_usage = include_usage
+        self.created = created
+
+    def _event(self, delta: ChunkDelta, **fields: Any) -> bytes:
+        chunk = ChatCompletionChunk(id=self.completion_id, created=self.created, model=self.model,
+                                    choices=[ChunkChoice(delta=delta, finish_reason=fields.pop("finish_reason", None))],
+                                    **fields)
+        return sse(chunk.model_dump_json(exclude_none=True))
+
+    def head(self) -> bytes:
+        return self._event(ChunkDelta(role="assistant"))
+
+    def chunk(self, chunk: AudioChunk) -> bytes:
+        audio = DeltaAudio(id=self.audio_id, data=_b64_pcm16(chunk.pcm), transcript=chunk.text)
+        return self._event(ChunkDelta(audio=audio))
+
+    def tail(self, stream: ManagedStream) -> bytes:
+        m = stream.metrics
+        reason = FINISH_REASONS.get(m.finish_reason, m.finish_reason)
+        body = self._event(ChunkDelta(audio=DeltaAudio(id=self.audio_id, expires_at=self.created + 3600)),
+                           finish_reason=reason, metrics=stream.metrics_dict())
+        if self.include_usage:
+            usage = Usage(prompt_tokens=m.prompt_tokens, completion_tokens=m.llm_tokens,
+                          total_tokens=m.prompt_tokens + m.llm_tokens)
+            chunk = ChatCompletionChunk(id=self.completion_id, created=self.created, model=self.model, choices=[],
+                                        usage=usage)
+            body += sse(chunk.model_dump_json(exclude_none=True))
+        return body + SSE_DONE
+
+    def error(self, info: ErrorInfo) -> bytes | None:
+        return sse(json.dumps({"error": info.model_dump()})) + SSE_DONE
+
+
+class EngineStreamResponse(Response):
+    """A 200 whose body is produced chunk by chunk from a ManagedStream.
+
+    It watches for the client's disconnect while streaming; a disconnect cancels the pump, and the stream is
+    closed in `finally` whatever happened, so the engine request never outlives the HTTP request.
+    """
+
+    def __init__(self, stream: ManagedStream, encoder: Encoder, media_type: str,
+                 describe_error: Callable[[BaseException], ErrorInfo], headers: dict[str, str] | None = None):
+        self.stream = stream
+        self.encoder = encoder
+        self.describe_error = describe_error
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+                await self._pump(send)
+                tg.cancel_scope.cancel()
+        finally:
+            await self.stream.aclose()
+
+    @staticmethod
+    async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async def _pump(self, send: Send) -> None:
+        async def body(data: bytes, more: bool = True) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        head = self.encoder.head()
+        if head:
+            await body(head)
+        try:
+            async for chunk in self.stream:
+                await body(self.encoder.chunk(chunk))
+            tail = self.encoder.tail(self.stream)
+        except Exception as exc:  # after the 200: in-band if the format can say it, else cut the body off
+            tail = self.encoder.error(self.describe_error(exc))
+            if tail is None:
+                raise
+        await body(tail, more=False)

@@ -1,0 +1,163 @@
+"""The WebSocket conversation at `/v1/stream`: one connection, one engine session, one reply at a time.
+
+Client → server, JSON text frames: `{"type": "speak", "text": ..., "mode": "chat" | "read", "seed"?, ...}` and
+`{"type": "cancel"}`. Server → client: a JSON `start` event, then per chunk a JSON `transcript` event (when the chunk
+first speaks new text) followed by one binary frame of PCM16 little-endian mono at 24 kHz, then a JSON `done` event
+with the request's metrics, or an `error` event. Cancel and disconnect stop the reply within one chunk and free its
+caches; mode "chat" keeps the conversation's LLM cache in this connection's session between turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from omnivox.audio import float_to_pcm16
+from omnivox.engine.types import SAMPLE_RATE
+from omnivox.errors import OmnivoxError
+from omnivox.server.protocol import (
+    ErrorInfo,
+    WsCancel,
+    WsDone,
+    WsError,
+    WsSpeak,
+    WsStart,
+    WsTranscript,
+)
+from omnivox.server.stream import ManagedStream
+
+logger = logging.getLogger(__name__)
+
+ClientMessage = TypeAdapter(Annotated[WsSpeak | WsCancel, Field(discriminator="type")])
+
+
+class WebSocketConversation:
+    def __init__(self, websocket: WebSocket, service: Any):
+        self.ws = websocket
+        self.service = service
+        self.session: Any = None
+        self._task: asyncio.Task | None = None
+        self._stream: ManagedStream | None = None
+        self._cancel = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                await self._handle(message)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await self._stop_reply()
+            if self.session is not None:
+                await self.service.close_session(self.session)
+
+    # ------------------------------------------------------------------------------------ client messages
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        text = message.get("text")
+        if text is None:
+            await self._send_error_info(ErrorInfo(
+                message='send JSON text frames: {"type": "speak", "text": "..."} or {"type": "cancel"}',
+                type="invalid_request_error", code="binary_not_supported"))
+            return
+        try:
+            request = ClientMessage.validate_python(json.loads(text))
+        except json.JSONDecodeError as e:
+            await self._send_error_info(ErrorInfo(
+                message=f"message is not valid JSON ({e.msg} at column {e.colno}); send a JSON object",
+                type="invalid_request_error", code="json_invalid"))
+            return
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            await self._send_error_info(ErrorInfo(
+                message=f"{where}: {first['msg']}" if where else first["msg"],
+                type="invalid_request_error", param=where or None, code="invalid_value"))
+            return
+        if isinstance(request, WsCancel):
+            self._cancel.set()
+            if self._stream is not None:
+                self._stream.close_soon()  # runs right after the chunk in flight
+            return
+        if self._task is not None and not self._task.done():
+            await self._send_error_info(ErrorInfo(
+                message="a reply is still streaming on this connection; wait for its done event or send a cancel",
+                type="invalid_request_error", code="request_in_flight"))
+            return
+        self._cancel = asyncio.Event()
+        self._task = asyncio.create_task(self._reply(request))
+
+    async def _stop_reply(self) -> None:
+        if self._task is None:
+            return
+        self._cancel.set()
+        if self._stream is not None:
+            self._stream.close_soon()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    # ------------------------------------------------------------------------------------ one reply
+
+    async def _reply(self, speak: WsSpeak) -> None:
+        try:
+            if speak.mode == "chat" and self.session is None:
+                self.session = await self.service.new_session()
+            stream = await self.service.open_ws(speak, self.session)
+        except Exception as exc:
+            await self._send_error(exc, None)
+            return
+        self._stream = stream
+        try:
+            await self._send_json(WsStart(request_id=stream.request_id, seed=stream.seed, sample_rate=SAMPLE_RATE))
+            async for chunk in stream:
+                if self._cancel.is_set():
+                    break
+                if chunk.text:
+                    await self._send_json(WsTranscript(request_id=stream.request_id, delta=chunk.text,
+                                                       chunk_index=chunk.index, audio_start_s=chunk.audio_start_s))
+                await self._send(bytes=float_to_pcm16(chunk.pcm))
+        except (WebSocketDisconnect, OSError, RuntimeError):  # the client went away mid-reply
+            self._cancel.set()
+        except Exception as exc:  # generation failed after `start`: in-band
+            await self._send_error(exc, stream.request_id)
+            return
+        finally:
+            await stream.aclose()
+            self._stream = None
+        await self._send_json(WsDone(request_id=stream.request_id, finish_reason=stream.metrics.finish_reason,
+                                     metrics=stream.metrics_dict()))
+
+    # ------------------------------------------------------------------------------------ sending
+
+    async def _send(self, **frame: Any) -> None:
+        """Send one frame; frames of the reply task and of the receive loop never interleave mid-send."""
+        async with self._send_lock:
+            if self.ws.application_state != WebSocketState.CONNECTED:
+                raise WebSocketDisconnect()
+            if "bytes" in frame:
+                await self.ws.send_bytes(frame["bytes"])
+            else:
+                await self.ws.send_text(frame["text"])
+
+    async def _send_json(self, event: BaseModel) -> None:
+        await self._send(text=event.model_dump_json())
+
+    async def _send_error_info(self, info: ErrorInfo, request_id: str | None = None) -> None:
+        try:
+            await self._send_json(WsError(request_id=request_id, error=info))
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            pass
+
+    async def _send_error(self, exc: BaseException, request_id: str | None) -> None:
+        if not isinstance(exc, OmnivoxError):
+            logger.error("WebSocket reply failed", exc_info=exc)
+        await self._send_error_info(self.service.describe_error(exc), request_id)
