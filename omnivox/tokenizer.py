@@ -205,7 +205,7 @@ def build_qwen_tokenizer() -> Tokenizer:
 def save_llm_tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json as a Qwen2 fast tokenizer expects."""
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
+    tokenizer.save(str(directory / "tokenizer.json"), pretty=False)
     added = {
         str(tokenizer.token_to_id(t.content)): {
             "content": t.content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
@@ -276,7 +276,11 @@ class TTSTokenizer(_WrappedTokenizer):
 
     def _check_against(self, cfg: TTSConfig) -> None:
         """The TTS embeds these ids directly; a tokenizer that disagrees with the config would speak garbage."""
-        expected = {"[Ptts]": cfg.audio_bos_token_id, "[Etts]": cfg.text_eos_token_id, "[spk_emb]": cfg.spk_emb_token_id}
+        expected = {
+            "[Ptts]": cfg.audio_bos_token_id,
+            "[Etts]": cfg.text_eos_token_id,
+            "[spk_emb]": cfg.spk_emb_token_id,
+        }
         for token, config_id in expected.items():
             if self.token_id(token) != config_id:
                 raise CheckpointError(
@@ -331,7 +335,7 @@ def build_chattts_standin_tokenizer() -> Tokenizer:
 def save_tts_tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
     """Write the files of a BertTokenizerFast folder (tokenizer.json, vocab.txt, configs)."""
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
+    tokenizer.save(str(directory / "tokenizer.json"), pretty=False)
     vocab = tokenizer.get_vocab(with_added_tokens=False)
     (directory / "vocab.txt").write_text("".join(f"{t}\n" for t in sorted(vocab, key=vocab.get)))
     specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
@@ -340,4 +344,3 @@ def save_tts_tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
               "strip_accents": None, "model_max_length": 512, **specials}  # fmt: skip
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-

@@ -65,8 +65,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class SpeechStream:
     """Iterator of AudioChunks for one request. `close()` cancels it and frees its caches at once."""
 
-    def __init__(self, engine: Engine, generator: ReplyGenerator, pieces: Iterator[Piece], timer: StageTimer):
+    def __init__(
+        self,
+        engine: Engine,
+        generator: ReplyGenerator,
+        pieces: Iterator[Piece],
+        timer: StageTimer,
+        owned_session: Session | None = None,
+    ):
         self.engine = engine
+        self._owned_session = owned_session  # a per-request session, released with the stream
         self.metrics = timer.metrics
         self._generator = generator
         self._pieces = pieces
@@ -118,6 +126,8 @@ class SpeechStream:
         self._done = True
         self._pieces.close()  # GeneratorExit inside the pipeline: its caches go with its frame
         self._pieces = iter(())
+        if self._owned_session is not None:
+            self.engine.close_session(self._owned_session)
         self.metrics.total_s = self._timer.elapsed()
         if not self.metrics.finish_reason:
             self.metrics.finish_reason = reason
@@ -215,7 +225,13 @@ class Engine:
             self._live.discard(stream)
 
     def new_session(self) -> Session:
+        """A conversation whose LLM cache is kept between turns; `close_session` when done with it."""
         return Session(cache=self.runner.new_llm_cache(), capacity=self.runner.llm_capacity)
+
+    def close_session(self, session: Session) -> None:
+        if session.cache is not None:
+            self.runner.release_llm_cache(session.cache)
+            session.cache = None
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def _check_text(self, text: str) -> str:
@@ -227,10 +243,13 @@ class Engine:
             )
         return text
 
-    def _generator(self, seed: int | None) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        return g
+    def _generators(self, seed: int | None) -> tuple[torch.Generator, torch.Generator]:
+        """Seeded (LLM, TTS) random streams on the device; no seed = fresh entropy."""
+        base = seed if seed is not None else int.from_bytes(os.urandom(7), "little")
+        llm, tts = torch.Generator(device=self.device), torch.Generator(device=self.device)
+        llm.manual_seed(2 * base)
+        tts.manual_seed(2 * base + 1)
+        return llm, tts
 
     def _prompt_ids(self, session: Session, text: str, history: list[tuple[str, str]] | None) -> list[list[int]]:
         """The prefills for this turn, each one LLM forward (fact sheet 3.3)."""
@@ -267,7 +286,22 @@ class Engine:
         tokens are teacher-forced and the end of speech is forced after that much audio."""
         self._check_text(text)
         sampling = sampling or SamplingParams()
+        if session is not None and session.cache is None:
+            raise InvalidRequest("this session was closed: start a new one with engine.new_session()")
+        owned = session is None
         session = session or self.new_session()
+        try:
+            return self._start_reply(
+                text, session, owned, history, seed, sampling, forced_reply, forced_audio_seconds, request_id
+            )
+        except BaseException:
+            if owned:
+                self.close_session(session)
+            raise
+
+    def _start_reply(
+        self, text, session, owned, history, seed, sampling, forced_reply, forced_audio_seconds, request_id
+    ) -> SpeechStream:
         prefills = self._prompt_ids(session, text, history)
         header_len = len(self.model.tokenizer.encode(ASSISTANT_HEADER))
         needed = session.length + sum(map(len, prefills)) + header_len + sampling.max_new_tokens
@@ -281,7 +315,7 @@ class Engine:
         metrics = RequestMetrics(request_id=request_id, prompt_tokens=sum(map(len, prefills)))
         timer = StageTimer(metrics, self.device, self.clock)
         reply = ReplyGenerator(
-            self.runner, session, sampling, self._generator(seed), timer, forcing, self.config.early_first_chunk
+            self.runner, session, sampling, self._generators(seed), timer, forcing, self.config.early_first_chunk
         )
 
         def pieces() -> Iterator[Piece]:
@@ -292,7 +326,7 @@ class Engine:
             session.turns += 1
             yield from reply
 
-        stream = SpeechStream(self, reply, pieces(), timer)
+        stream = SpeechStream(self, reply, pieces(), timer, owned_session=session if owned else None)
         self._admit(stream)
         return stream
 
@@ -333,7 +367,7 @@ class Engine:
         metrics = RequestMetrics(request_id=request_id)
         timer = StageTimer(metrics, self.device, self.clock)
         reply = ReplyGenerator(
-            self.runner, None, sampling, self._generator(seed), timer, forcing, self.config.early_first_chunk
+            self.runner, None, sampling, self._generators(seed), timer, forcing, self.config.early_first_chunk
         )
         stream = SpeechStream(self, reply, reply.read_aloud(text, speaker), timer)
         self._admit(stream)

@@ -77,7 +77,7 @@ class ReplyGenerator:
         runner,
         session: Session | None,
         sampling: SamplingParams,
-        generator: torch.Generator | None,
+        generators: tuple[torch.Generator, torch.Generator] | None,
         timer: StageTimer,
         forcing: Forcing | None = None,
         early_first_chunk: bool = True,
@@ -86,7 +86,9 @@ class ReplyGenerator:
         self.runner = runner
         self.session = session
         self.sampling = sampling
-        self.generator = generator
+        # separate random streams for the LLM and the TTS, so running the LLM ahead of the TTS (the fast path's
+        # overlap) draws exactly the same numbers as the sequential algorithm
+        self.llm_generator, self.tts_generator = generators or (None, None)
         self.timer = timer
         self.forcing = forcing
         self.early = early_first_chunk
@@ -125,7 +127,7 @@ class ReplyGenerator:
                 for step in range(LLM_TOKENS_PER_CALL):
                     feed = inputs if step == 0 else chunk[-1:]
                     token, hidden = self.runner.llm_step(
-                        self.session, feed, window, self.sampling, self.generator, want_hidden=first and step == 0
+                        self.session, feed, window, self.sampling, self.llm_generator, want_hidden=first and step == 0
                     )
                     if hidden is not None:
                         speaker_hidden = hidden[speaker_pos]
@@ -154,7 +156,7 @@ class ReplyGenerator:
     def _tts_call(self, state, num_text_tokens: int) -> None:
         with self.timer.stage("tts"):
             kept = self.runner.tts_generate(
-                state, TTS_TOKENS_PER_CALL, num_text_tokens, self.sampling, self.generator, self._eos_after()
+                state, TTS_TOKENS_PER_CALL, num_text_tokens, self.sampling, self.tts_generator, self._eos_after()
             )
         self.audio_tokens_total += kept
         self.timer.metrics.tts_steps += kept + int(state.finished)
@@ -182,6 +184,13 @@ class ReplyGenerator:
         self.last_restart = None
         with self.timer.stage("tts_init"):
             state = self.tts_state = self.runner.new_tts_state()
+        try:
+            yield from self._segment_body(state, llm, gen_text, speaker, restart)
+        finally:
+            self.runner.release_tts_state(state)
+            self.tts_state = None
+
+    def _segment_body(self, state, llm, gen_text, speaker, restart) -> Iterator[Piece]:
         framer = Framer(early=self.early)
         m, decoded, prev_text_len = 0, 0, 0
         prompt, mask_len, tts_ids = None, 0, []
@@ -299,22 +308,29 @@ class ReplyGenerator:
                 self.forcing, self.audio_tokens_total = Forcing([], max(round(forced_total * share), 1)), 0
             with self.timer.stage("tts_init"):
                 state = self.tts_state = self.runner.new_tts_state()
-            framer, decoded, pending_text = Framer(early=self.early), 0, part
-            prompt = build_tts_prompt(part, self.tts_tokenizer, self.reserved)
-            self._prefill(state, prompt.text, 0, prompt.num_text_tokens + 3, speaker)
-            while not self.cancelled:
-                self._tts_call(state, prompt.num_text_tokens)
-                pcm = self._decode(state, decoded, framer)
-                decoded = state.num_codes
-                if pcm is not None:
-                    yield Piece(pcm, pending_text)
-                    pending_text = ""
-                if state.finished or state.num_codes > SEGMENT_MAX_AUDIO_TOKENS:
-                    break
-            tail = framer.flush()
-            if tail is not None or last_part:
-                yield Piece(tail if tail is not None else np.zeros(0, np.float32), pending_text, final=last_part)
+            try:
+                yield from self._read_part(state, part, speaker, last_part)
+            finally:
+                self.runner.release_tts_state(state)
+                self.tts_state = None
         self.timer.metrics.reply_text = text
+
+    def _read_part(self, state, part: str, speaker: torch.Tensor, last_part: bool) -> Iterator[Piece]:
+        framer, decoded, pending_text = Framer(early=self.early), 0, part
+        prompt = build_tts_prompt(part, self.tts_tokenizer, self.reserved)
+        self._prefill(state, prompt.text, 0, prompt.num_text_tokens + 3, speaker)
+        while not self.cancelled:
+            self._tts_call(state, prompt.num_text_tokens)
+            pcm = self._decode(state, decoded, framer)
+            decoded = state.num_codes
+            if pcm is not None:
+                yield Piece(pcm, pending_text)
+                pending_text = ""
+            if state.finished or state.num_codes > SEGMENT_MAX_AUDIO_TOKENS:
+                break
+        tail = framer.flush()
+        if tail is not None or last_part:
+            yield Piece(tail if tail is not None else np.zeros(0, np.float32), pending_text, final=last_part)
 
     def _recording(self, llm: Iterator[LLMChunk]) -> Iterator[LLMChunk]:
         """Keeps the metrics' reply text up to date with every chunk the LLM produced."""

@@ -89,6 +89,12 @@ class EagerRunner:
             )
         return TTSState(cache=cache)
 
+    def release_llm_cache(self, cache: GrowingKVCache | StaticKVCache) -> None:
+        """Give a session's cache back (the eager runner lets Python free it; pooled runners reuse it)."""
+
+    def release_tts_state(self, state: TTSState) -> None:
+        """Give a TTS segment's cache back when the segment ends or its request is cancelled."""
+
     # ---- LLM ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def llm_forward(self, session: Session, ids: list[int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ _session_ids = itertools.count()
 class Session:
     """One conversation: the LLM cache (kept between turns) and how the next user turn must start."""
 
-    cache: GrowingKVCache | StaticKVCache
+    cache: GrowingKVCache | StaticKVCache | None  # None once the session is closed
     capacity: int  # positions the session may use in total (prompt + replies)
     length: int = 0  # positions already in the cache (host mirror; never read back from the GPU)
     system_prompted: bool = False
@@ -33,7 +33,7 @@ class Session:
 
     @property
     def cache_bytes(self) -> int:
-        return self.cache.nbytes
+        return self.cache.nbytes if self.cache is not None else 0
 
 
 @dataclass

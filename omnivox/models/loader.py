@@ -217,9 +217,7 @@ def _check_keys(weight_map: dict[str, str], targets: dict[str, torch.Tensor], ro
                 raise CheckpointError(f"{shard}: {key} is listed in {INDEX_FILE} but not stored in this shard")
             found = tuple(handle.get_slice(key).get_shape())
             if found != tuple(targets[key].shape):
-                raise CheckpointError(
-                    f"{shard}: {key} has shape {_fmt(found)}, expected {_fmt(targets[key].shape)}"
-                )
+                raise CheckpointError(f"{shard}: {key} has shape {_fmt(found)}, expected {_fmt(targets[key].shape)}")
     return plan
 
 
@@ -286,7 +284,9 @@ def _load_vocos(root: Path, vocos: Vocos) -> None:
         if key not in found:
             raise CheckpointError(f"{VOCOS_FILE}: {key} is missing, expected shape {_fmt(dest.shape)}")
         if found[key].shape != dest.shape:
-            raise CheckpointError(f"{VOCOS_FILE}: {key} has shape {_fmt(found[key].shape)}, expected {_fmt(dest.shape)}")
+            raise CheckpointError(
+                f"{VOCOS_FILE}: {key} has shape {_fmt(found[key].shape)}, expected {_fmt(dest.shape)}"
+            )
     extra = sorted(set(found) - set(targets))
     if extra:
         raise CheckpointError(f"{VOCOS_FILE}: unexpected key {extra[0]} ({len(extra)} unexpected in total)")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from omnivox.audio import float_to_pcm16, wav_header
+from omnivox.bench.workloads import load_workload
 from omnivox.engine.types import SAMPLE_RATE, SamplingParams
 from omnivox.errors import EngineNotReady
 from omnivox.server.metrics import ServerMetrics
@@ -43,6 +44,8 @@ from omnivox.server.stream import FINISH_REASONS, EngineWorker, ManagedStream
 
 logger = logging.getLogger(__name__)
 
+DUMMY_REPLY = "This reply comes from random weights, so its words mean nothing, but it costs what a reply costs."
+WORDS_PER_SECOND = 2.5
 AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for multi-turn (`{"role": "assistant", "audio": ...}`)
 
 
@@ -55,9 +58,10 @@ class ServerConfig:
     max_messages: int = 64
     warmup: bool = True
     transcript_cache_size: int = 1024
-    # Random weights never end a reply by themselves: cap each reply's spoken length (seconds) and LLM tokens.
+    # Random weights never end a reply by themselves, so with dummy weights every reply is scripted as the bench
+    # does it: a prompt of the standard workload gets its scripted reply and length, any other prompt
+    # DUMMY_REPLY; read-aloud text is spoken for words / 2.5 seconds (150 words per minute).
     dummy_weights: bool = False
-    dummy_audio_seconds: float = 2.0
 
 
 EngineSource = Any  # an Engine, or a zero-argument callable that builds one (run on the engine thread)
@@ -74,6 +78,7 @@ class SpeechService:
         self.created = int(time.time())
         self._source = source
         self._transcripts: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._script = {item.prompt.strip(): item for item in load_workload()} if config.dummy_weights else {}
 
     # ------------------------------------------------------------------------------------------ lifetime
 
@@ -96,10 +101,11 @@ class SpeechService:
 
     def _warm_up(self, engine: Any) -> None:
         """One short chat reply and one short read-aloud, to the end: pays for lazy initialisation up front."""
-        sampling = SamplingParams(max_new_tokens=8)
+        chat, read = "Hi, how are you?", "Hello there."
         for stream in (
-            engine.stream("Hello!", seed=0, sampling=sampling, request_id="warmup-chat", **self._forcing()),
-            engine.read_aloud("Hello there.", seed=0, request_id="warmup-read", **self._forcing()),
+            engine.stream(chat, seed=0, sampling=SamplingParams(max_new_tokens=16), request_id="warmup-chat",
+                          **self._chat_forcing(chat)),
+            engine.read_aloud(read, seed=0, request_id="warmup-read", **self._read_forcing(read)),
         ):
             try:
                 for _ in stream:
@@ -148,10 +154,16 @@ class SpeechService:
         self.metrics.errors.labels(info.code or info.type).inc()
         return info
 
-    def _forcing(self, reply: str | None = None) -> dict[str, Any]:
+    def _chat_forcing(self, text: str) -> dict[str, Any]:
         if not self.config.dummy_weights:
             return {}
-        return {"forced_audio_seconds": self.config.dummy_audio_seconds}
+        item = self._script.get(text.strip())
+        reply = item.reply if item is not None else DUMMY_REPLY
+        seconds = item.audio_seconds if item is not None else _speaking_seconds(reply)
+        return {"forced_reply": reply, "forced_audio_seconds": seconds}
+
+    def _read_forcing(self, text: str) -> dict[str, Any]:
+        return {"forced_audio_seconds": _speaking_seconds(text)} if self.config.dummy_weights else {}
 
     @staticmethod
     def _seed(seed: int | None) -> int:
@@ -187,7 +199,7 @@ class SpeechService:
         while len(self._transcripts) > self.config.transcript_cache_size:
             self._transcripts.popitem(last=False)
 
-    def conversation(self, request: ChatCompletionRequest) -> tuple[str, list[dict[str, str]]]:
+    def conversation(self, request: ChatCompletionRequest) -> tuple[str, list[tuple[str, str]]]:
         """messages -> (the last user text, the earlier turns as engine history)."""
         if len(request.messages) > self.config.max_messages:
             raise RequestError(f"{len(request.messages)} messages, more than the limit of "
@@ -201,9 +213,8 @@ class SpeechService:
             if text is None:
                 raise RequestError(f"{param} has no content; give it text content", param=f"{param}.content")
             role = "system" if message.role == "developer" else message.role
-            history.append({"role": role, "content": self.check_text(text, f"{param}.content")})
-        last = history.pop()
-        return last["content"], history
+            history.append((role, self.check_text(text, f"{param}.content")))
+        return history.pop()[1], history
 
     # ------------------------------------------------------------------------------------------ opening streams
 
@@ -218,33 +229,29 @@ class SpeechService:
         sampling = self._sampling(request.temperature, request.top_p, request.max_new_tokens)
         request_id, seed = f"chatcmpl-{uuid.uuid4().hex}", self._seed(request.seed)
         return await self._open("chat", request_id, seed, lambda engine: engine.stream(
-            text, history=history or None, seed=seed, sampling=sampling, request_id=request_id, **self._forcing()))
+            text, history=history or None, seed=seed, sampling=sampling, request_id=request_id,
+            **self._chat_forcing(text)))
 
     async def open_speech(self, request: SpeechRequest) -> ManagedStream:
         self.check_model(request.model)
         text = self.check_text(request.input, "input")
         request_id, seed = f"speech-{uuid.uuid4().hex}", self._seed(request.seed)
         return await self._open("speech", request_id, seed, lambda engine: engine.read_aloud(
-            text, seed=seed, request_id=request_id, **self._forcing()))
+            text, seed=seed, request_id=request_id, **self._read_forcing(text)))
 
     async def new_session(self) -> Any:
         engine = self.ready_engine()
         return await self.worker.run(engine.new_session)
-
-    async def close_session(self, session: Any) -> None:
-        close = getattr(session, "close", None)
-        if close is not None:
-            await self.worker.run(close)
 
     async def open_ws(self, speak: WsSpeak, session: Any) -> ManagedStream:
         text = self.check_text(speak.text, "text")
         request_id, seed = f"ws-{uuid.uuid4().hex}", self._seed(speak.seed)
         if speak.mode == "read":
             return await self._open("ws", request_id, seed, lambda engine: engine.read_aloud(
-                text, seed=seed, request_id=request_id, **self._forcing()))
+                text, seed=seed, request_id=request_id, **self._read_forcing(text)))
         sampling = self._sampling(speak.temperature, speak.top_p, speak.max_tokens)
         return await self._open("ws", request_id, seed, lambda engine: engine.stream(
-            text, session=session, seed=seed, sampling=sampling, request_id=request_id, **self._forcing()))
+            text, session=session, seed=seed, sampling=sampling, request_id=request_id, **self._chat_forcing(text)))
 
     # ------------------------------------------------------------------------------------------ whole replies
 
@@ -279,3 +286,7 @@ class SpeechService:
                         total_tokens=m.prompt_tokens + m.llm_tokens),
             metrics=stream.metrics_dict(),
         )
+
+
+def _speaking_seconds(text: str) -> float:
+    return max(len(text.split()), 1) / WORDS_PER_SECOND

@@ -58,8 +58,7 @@ class WebSocketConversation:
             pass
         finally:
             await self._stop_reply()
-            if self.session is not None:
-                await self.service.close_session(self.session)
+            self.session = None  # the conversation's LLM cache goes with it
 
     # ------------------------------------------------------------------------------------ client messages
 
