@@ -21,9 +21,11 @@ Offline stand-ins (no machine here can download the real files):
   normaliser isolates CJK characters), every punctuation mark and every digit is one token, and lowercase English
   is split into common whole words and `##` pieces picked from the Qwen BPE merges in frequency order.
   Expected closeness to the real tokenizer: Chinese counts are identical (one per character, `[UNK]` included);
-  digit and punctuation counts are identical; English counts are within roughly +-20 % per sentence (common words
-  whole in both, rarer words split differently). Ids of regular tokens differ from the real vocabulary, so a
-  stand-in checkpoint is only self-consistent, never interchangeable with the real TTS weights.
+  digit and punctuation counts are identical; English counts should be within about +-20 % per sentence (an
+  estimate, not measured: common words are whole in both, rarer words split into pieces at other places).
+  Counts matter because they set when the TTS may start and how much text each audio token sees (10 BERT tokens
+  per 50 audio tokens). Ids of regular tokens differ from the real vocabulary, so a stand-in checkpoint is only
+  self-consistent, never interchangeable with the real TTS weights.
 """
 
 from __future__ import annotations

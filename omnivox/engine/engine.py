@@ -335,8 +335,12 @@ class Engine:
             return None
         if forced_audio_seconds is None or forced_audio_seconds <= 0:
             raise InvalidRequest("forced_audio_seconds must be a positive number of seconds when forcing a reply")
-        reply_ids = self.model.tokenizer.encode(forced_reply or "")
-        return Forcing(reply_ids=reply_ids, audio_tokens=round(forced_audio_seconds * AUDIO_TOKENS_PER_SECOND))
+        reply = forced_reply or ""
+        return Forcing(
+            reply_ids=self.model.tokenizer.encode(reply),
+            audio_tokens=round(forced_audio_seconds * AUDIO_TOKENS_PER_SECOND),
+            text_tokens=len(self.model.tts_tokenizer.encode(reply)),
+        )
 
     def default_speaker(self) -> torch.Tensor:
         """The default voice's speaker vector: the `<|spk|>` state after the default system prompt, computed once."""

@@ -67,6 +67,7 @@ class Forcing:
 
     reply_ids: list[int]
     audio_tokens: int
+    text_tokens: int = 0  # BERT tokens of the reply: a segment cut early gets its share of the audio tokens
 
 
 class ReplyGenerator:
@@ -100,6 +101,8 @@ class ReplyGenerator:
         special = self.tokenizer.special
         self.terminators = (special.im_end, special.endoftext)
         self.audio_tokens_total = 0  # new audio tokens over all segments (forced-EOS accounting)
+        self.segment_new_tokens = 0
+        self.segment_budget: int | None = None  # forced audio tokens of a segment that ends at a cut
         self.cancelled = False
         self.last_restart: Restart | None = None
         self.tts_state = None  # the live TTS segment (for cache accounting)
@@ -151,7 +154,10 @@ class ReplyGenerator:
     def _eos_after(self) -> int | None:
         if self.forcing is None:
             return None
-        return max(self.forcing.audio_tokens - self.audio_tokens_total, 0)
+        remaining = self.forcing.audio_tokens - self.audio_tokens_total
+        if self.segment_budget is not None:
+            remaining = min(remaining, self.segment_budget - self.segment_new_tokens)
+        return max(remaining, 0)
 
     def _tts_call(self, state, num_text_tokens: int) -> None:
         with self.timer.stage("tts"):
@@ -159,6 +165,7 @@ class ReplyGenerator:
                 state, TTS_TOKENS_PER_CALL, num_text_tokens, self.sampling, self.tts_generator, self._eos_after()
             )
         self.audio_tokens_total += kept
+        self.segment_new_tokens += kept
         self.timer.metrics.tts_steps += kept + int(state.finished)
         self.timer.metrics.tts_calls += 1
 
@@ -182,6 +189,7 @@ class ReplyGenerator:
         """One TTS segment (official `_generate_mel_spec_audio_streaming`). Yields Pieces; leaves in
         `self.last_restart` how the next segment must start (None: the reply is over)."""
         self.last_restart = None
+        self.segment_new_tokens, self.segment_budget = 0, None
         with self.timer.stage("tts_init"):
             state = self.tts_state = self.runner.new_tts_state()
         try:
@@ -227,6 +235,9 @@ class ReplyGenerator:
                     text_left, gen_text = gen_text[cut_at + 1 :], gen_text[: cut_at + 1]
                     prompt = build_tts_prompt(gen_text, self.tts_tokenizer, self.reserved)
                     cut = True
+                    if self.forcing is not None and self.forcing.text_tokens:
+                        share = prompt.num_text_tokens / self.forcing.text_tokens
+                        self.segment_budget = round(self.forcing.audio_tokens * share)
                     break
             if num_text >= self.text_chunk * (m + 1):
                 begin = 0 if m == 0 else self.text_chunk * m + 2

@@ -37,8 +37,14 @@ def top_p_filter(logits: torch.Tensor, p: float, min_keep: int = 1) -> torch.Ten
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One multinomial draw per row: [R, V] -> [R]."""
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    """One multinomial draw per row: [R, V] -> [R].
+
+    This is what `torch.multinomial(probs, 1, generator=g)` computes (its one-sample path: exponential noise from
+    `g` on a tensor shaped like `probs`, probs / noise, argmax), so it draws the same ids from the same generator
+    state, but without multinomial's host-side validity checks, which synchronise and cannot be captured.
+    """
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def sample_llm_token(
@@ -71,17 +77,22 @@ def sample_tts_codes(
     top_p: float,
     top_k: int,
     first_audio_step: bool,
-    ban_eos: bool,
+    ban_eos: bool | torch.Tensor,
     eos_id: int,
     greedy: bool,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """logits [num_vq, num_codes] float32, temperature [num_vq, 1] -> codes [num_vq]."""
+    """logits [num_vq, num_codes] float32, temperature [num_vq, 1] -> codes [num_vq].
+
+    `ban_eos` may be a bool tensor [1] (the fast path decides on the device whether this step bans EOS).
+    """
     logits = logits.float() / temperature
     if not first_audio_step and not greedy:
         logits = top_p_filter(logits, top_p, min_keep=3)
         logits = top_k_filter(logits, top_k, min_keep=3)
-    if ban_eos:
+    if isinstance(ban_eos, torch.Tensor):
+        logits[:, eos_id] = torch.where(ban_eos, -float("inf"), logits[:, eos_id])
+    elif ban_eos:
         logits[:, eos_id] = -float("inf")
     if greedy:
         return logits.argmax(dim=-1)

@@ -6,9 +6,10 @@ tokenizers. Vision, audio-input and encode-only tensors are never read from disk
 every shard that holds an LLM tensor, which is all of them).
 
 Order of work: resolve the snapshot -> config.json -> index -> build modules on `meta` -> check every key and shape
-against the shard headers (nothing read yet) -> stream tensors (a reader thread memory-maps and, on CUDA, pins;
-the main thread copies to the device, converting dtype on the way) -> fold the weight-norm heads -> Vocos.pt ->
-tokenizers. Any problem is one `CheckpointError` that names the file, the key and the shapes.
+against the shard headers (nothing read yet) -> stream tensors (a few reader threads read the memory-mapped bytes:
+on CUDA into pinned memory, which the main thread copies to the device converting dtype on the way; on the CPU
+straight into the parameters) -> fold the weight-norm heads -> Vocos.pt -> tokenizers. Any problem is one
+`CheckpointError` that names the file, the key and the shapes.
 
 Checkpoint keys are module attribute names plus a prefix (`llm.`, `tts.`, `tts.dvae.`; none for Vocos.pt), so
 the loader is a table. Renames: `tts.head_code.{i}.parametrizations.weight.original0/1` (g, v) -> folded
@@ -18,13 +19,14 @@ the loader is a table. Renames: `tts.head_code.{i}.parametrizations.weight.origi
 from __future__ import annotations
 
 import json
-import queue
 import re
-import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -57,6 +59,8 @@ SKIPPED_PREFIXES = (
 )  # fmt: skip
 _SKIPPED_PATTERN = re.compile(r"tts\.dvae\.vq_layer\.quantizer\.rvqs\.\d+\.project_in\.")
 _HEAD_PREFIX = "tts.head_code.{}.parametrizations.weight.original"
+READ_THREADS = 4  # parallel page-faulting reads keep an NVMe queue busy; many more only thrash a slow disk
+READ_WINDOW = 8  # tensors staged ahead of the device copies (bounds the pinned host memory in flight)
 
 
 def is_skipped_key(key: str) -> bool:
@@ -221,50 +225,34 @@ def _check_keys(weight_map: dict[str, str], targets: dict[str, torch.Tensor], ro
     return plan
 
 
-def _read_tensors(root: Path, plan: dict[str, list[str]], pin: bool, timing: dict[str, float]) -> Iterator:
-    """Yield (key, host tensor) in file order; a reader thread runs ahead (bounded), so disk reads overlap the
-    device copies. `timing["read_s"]` accumulates the reader's busy time."""
-    chunks: queue.Queue = queue.Queue(maxsize=4)
-    stop = threading.Event()
+def _read_tensors(root: Path, plan: dict[str, list[str]], stage: Callable, timing: dict[str, float]) -> Iterator:
+    """Yield (key, stage(key, tensor)) in file order while a few threads read ahead (a bounded window), so disk
+    reads overlap each other and the device copies. `get_tensor` only maps the bytes; `stage` is where they are
+    read (into pinned memory, or straight into the CPU parameter). `timing["read_s"]` sums the readers' busy time."""
+    handles = {shard: _open_shard(root / shard) for shard in plan}
 
-    def put(item) -> bool:
-        """Hand one item to the consumer unless it has gone away (then the reader ends)."""
-        while not stop.is_set():
-            try:
-                chunks.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def reader() -> None:
+    def read(shard: str, key: str) -> tuple[str, torch.Tensor | None, float]:
+        start = time.perf_counter()
         try:
-            for shard, keys in plan.items():
-                with _open_shard(root / shard) as handle:
-                    for key in keys:
-                        start = time.perf_counter()
-                        try:
-                            tensor = handle.get_tensor(key)
-                        except (SafetensorError, OSError) as e:
-                            raise CheckpointError(f"{shard}: cannot read {key} ({e}); re-download it") from e
-                        tensor = tensor.pin_memory() if pin else tensor
-                        timing["read_s"] += time.perf_counter() - start
-                        if not put((key, tensor)):
-                            return
-            put(None)
-        except BaseException as e:  # re-raised in the consumer
-            put(e)
+            staged = stage(key, handles[shard].get_tensor(key))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{shard}: cannot read {key} ({e}); re-download it") from e
+        return key, staged, time.perf_counter() - start
 
-    thread = threading.Thread(target=reader, name="omnivox-shard-reader", daemon=True)
-    thread.start()
-    try:
-        while (item := chunks.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    todo = iter([(shard, key) for shard, keys in plan.items() for key in keys])
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="omnivox-read") as pool:
+        try:
+            while True:
+                pending.extend(pool.submit(read, *job) for job in islice(todo, READ_WINDOW - len(pending)))
+                if not pending:
+                    return
+                key, staged, seconds = pending.popleft().result()
+                timing["read_s"] += seconds
+                yield key, staged
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _load_vocos(root: Path, vocos: Vocos) -> None:
@@ -315,11 +303,20 @@ def load_speech_model(
 
     timing = {"read_s": 0.0, "h2d_s": 0.0, "prepare_s": 0.0}
     total_bytes = sum(targets[k].numel() * targets[k].element_size() for keys in plan.values() for k in keys)
+
+    def stage(key: str, mapped: torch.Tensor) -> torch.Tensor | None:
+        """Read the mapped bytes once: into pinned memory for CUDA, straight into the parameter on the CPU."""
+        if device.type == "cpu":
+            targets[key].copy_(mapped)
+            return None
+        return mapped.pin_memory() if device.type == "cuda" else mapped
+
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"loading {root.name}", disable=not progress) as bar:
-        for key, tensor in _read_tensors(root, plan, pin=device.type == "cuda", timing=timing):
-            copy_start = time.perf_counter()
-            targets[key].copy_(tensor, non_blocking=True)
-            timing["h2d_s"] += time.perf_counter() - copy_start
+        for key, host in _read_tensors(root, plan, stage, timing):
+            if host is not None:
+                copy_start = time.perf_counter()
+                targets[key].copy_(host, non_blocking=True)
+                timing["h2d_s"] += time.perf_counter() - copy_start
             bar.update(targets[key].numel() * targets[key].element_size())
         sync_start = time.perf_counter()
         _sync(device)
@@ -328,7 +325,6 @@ def load_speech_model(
     prepare_start = time.perf_counter()
     for weight, g, v in folds:
         weight.copy_(fold_weight_norm(g, v))  # in the target dtype, as the official run evaluates it
-    del targets, folds
     read_start = time.perf_counter()
     _load_vocos(root, vocos)
     vocos_s = time.perf_counter() - read_start

@@ -9,7 +9,7 @@ like the release (about 0.79 B parameters, from a few plausible tensors per laye
 
 Values come from `init_tensor_` keyed by checkpoint name, exactly as `build_dummy_model` makes them; heads store
 v = the dummy head weight and g = its row norms, so a loaded synthetic checkpoint equals the dummy model on the same
-device and dtype (heads up to the fold's rounding). Guessed config fields are listed in docs/tokenizers.md.
+device and dtype (heads up to the fold's rounding). Guessed config fields are listed in docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def official_config_dict(config: ModelConfig, size: str, dtype: torch.dtype) -> 
     """config.json in the official layout: Qwen2 fields at the top, `tts_config`, vision/audio configs, flags.
 
     Fields the speech path reads are exact; the vision/audio/slice fields follow the official config class and
-    are guesses where marked in docs/tokenizers.md (e.g. drop_vision_last_layer, stream_input)."""
+    are guesses where marked in docs/checkpoints.md (e.g. drop_vision_last_layer, stream_input)."""
     llm, dims = config.llm, SKIPPED_DIMS[size]
     return {
         "_name_or_path": "openbmb/MiniCPM-o-2_6",

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from omnivox.errors import OmnivoxError
 from omnivox.server.metrics import ServerMetrics
 from omnivox.server.protocol import ErrorInfo, ErrorResponse, RequestError, describe_error
 from omnivox.server.routes import router
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 def error_response(service: SpeechService, exc: BaseException) -> JSONResponse:
     status, info, headers = describe_error(exc)
     service.metrics.errors.labels(info.code or info.type).inc()
-    if status >= 500:
+    if status >= 500 and isinstance(exc, OmnivoxError):  # other exceptions are logged by Starlette
         logger.error("request failed with %d", status, exc_info=exc)
     return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
 
@@ -87,7 +88,11 @@ def build_app(engine: EngineSource, config: ServerConfig | None = None) -> FastA
         return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(OmnivoxError)
+    async def _omnivox(request: Request, exc: OmnivoxError) -> JSONResponse:
+        return error_response(service, exc)
+
+    @app.exception_handler(Exception)  # a bug: Starlette logs the traceback after this reply
     async def _any(request: Request, exc: Exception) -> JSONResponse:
         return error_response(service, exc)
 
@@ -95,18 +100,19 @@ def build_app(engine: EngineSource, config: ServerConfig | None = None) -> FastA
     return app
 
 
-def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           dtype: str | None = None, dummy_weights: bool = False, fast: bool = False,
-          max_concurrent_requests: int = 8, served_model_name: str | None = None, max_input_chars: int = 4096,
+          max_concurrent_requests: int = 8, served_model_name: str | None = None, max_input_chars: int = 4000,
           log_level: str = "info") -> None:
-    """`omnivox serve`: build the engine in the background, serve until interrupted."""
+    """`omnivox serve`: start answering /healthz at once, build and warm up the engine, serve until interrupted."""
     import uvicorn
 
     def factory() -> Any:
-        from omnivox.engine import Engine
+        from omnivox.engine.engine import Engine, EngineConfig
 
-        return Engine.from_pretrained(model, device=device, dtype=dtype, dummy_weights=dummy_weights, fast=fast,
-                                      max_concurrent_requests=max_concurrent_requests)
+        options: dict[str, Any] = {"fast": True} if fast else {}
+        return Engine.from_pretrained(model, device=device, dtype=dtype, dummy_weights=dummy_weights,
+                                      config=EngineConfig(max_concurrent_requests=max_concurrent_requests), **options)
 
     config = ServerConfig(served_model_name=served_model_name or ServerConfig.served_model_name,
                           max_input_chars=max_input_chars, dummy_weights=dummy_weights)

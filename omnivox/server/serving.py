@@ -54,7 +54,7 @@ class ServerConfig:
     """Server knobs. Models are chosen here, at start-up; requests only name `served_model_name`."""
 
     served_model_name: str = "minicpm-o-2_6"
-    max_input_chars: int = 4096  # per text field (speech input, each chat message, WebSocket text)
+    max_input_chars: int = 4000  # per text field (speech input, each chat message, WebSocket text)
     max_messages: int = 64
     warmup: bool = True
     transcript_cache_size: int = 1024
@@ -151,6 +151,8 @@ class SpeechService:
     def describe_error(self, exc: BaseException) -> ErrorInfo:
         """ErrorInfo for an exception, counted in the errors metric (the one mapping lives in protocol.py)."""
         status, info, _ = describe_error(exc)
+        if status >= 500:
+            logger.error("request failed after its response started", exc_info=exc)
         self.metrics.errors.labels(info.code or info.type).inc()
         return info
 

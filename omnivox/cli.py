@@ -1,0 +1,297 @@
+"""`omnivox info | speak | bench | make-checkpoint | serve | loadtest`: parse arguments, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from omnivox.errors import OmnivoxError
+
+console = Console()
+RANDOM_WEIGHTS_NOTE = (
+    "[yellow]note:[/] the weights are random (embedded tiny model or --dummy-weights): the reply text is forced "
+    "and the end of speech is forced after {seconds:.1f} s, so timings are real but the audio is not speech."
+)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="MiniCPM-o 2.6 snapshot directory or hub id (default: embedded tiny random model)")
+    p.add_argument("--dummy-weights", action="store_true", help="released full-size config with seeded random weights")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--precision", "--dtype", dest="dtype", default=None, help="bf16 | fp16 | fp32 | tf32")
+    p.add_argument("--path", default="reference", choices=["reference", "static", "fast"],
+                   help="reference: eager + growing caches (the original's cost); fast: static caches + CUDA graphs")
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math"])
+    p.add_argument("--no-early-first-chunk", action="store_true",
+                   help="release the first audio only after the second TTS call (the official framing)")
+    p.add_argument("--max-concurrent-requests", type=int, default=8)
+
+
+def engine_config(args: argparse.Namespace):
+    from omnivox.engine.engine import EngineConfig
+
+    fields = {
+        "path": args.path,
+        "early_first_chunk": not args.no_early_first_chunk,
+        "max_concurrent_requests": args.max_concurrent_requests,
+    }
+    known = EngineConfig.__dataclass_fields__
+    for name in ("compile", "attention"):
+        value = getattr(args, name)
+        if name in known:
+            fields[name] = value
+        elif value not in ("none", "sdpa"):
+            raise OmnivoxError(f"--{name} {value} needs the fast path, which this build does not have")
+    return EngineConfig(**fields)
+
+
+def load_engine(args: argparse.Namespace):
+    from omnivox.engine.engine import Engine
+
+    with console.status("loading model"):
+        return Engine.from_pretrained(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            dummy_weights=args.dummy_weights,
+            config=engine_config(args),
+            progress=True,
+        )
+
+
+def random_weights(args: argparse.Namespace) -> bool:
+    return args.dummy_weights or args.model is None
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    engine = load_engine(args)
+    model = engine.model
+    table = Table(title=f"omnivox speech path: {model.source}")
+    table.add_column("component")
+    table.add_column("parameters", justify="right")
+    for name, count in model.param_counts().items():
+        table.add_row(name, f"{count:,}")
+    console.print(table)
+    cfg = model.config
+    console.print(
+        f"LLM {cfg.llm.num_hidden_layers} layers x {cfg.llm.hidden_size} (GQA {cfg.llm.num_attention_heads}/"
+        f"{cfg.llm.num_key_value_heads}), TTS {cfg.tts.num_hidden_layers} layers x {cfg.tts.hidden_size}; "
+        f"device {engine.device}, dtype {model.dtype}; weights in memory {model.memory_bytes() / 1e9:.3f} GB; "
+        f"loaded in {engine.model_load_s:.2f} s"
+    )
+    if random_weights(args):
+        console.print("[yellow]note:[/] these weights are random: use --model with a MiniCPM-o 2.6 snapshot for speech")
+    return 0
+
+
+def stage_table(metrics) -> Table:
+    table = Table(title="stages (seconds)")
+    for col in ("stage", "seconds", "per step"):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    per_step = {"llm": metrics.llm_tokens, "tts": metrics.tts_steps}
+    for name, value in metrics.stages.items():
+        steps = per_step.get(name)
+        table.add_row(name, f"{value:.4f}", f"{1000 * value / steps:.2f} ms x {steps}" if steps else "")
+    table.add_row("TTFB", f"{metrics.ttfb_s:.4f}", "")
+    table.add_row("total", f"{metrics.total_s:.4f}", "")
+    table.add_row("audio", f"{metrics.audio_s:.3f}", f"RTF {metrics.rtf:.3f}")
+    return table
+
+
+@contextlib.contextmanager
+def maybe_trace(path: str | None):
+    if path is None:
+        yield
+        return
+    import torch
+
+    with torch.profiler.profile(record_shapes=False) as prof:
+        yield
+    prof.export_chrome_trace(path)
+    console.print(f"trace written to {path}")
+
+
+def cmd_speak(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from omnivox.audio import write_wav
+    from omnivox.engine.types import SamplingParams
+
+    engine = load_engine(args)
+    forced_reply = forced_seconds = None
+    if random_weights(args) and not args.free:
+        forced_reply = args.reply or args.text
+        forced_seconds = args.audio_seconds or max(len(forced_reply.split()) / 2.5, 1.0)
+        console.print(RANDOM_WEIGHTS_NOTE.format(seconds=forced_seconds))
+    sampling = SamplingParams(greedy=args.greedy)
+    with maybe_trace(args.trace):
+        if args.read_aloud:
+            stream = engine.read_aloud(args.text, seed=args.seed, sampling=sampling,
+                                       forced_audio_seconds=forced_seconds)
+        else:
+            stream = engine.stream(args.text, seed=args.seed, sampling=sampling, forced_reply=forced_reply,
+                                   forced_audio_seconds=forced_seconds)
+        pcm = np.concatenate([chunk.pcm for chunk in stream] or [np.zeros(0, np.float32)])
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    write_wav(args.output, pcm, engine.sample_rate)
+    console.print(f"[bold]reply:[/] {stream.metrics.reply_text}")
+    console.print(stage_table(stream.metrics))
+    console.print(f"wrote {args.output} ({len(pcm) / engine.sample_rate:.2f} s at {engine.sample_rate} Hz)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from omnivox.bench.report import aggregate_block, compare_table, summary_table
+    from omnivox.bench.results import read_results
+
+    if args.compare:
+        a, b = (read_results(p) for p in args.compare)
+        console.print(compare_table(a, b, labels=tuple(args.compare)))
+        if args.plot:
+            from omnivox.bench.plot import plot_distributions
+
+            plot_distributions([a, b], list(args.compare), args.plot)
+            console.print(f"plot written to {args.plot}")
+        return 0
+
+    from omnivox.bench.harness import run_bench
+    from omnivox.bench.report import stage_table as stages
+    from omnivox.bench.workloads import load_workload
+
+    items = load_workload(args.workload)
+    engine = load_engine(args)
+    forced = random_weights(args)
+    if forced:
+        console.print(RANDOM_WEIGHTS_NOTE.format(seconds=0).split(" after")[0] + " (workload reply / audio_seconds).")
+    out = Path(args.out)
+    config = {
+        "name": args.label or f"{args.path}-{args.dtype or 'default'}",
+        "model": args.model or ("dummy" if args.dummy_weights else "embedded-tiny"),
+        "device": args.device,
+        "dtype": str(engine.model.dtype),
+        "path": args.path,
+        "compile": args.compile,
+        "attention": args.attention,
+        "early_first_chunk": not args.no_early_first_chunk,
+        "workload": args.workload or "standard",
+        "model_load_s": engine.model_load_s,
+    }
+    with maybe_trace(args.trace):
+        results = run_bench(engine, items, args.trials, out, seed=args.seed, dummy_weights=forced, config=config)
+    samples = results["samples"]
+    print(aggregate_block(samples))
+    console.print(summary_table(samples))
+    console.print(stages(samples))
+    console.print(f"model load: {engine.model_load_s:.2f} s (once per engine, not in the per-request figures)")
+    console.print(f"results: {out / 'results.json'}; one WAV per reply under {out / 'wav'}")
+    if args.plot:
+        from omnivox.bench.plot import plot_distributions
+
+        plot_distributions([read_results(out / "results.json")], [config["name"]], args.plot)
+        console.print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    import torch
+
+    from omnivox.models.synthetic import write_checkpoint
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    path = write_checkpoint(args.dir, size=args.size, seed=args.seed, dtype=dtype, progress=True)
+    console.print(f"wrote a synthetic MiniCPM-o 2.6 snapshot ({args.size}, seed {args.seed}, random weights) to {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from omnivox.server.app import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          dummy_weights=args.dummy_weights, fast=args.path == "fast",
+          max_concurrent_requests=args.max_concurrent_requests)
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from omnivox.server.loadtest import loadtest_main
+
+    return loadtest_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnivox", description="Realtime speech generation for MiniCPM-o 2.6")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="load a model and print its components and parameter counts")
+    add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("speak", help="speak the model's reply to TEXT into a WAV file")
+    p.add_argument("text")
+    p.add_argument("-o", "--output", default="reply.wav")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--greedy", action="store_true", help="argmax for LLM and TTS (reproducible across machines)")
+    p.add_argument("--read-aloud", action="store_true", help="speak TEXT itself (TTS only, default voice)")
+    p.add_argument("--reply", help="with random weights: the reply to force (default: TEXT)")
+    p.add_argument("--audio-seconds", type=float, help="with random weights: where to force the end of speech")
+    p.add_argument("--free", action="store_true", help="with random weights: do not force anything")
+    p.add_argument("--trace", help="write a torch.profiler Chrome trace to this file")
+    add_model_args(p)
+    p.set_defaults(func=cmd_speak)
+
+    p = sub.add_parser("bench", help="benchmark a workload (warm-up excluded), or --compare two results files")
+    p.add_argument("--workload", help="JSONL workload (default: the standard workload)")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--out", default="out/bench")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", help="name of this configuration in results and comparisons")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
+    p.add_argument("--plot", help="write a PNG of the TTFB and RTF distributions")
+    p.add_argument("--trace", help="write a torch.profiler Chrome trace to this file")
+    add_model_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("make-checkpoint", help="write seeded random weights in the official snapshot layout")
+    p.add_argument("dir")
+    p.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.set_defaults(func=cmd_make_checkpoint)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP + WebSocket server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    add_model_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("loadtest", help="concurrent streaming client against a running server")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--rate", type=float, default=None, help="requests per second (default: as fast as admitted)")
+    p.add_argument("--endpoint", default="speech", choices=["speech", "chat"])
+    p.add_argument("--workload")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--out", default="out/loadtest/results.json")
+    p.set_defaults(func=cmd_loadtest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OmnivoxError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

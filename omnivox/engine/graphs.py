@@ -1,0 +1,111 @@
+"""CUDA-graph capture for the fast path's fixed-shape steps, plus the pools of static caches they bake in.
+
+A captured graph replays the exact kernels it recorded on the exact buffers it recorded them on, so every buffer a
+step reads or writes (KV cache, inputs, outputs, device-side counters) is allocated once and owned by a `Slot`;
+a graph is captured per slot (and per sampling constant set) the first time that slot runs the step. All graphs of
+a runner share one memory pool: replays are serialised on one stream and each step's outputs are consumed (copied
+out) before the next replay, as in nano-vllm's `capture_cudagraph`.
+
+Random draws inside a graph use a runner-owned CUDA generator registered with every graph
+(`CUDAGraph.register_generator_state`): each replay then advances that generator's Philox offset exactly as the
+same ops run eagerly would. Before replays the runner copies the request's generator state into it and copies it
+back afterwards, so a request draws the same numbers on either path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from omnivox.errors import EngineBusy
+
+
+class StepGraph:
+    """One captured call of `fn()` (which reads and writes only buffers that outlive the graph)."""
+
+    def __init__(
+        self,
+        fn: Callable[[], Any],
+        pool: Any,
+        generators: tuple[torch.Generator, ...] = (),
+        warmup: int = 1,
+        before_capture: Callable[[], None] | None = None,
+    ):
+        """Runs `fn` `warmup` times on a side stream (lazy init, compilation), calls `before_capture` (e.g. to
+        restore state the warm-up advanced), then records it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        if before_capture is not None:
+            before_capture()
+        self.graph = torch.cuda.CUDAGraph()
+        for gen in generators:
+            self.graph.register_generator_state(gen)
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn()
+
+    def replay(self) -> Any:
+        self.graph.replay()
+        return self.output
+
+
+@dataclass
+class Slot:
+    """One request's worth of static buffers: a KV cache, the step's device inputs/outputs, and its graphs."""
+
+    index: int
+    cache: Any  # StaticKVCache
+    io: dict[str, torch.Tensor] = field(default_factory=dict)
+    graphs: dict[Any, StepGraph] = field(default_factory=dict)
+
+
+class SlotPool:
+    """A fixed set of slots, allocated once. `acquire` hands out the most recently released slot (so a server that
+    serves one request at a time keeps replaying the graphs it already captured); `EngineBusy` when none is free."""
+
+    def __init__(self, name: str, make: Callable[[int], Slot], size: int):
+        if size < 1:
+            raise ValueError(f"a {name} pool needs at least one slot, got {size}")
+        self.name = name
+        self.slots = [make(i) for i in range(size)]
+        self._free = list(reversed(range(size)))
+        self._by_cache = {id(slot.cache): slot for slot in self.slots}
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> Slot:
+        if not self._free:
+            raise EngineBusy(
+                f"all {self.size} {self.name} caches are in use (each live request or open session holds one); "
+                "retry shortly or close a session",
+                retry_after_s=1.0,
+            )
+        return self.slots[self._free.pop()]
+
+    def slot_of(self, cache: Any) -> Slot:
+        slot = self._by_cache.get(id(cache))
+        if slot is None or slot.cache is not cache:
+            raise ValueError(f"this cache does not belong to the {self.name} pool")
+        return slot
+
+    def release(self, cache: Any) -> None:
+        slot = self.slot_of(cache)
+        if slot.index in self._free:
+            return  # released twice (a cancelled stream and its session): harmless
+        self._free.append(slot.index)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(slot.cache.nbytes for slot in self.slots)

@@ -1,0 +1,15 @@
+"""Shared fixtures: small, CPU-only, built once per session where they are expensive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from omnivox.models.synthetic import write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic snapshot in the official layout (seed 0, bf16). Shared: never modify it in place."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), "tiny", seed=0, progress=False)
