@@ -27,7 +27,7 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(BIN)/omnivox info
 	$(BIN)/omnivox speak "Hello! Tell me something nice about the sea." -o out/demo.wav --seed 0
-	$(BIN)/omnivox bench --trials 2 --out out/bench-demo
+	$(BIN)/omnivox bench --workload demo --trials 2 --out out/bench-demo --plot out/bench-demo/plot.png
 
 clean:
 	rm -rf $(VENV) out

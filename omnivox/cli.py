@@ -72,7 +72,8 @@ def random_weights(args: argparse.Namespace) -> bool:
 def cmd_info(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     model = engine.model
-    table = Table(title=f"omnivox speech path: {model.source}")
+    console.print(f"[bold]model:[/] {model.source}")
+    table = Table(title="speech path components")
     table.add_column("component")
     table.add_column("parameters", justify="right")
     for name, count in model.param_counts().items():

@@ -203,7 +203,7 @@ def test_chat_whole_reply_wav_and_multi_turn(server):
     message = reply["choices"][0]["message"]
     assert message["role"] == "assistant" and message["content"] is None
     assert message["audio"]["transcript"] == reply["metrics"]["reply_text"]
-    assert set(message["audio"]["transcript"].split()) <= set(DUMMY_REPLY.split()) | {"costs", "mean"}
+    assert message["audio"]["transcript"].split()[-1] == DUMMY_REPLY.split()[-1]
     with wave.open(io.BytesIO(base64.b64decode(message["audio"]["data"]))) as wav:
         assert wav.getframerate() == SAMPLE_RATE and close_to_scripted(wav.getnframes(), DUMMY_REPLY)
     assert reply["usage"]["total_tokens"] == reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"]

@@ -21,7 +21,7 @@ NUM_REQUESTS = 200
 CLIENTS = 6
 DISCONNECT_P = 0.25
 CHAT_AUDIO = {"modalities": ["text", "audio"], "audio": {"voice": "default", "format": "pcm16"}}
-CHAT_PROMPT = "Hi, how are you?"  # scripted with random weights: 4.8 s of audio
+CHAT_PROMPT = "Say something short."  # random weights: the server's scripted DUMMY_REPLY, 2 s of audio
 KINDS = ("speech_wav", "speech_pcm", "speech_sse", "chat_sse", "chat_whole", "ws_read", "ws_chat")
 
 
@@ -48,7 +48,7 @@ def one_request(url: str, ws_url: str, index: int) -> str:
     rng = random.Random(index)
     kind = KINDS[index % len(KINDS)]
     disconnect = rng.random() < DISCONNECT_P
-    words = rng.randint(3, 6)
+    words = rng.randint(2, 4)
     text = " ".join(rng.choice(["sea", "wind", "light", "stone", "river", "cloud", "song"]) for _ in range(words))
     seed = rng.randrange(1 << 30)
     if kind.startswith("ws_"):

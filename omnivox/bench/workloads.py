@@ -62,9 +62,11 @@ def _parse_line(text: str, where: str) -> WorkloadItem:
 
 
 def load_workload(path: str | Path | None = None) -> list[WorkloadItem]:
-    """Read a .jsonl workload (None: the packaged standard one). Blank lines are skipped; ids must be unique
-    because they name the output WAVs and the samples."""
+    """Read a .jsonl workload (None: the packaged standard one; a bare name like "demo": a packaged one). Blank
+    lines are skipped; ids must be unique because they name the output WAVs and the samples."""
     path = STANDARD_WORKLOAD if path is None else Path(path)
+    if not path.exists() and path.suffix == "" and (STANDARD_WORKLOAD.parent / f"{path}.jsonl").exists():
+        path = STANDARD_WORKLOAD.parent / f"{path}.jsonl"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:

@@ -37,7 +37,12 @@ class EngineConfig:
     max_text_chars: int = 4000
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     early_first_chunk: bool = True
-    path: str = "reference"  # "reference": eager + growing caches; "static": eager + static caches
+    path: str = "reference"  # "reference": eager + growing caches; "static": eager + static caches; "fast"
+    # the fast path's switches (omnivox/engine/fast_runner.py)
+    compile: str = "none"  # none | default | reduce-overhead | max-autotune
+    attention: str = "sdpa"  # sdpa | efficient | math | cudnn (flash takes no mask: refused)
+    cuda_graphs: bool = True  # off: the fast path's steps run eagerly (always so on a CPU)
+    max_sessions: int = 0  # LLM caches in the fast path's pool (0: max_concurrent_requests)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -154,12 +159,28 @@ class Engine:
         self.device = model.device
         self.clock = clock
         self.model_load_s = model_load_s
+        if runner is None and self.config.path == "fast":
+            runner = self._fast_runner(model, self.config)
         cache = "static" if self.config.path == "static" else "growing"
         self.runner = runner or EagerRunner(model, cache=cache, llm_capacity=self.config.max_session_tokens)
         self.sample_rate = model.config.vocos.sample_rate
         self._live: set[SpeechStream] = set()
         self._lock = threading.Lock()
         self._default_speaker: torch.Tensor | None = None
+
+    @staticmethod
+    def _fast_runner(model: SpeechModel, config: EngineConfig):
+        from omnivox.engine.fast_runner import FastRunner
+
+        return FastRunner(
+            model,
+            llm_capacity=config.max_session_tokens,
+            llm_slots=config.max_sessions or config.max_concurrent_requests,
+            tts_slots=config.max_concurrent_requests,
+            compile=config.compile,
+            attention=config.attention,
+            cuda_graphs=config.cuda_graphs,
+        )
 
     @classmethod
     def from_pretrained(
@@ -346,12 +367,15 @@ class Engine:
         """The default voice's speaker vector: the `<|spk|>` state after the default system prompt, computed once."""
         if self._default_speaker is None:
             session = self.new_session()
-            for ids in self._prompt_ids(session, "", None):
-                self.runner.llm_forward(session, ids)
-            header = self.model.tokenizer.encode(ASSISTANT_HEADER)
-            hidden = self.runner.llm_forward(session, header)
-            spk = hidden[header.index(self.model.tokenizer.special.spk)]
-            self._default_speaker = self.runner.project_speaker(spk)
+            try:
+                for ids in self._prompt_ids(session, "", None):
+                    self.runner.llm_forward(session, ids)
+                header = self.model.tokenizer.encode(ASSISTANT_HEADER)
+                hidden = self.runner.llm_forward(session, header)
+                spk = hidden[header.index(self.model.tokenizer.special.spk)]
+                self._default_speaker = self.runner.project_speaker(spk)
+            finally:
+                self.close_session(session)
         return self._default_speaker
 
     def read_aloud(

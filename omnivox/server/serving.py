@@ -44,7 +44,7 @@ from omnivox.server.stream import FINISH_REASONS, EngineWorker, ManagedStream
 
 logger = logging.getLogger(__name__)
 
-DUMMY_REPLY = "This reply comes from random weights, so its words mean nothing, but it costs what a reply costs."
+DUMMY_REPLY = "Hello! This reply is scripted."  # random weights, a prompt outside the workload: 5 words, 2 s
 WORDS_PER_SECOND = 2.5
 AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for multi-turn (`{"role": "assistant", "audio": ...}`)
 

@@ -1,0 +1,434 @@
+"""The fast path: the reference steps over static caches from slot pools, decode steps replayed as CUDA graphs.
+
+What differs from `EagerRunner(cache="static")`, and nothing else does:
+
+* Caches come from two pools allocated once (`SlotPool`): one LLM cache per session, one TTS cache per live TTS
+  segment. A cache is zeroed when handed out, so unwritten slots read as zeros (fact sheet 4.13).
+* `llm_step` for one token is one graph replay: forward, logits and sampling (repetition penalty over a window
+  padded to `LLM_WINDOW` ids by repeating its first id, which changes nothing) with token, position and window in
+  device buffers. Prompt prefills and the 9-token header stay eager (`llm_forward`).
+* `tts_generate` runs the segment's first audio step eagerly (bos input, no top-p/top-k), then one graph replay per
+  step. Everything a step decides lives on the device: the audio mask (from the position and text-length
+  scalars, by `tts_audio_mask`'s rule), the EOS ban and forced EOS, the codes (written into a device buffer) and a
+  finished flag. The call's steps are queued without looking at the results and read back once at the end;
+  steps after the first EOS still run and their results are discarded, and the request's generator is then set
+  to where the sequential algorithm (which stops at the EOS) would have left it, so later calls draw the same.
+* Sampling is `omnivox.engine.sampling`, the same functions as the reference path.
+* Switches: `compile` (torch.compile of the decode bodies: "default" and "max-autotune" are captured in our
+  graphs; "reduce-overhead" lets torch.compile own the graphs), `attention` (the PyTorch SDPA backend), graphs
+  on or off. On a CPU there are no graphs: the same step functions run eagerly, one host check per TTS step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from omnivox.engine.graphs import Slot, SlotPool, StepGraph
+from omnivox.engine.kv_cache import StaticKVCache
+from omnivox.engine.runner import EagerRunner
+from omnivox.engine.sampling import sample_llm_token, sample_tts_codes
+from omnivox.engine.session import Session, TTSState
+from omnivox.engine.types import SamplingParams
+from omnivox.errors import InvalidRequest
+from omnivox.models.loader import SpeechModel
+
+COMPILE_MODES = {"none": None, "default": "default", "reduce-overhead": "reduce-overhead",
+                 "max-autotune": "max-autotune-no-cudagraphs"}  # fmt: skip
+ATTENTION_BACKENDS = {
+    "sdpa": None,  # PyTorch picks
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+}
+LLM_WINDOW = 32  # repetition-penalty window in the graph (a 3-token call sees at most 9 + 2 ids)
+TTS_MAX_STEPS = 32  # codes one TTS call can write (the pipeline asks for 25)
+NO_FORCED_EOS = 1 << 40
+
+# tts_audio_mask's defaults, which the official mask function uses (not the config's 25-token call size)
+MASK_RESERVED, MASK_TEXT_CHUNK, MASK_AUDIO_CHUNK = 300, 10, 50
+
+# layout of a TTS slot's long buffer: scalars, the last codes, then the call's codes
+POS, STEP, NUM_TEXT, BAN_UNTIL, FORCE_AT, N_EXEC, DONE = range(7)
+LAST = 8
+
+
+class FastRunner(EagerRunner):
+    def __init__(
+        self,
+        model: SpeechModel,
+        llm_capacity: int = 4096,
+        tts_capacity: int = 2560,
+        llm_slots: int = 8,
+        tts_slots: int = 8,
+        compile: str = "none",
+        attention: str = "sdpa",
+        cuda_graphs: bool = True,
+    ):
+        super().__init__(model, cache="static", llm_capacity=llm_capacity, tts_capacity=tts_capacity)
+        if compile not in COMPILE_MODES:
+            raise InvalidRequest(f"compile mode {compile!r} is unknown: use one of {', '.join(COMPILE_MODES)}")
+        if attention not in ATTENTION_BACKENDS:
+            raise InvalidRequest(f"attention {attention!r} is unknown: use one of {', '.join(ATTENTION_BACKENDS)}")
+        if attention == "flash":
+            raise InvalidRequest(
+                "attention 'flash': PyTorch's flash kernel takes no attention mask, and every attention call of "
+                "this engine has one (static caches are masked by position, the TTS hides text not yet released); "
+                "use sdpa, efficient, cudnn or math"
+            )
+        self.compile_mode = compile
+        self.attention = attention
+        self.cuda = self.device.type == "cuda"
+        self.use_graphs = cuda_graphs and self.cuda and compile != "reduce-overhead"
+        self.cuda_graphs = cuda_graphs
+        dev = self.device
+        self.llm_keys = torch.arange(self.llm_capacity, device=dev)
+        self.tts_keys = torch.arange(self.tts_capacity, device=dev)
+        tts_cfg = model.config.tts
+        self.vq_index = torch.arange(tts_cfg.num_vq, device=dev)
+        self.tts_bos = torch.tensor([[tts_cfg.audio_bos_token_id]], device=dev)
+        self.llm_pool = SlotPool("LLM session", self._make_llm_slot, llm_slots)
+        self.tts_pool = SlotPool("TTS", self._make_tts_slot, tts_slots)
+        self._tts_temperatures: dict[tuple, torch.Tensor] = {}
+        self.step_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.audio_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.audio_graphs: dict[int, tuple[torch.Tensor, StepGraph]] = {}
+        # the generators graphs draw from; requests' generator states are copied in and out around replays
+        self.llm_rng = torch.Generator(device=dev) if self.use_graphs else None
+        self.tts_rng = torch.Generator(device=dev) if self.use_graphs else None
+        mode = COMPILE_MODES[compile]
+        if mode is None:
+            self.llm_body, self.tts_body = self.llm_decode_body, self.tts_decode_body
+        else:
+            self.llm_body = torch.compile(self.llm_decode_body, mode=mode, fullgraph=True, dynamic=False)
+            self.tts_body = torch.compile(self.tts_decode_body, mode=mode, fullgraph=True, dynamic=False)
+            if compile == "reduce-overhead":  # let torch.compile's graphs mutate the caches in place
+                for slot in (*self.llm_pool.slots, *self.tts_pool.slots):
+                    torch._dynamo.mark_static_address(slot.cache.k)
+                    torch._dynamo.mark_static_address(slot.cache.v)
+
+    # ---- pools --------------------------------------------------------------------------------------------------
+    def _host_buffer(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.long, pin_memory=self.cuda)
+
+    def _make_llm_slot(self, index: int) -> Slot:
+        c = self.model.config.llm
+        cache = StaticKVCache(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.llm_capacity, self.dtype, self.device
+        )
+        io = {
+            "buf": torch.zeros(2 + LLM_WINDOW, dtype=torch.long, device=self.device),  # token, position, window
+            "out": torch.zeros(1, dtype=torch.long, device=self.device),
+            "stage": self._host_buffer(2 + LLM_WINDOW),
+        }
+        return Slot(index, cache, io)
+
+    def _make_tts_slot(self, index: int) -> Slot:
+        c = self.model.config.tts
+        cache = StaticKVCache(
+            c.num_hidden_layers, c.num_attention_heads, c.head_dim, self.tts_capacity, self.dtype, self.device
+        )
+        size = LAST + c.num_vq * (1 + TTS_MAX_STEPS)
+        io = {
+            "buf": torch.zeros(size, dtype=torch.long, device=self.device),
+            "stage": self._host_buffer(LAST),
+            "host": self._host_buffer(size),
+        }
+        return Slot(index, cache, io)
+
+    def new_llm_cache(self) -> StaticKVCache:
+        slot = self.llm_pool.acquire()
+        slot.cache.reset()
+        return slot.cache
+
+    def release_llm_cache(self, cache: StaticKVCache) -> None:
+        self.llm_pool.release(cache)
+
+    def new_tts_state(self) -> TTSState:
+        slot = self.tts_pool.acquire()
+        slot.cache.reset()  # slots not yet written must read as zeros (the restart attends to some)
+        return TTSState(cache=slot.cache)
+
+    def release_tts_state(self, state: TTSState) -> None:
+        self.tts_pool.release(state.cache)
+
+    def _attention(self):
+        backends = ATTENTION_BACKENDS[self.attention]
+        return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
+
+    def _mark_step(self) -> None:
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def _default_generator(self, generator: torch.Generator | None) -> torch.Generator:
+        if generator is not None:
+            return generator
+        return torch.cuda.default_generators[self.device.index or 0] if self.cuda else torch.default_generator
+
+    def _capture(self, slot: Slot, key, fn, rng: torch.Generator | None) -> StepGraph:
+        """Capture `fn` for `slot`: the warm-up runs it for real, so the slot's buffers and the generator are put
+        back as they were before recording (its KV write is redone identically by the replay that follows)."""
+        saved_buf = slot.io["buf"].clone()
+        saved_rng = rng.get_state() if rng is not None else None
+
+        def restore() -> None:
+            slot.io["buf"].copy_(saved_buf)
+
+        graph = StepGraph(fn, self.step_graph_pool, (rng,) if rng is not None else (), before_capture=restore)
+        if saved_rng is not None:
+            rng.set_state(saved_rng)
+        slot.graphs[key] = graph
+        return graph
+
+    # ---- LLM ----------------------------------------------------------------------------------------------------
+    def llm_decode_body(self, cache: StaticKVCache, buf: torch.Tensor) -> torch.Tensor:
+        """buf = [token, position, window...] -> float32 logits [V] of the next token."""
+        token, pos = buf[0:1].view(1, 1), buf[1:2]
+        mask = (self.llm_keys <= pos)[None, None, None]  # [1, 1, 1, capacity]
+        hidden = self.model.llm(token, pos, cache, mask)
+        return self.model.llm.compute_logits(hidden[0, -1])
+
+    def _llm_step_fn(self, slot: Slot, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+        buf = slot.io["buf"]
+        logits = self.llm_body(slot.cache, buf)
+        token = sample_llm_token(
+            logits,
+            buf[2:],
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            greedy=sampling.greedy,
+            generator=generator,
+        )
+        slot.io["out"].copy_(token)
+        return slot.io["out"]
+
+    @staticmethod
+    def _llm_key(sampling: SamplingParams) -> tuple:
+        if sampling.greedy:
+            return ("llm", True)
+        return ("llm", False, sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty)
+
+    @torch.inference_mode()
+    def llm_forward(self, session: Session, ids: list[int]) -> torch.Tensor:
+        with self._attention():
+            return super().llm_forward(session, ids)
+
+    @torch.inference_mode()
+    def llm_step(
+        self,
+        session: Session,
+        ids: list[int],
+        window: list[int],
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        want_hidden: bool = False,
+    ) -> tuple[int, torch.Tensor | None]:
+        if len(ids) != 1 or want_hidden or not 0 < len(window) <= LLM_WINDOW:
+            with self._attention():
+                return super().llm_step(session, ids, window, sampling, generator, want_hidden)
+        slot = self.llm_pool.slot_of(session.cache)
+        stage = slot.io["stage"]
+        stage[0], stage[1] = ids[0], session.length
+        stage[2 : 2 + len(window)] = torch.tensor(window)
+        stage[2 + len(window) :] = window[0]  # repeats change no logit: the penalty is applied once per id
+        slot.io["buf"].copy_(stage, non_blocking=True)
+        with self._attention():
+            if self.use_graphs:
+                key = self._llm_key(sampling)
+                graph = slot.graphs.get(key)
+                if graph is None:
+                    fn = partial(self._llm_step_fn, slot, sampling, self.llm_rng)
+                    graph = self._capture(slot, key, fn, self.llm_rng)
+                gen = self._default_generator(generator)
+                self.llm_rng.set_state(gen.get_state())
+                out = graph.replay()
+                gen.set_state(self.llm_rng.get_state())
+            else:
+                self._mark_step()
+                out = self._llm_step_fn(slot, sampling, generator)
+        session.length += 1
+        return int(out), None
+
+    # ---- TTS ----------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def tts_prefill_text(self, state: TTSState, ids: list[int], begin: int, speaker: torch.Tensor | None) -> None:
+        with self._attention():
+            super().tts_prefill_text(state, ids, begin, speaker)
+
+    @torch.inference_mode()
+    def tts_prefill_audio(self, state: TTSState, codes: torch.Tensor, num_text_tokens: int) -> None:
+        with self._attention():
+            super().tts_prefill_audio(state, codes, num_text_tokens)
+
+    def tts_audio_mask(self, pos: torch.Tensor, num_text: torch.Tensor) -> torch.Tensor:
+        """`runner.tts_audio_mask` computed on the device from position and text-length tensors: [1, 1, 1, cap]."""
+        chunks = torch.div(pos - MASK_RESERVED + MASK_AUDIO_CHUNK - 1, MASK_AUDIO_CHUNK, rounding_mode="floor")
+        visible_text = (MASK_TEXT_CHUNK * chunks).clamp(max=MASK_RESERVED)
+        text_end = torch.minimum(2 + visible_text, num_text + 3)
+        keys = self.tts_keys
+        visible = (keys < text_end) | ((keys >= MASK_RESERVED + 3) & (keys <= pos))
+        return visible[None, None, None]
+
+    def _tts_forward(self, cache: StaticKVCache, buf: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        pos = buf[POS : POS + 1].clamp(max=self.tts_capacity - 1)  # steps after EOS must not write out of bounds
+        mask = self.tts_audio_mask(pos, buf[NUM_TEXT : NUM_TEXT + 1])
+        hidden = self.model.tts(embeds, pos, cache, mask)
+        return self.model.tts.compute_logits(hidden)[0, -1]  # [num_vq, num_codes]
+
+    def tts_decode_body(self, cache: StaticKVCache, buf: torch.Tensor) -> torch.Tensor:
+        """One audio step after the first: embed the last codes, forward, heads -> float32 logits [num_vq, codes]."""
+        num_vq = self.vq_index.shape[0]
+        embeds = self.model.tts.embed_codes(buf[LAST : LAST + num_vq].view(1, 1, num_vq))
+        return self._tts_forward(cache, buf, embeds)
+
+    def tts_first_body(self, cache: StaticKVCache, buf: torch.Tensor) -> torch.Tensor:
+        return self._tts_forward(cache, buf, self.model.tts.embed_text(self.tts_bos))
+
+    def _tts_temperature(self, sampling: SamplingParams) -> torch.Tensor:
+        key = tuple(sampling.tts_temperature)
+        if key not in self._tts_temperatures:
+            self._tts_temperatures[key] = self._temperature(sampling)
+        return self._tts_temperatures[key]
+
+    @staticmethod
+    def _tts_key(sampling: SamplingParams) -> tuple:
+        return ("tts", sampling.greedy, tuple(sampling.tts_temperature), sampling.tts_top_p, sampling.tts_top_k)
+
+    def _tts_step_fn(self, slot: Slot, sampling: SamplingParams, first: bool, generator) -> None:
+        """One audio step, all decisions on the device (see the module docstring)."""
+        buf = slot.io["buf"]
+        num_vq = self.vq_index.shape[0]
+        logits = self.tts_first_body(slot.cache, buf) if first else self.tts_body(slot.cache, buf)
+        step = buf[STEP : STEP + 1]
+        codes = sample_tts_codes(
+            logits,
+            self._tts_temperature(sampling),
+            top_p=sampling.tts_top_p,
+            top_k=sampling.tts_top_k,
+            first_audio_step=first,
+            ban_eos=step < buf[BAN_UNTIL : BAN_UNTIL + 1],
+            eos_id=self.eos_code,
+            greedy=sampling.greedy,
+            generator=generator,
+        )
+        forced = (step >= buf[FORCE_AT : FORCE_AT + 1]) & (self.vq_index == 0)
+        codes = torch.where(forced, self.eos_code, codes)
+        done = buf[DONE : DONE + 1]
+        buf[N_EXEC : N_EXEC + 1] += 1 - done  # steps up to and including the first EOS
+        done.copy_(torch.maximum(done, (codes == self.eos_code).any().long().view(1)))
+        row = LAST + num_vq * (1 + step.clamp(max=TTS_MAX_STEPS - 1)) + self.vq_index
+        buf.index_copy_(0, row, codes)
+        buf[LAST : LAST + num_vq].copy_(codes)
+        buf[POS : STEP + 1] += 1
+
+    @torch.inference_mode()
+    def tts_generate(
+        self,
+        state: TTSState,
+        max_steps: int,
+        num_text_tokens: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        eos_after: int | None = None,
+    ) -> int:
+        if max_steps > TTS_MAX_STEPS:
+            with self._attention():
+                return super().tts_generate(state, max_steps, num_text_tokens, sampling, generator, eos_after)
+        slot = self.tts_pool.slot_of(state.cache)
+        buf, num_vq = slot.io["buf"], self.vq_index.shape[0]
+        self._tts_temperature(sampling)  # made outside any capture
+        first = state.num_codes == 0
+        stage = slot.io["stage"]
+        stage[POS], stage[STEP], stage[NUM_TEXT] = self.condition_slots + state.num_codes, 0, num_text_tokens
+        stage[BAN_UNTIL] = 10 if eos_after is None else max(10, eos_after)
+        stage[FORCE_AT] = NO_FORCED_EOS if eos_after is None else eos_after
+        stage[N_EXEC], stage[DONE] = 0, 0
+        buf[:LAST].copy_(stage, non_blocking=True)
+        if not first:
+            buf[LAST : LAST + num_vq].copy_(state.codes[-1])
+        with self._attention():
+            if self.cuda:
+                host = self._tts_queue(slot, sampling, first, max_steps, generator)
+            else:
+                for i in range(max_steps):
+                    self._tts_step_fn(slot, sampling, first and i == 0, generator)
+                    if bool(buf[DONE]):
+                        break
+                host = buf.clone()
+        n_exec, done = int(host[N_EXEC]), int(host[DONE])
+        kept = n_exec - done
+        if kept:
+            rows = buf[LAST + num_vq : LAST + num_vq * (1 + kept)].view(kept, num_vq).clone()
+            state.codes.extend(rows.unbind(0))
+        state.finished = bool(done)
+        return kept
+
+    def _tts_queue(self, slot: Slot, sampling: SamplingParams, first: bool, max_steps: int, generator):
+        """All `max_steps` steps queued back to back, one read-back at the end; then the request's generator is
+        moved to where stopping at the first EOS would have left it."""
+        gen = self._default_generator(generator)
+        rng = self.tts_rng if self.use_graphs else gen
+        if self.use_graphs:
+            rng.set_state(gen.get_state())
+        start = rng.get_offset()
+        key = self._tts_key(sampling)
+        for i in range(max_steps):
+            if first and i == 0:
+                self._tts_step_fn(slot, sampling, True, rng)
+            elif self.use_graphs:
+                graph = slot.graphs.get(key)
+                if graph is None:
+                    graph = self._capture(slot, key, partial(self._tts_step_fn, slot, sampling, False, rng), rng)
+                graph.replay()
+            else:
+                self._mark_step()
+                self._tts_step_fn(slot, sampling, False, rng)
+        host = slot.io["host"]
+        host.copy_(slot.io["buf"], non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        per_step = (rng.get_offset() - start) // max_steps
+        if self.use_graphs:
+            gen.set_state(rng.get_state())
+        executed = int(host[N_EXEC])
+        if executed < max_steps and per_step:
+            gen.set_offset(start + executed * per_step)
+        return host
+
+    # ---- audio --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_audio(self, codes: torch.Tensor) -> np.ndarray:
+        """DVAE + Vocos; on a GPU one graph per window length (25 first, 29 after, fewer at the very end)."""
+        if not self.use_graphs:
+            return super().decode_audio(codes)
+        length = codes.shape[0]
+        entry = self.audio_graphs.get(length)
+        if entry is None:
+            static_codes = codes.clone()
+
+            def run() -> torch.Tensor:
+                mel = self.model.dvae.decode(static_codes[None])
+                return self.model.vocos.decode(mel.float())[0]
+
+            entry = self.audio_graphs[length] = (static_codes, StepGraph(run, self.audio_graph_pool))
+        static_codes, graph = entry
+        static_codes.copy_(codes)
+        return graph.replay().cpu().numpy()
+
+    # ---- introspection ------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "llm_slots_free": self.llm_pool.num_free,
+            "llm_slots": self.llm_pool.size,
+            "tts_slots_free": self.tts_pool.num_free,
+            "tts_slots": self.tts_pool.size,
+            "cache_pool_bytes": self.llm_pool.nbytes + self.tts_pool.nbytes,
+            "graphs": sum(len(s.graphs) for s in (*self.llm_pool.slots, *self.tts_pool.slots)),
+            "audio_graphs": len(self.audio_graphs),
+        }
