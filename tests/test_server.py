@@ -191,6 +191,11 @@ def test_chat_stream_chunks(server):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
     times = [t for t, _ in events]
     assert times[len(audio_chunks) // 2] < times[-1], "chunks must arrive before the response ends"
+    # the streamed reply's audio id stands for its transcript in the next turn
+    follow_up = {**body, "stream": False, "audio": {"voice": "default", "format": "pcm16"}, "messages": [
+        *body["messages"], {"role": "assistant", "audio": {"id": audio_ids.pop()}},
+        {"role": "user", "content": "Good."}]}
+    assert httpx.post(server.url + "/v1/chat/completions", json=follow_up).status_code == 200
 
 
 def test_chat_whole_reply_wav_and_multi_turn(server):

@@ -107,6 +107,7 @@ def test_page_plays_streamed_reply_in_headless_chromium(server, tmp_path):
     finally:
         browser.close()
     report = json.loads(result)
+    print("page report:", {k: v for k, v in report.items() if k != "server_metrics"})
     assert report["error"] is None and report["finish_reason"] == "eos", report
     assert report["chunks"] >= 2 and report["samples"] > 0
     assert report["samples"] == round(report["server_metrics"]["audio_s"] * SAMPLE_RATE)

@@ -34,6 +34,7 @@ def _stage(name: str) -> Callable[[Sample], float | None]:
 # (row label, how to read it from a sample, unit printed after the number)
 METRICS: list[tuple[str, Callable[[Sample], float | None], str]] = [
     ("ttfb_s", lambda s: s.get("ttfb_s"), "s"),
+    ("ttfb_official_framing_s", lambda s: s.get("ttfb_official_s"), "s"),
     ("rtf", lambda s: s.get("rtf"), ""),
     ("total_s", lambda s: s.get("total_s"), "s"),
     ("generation_s", _generation_s, "s"),

@@ -43,6 +43,7 @@ def sample_from_metrics(m: RequestMetrics, **extra: Any) -> dict[str, Any]:
         "prompt_id": None,
         "trial": None,
         "ttfb_s": m.ttfb_s,
+        "ttfb_official_s": m.ttfb_official_s,
         "rtf": m.rtf,
         "total_s": m.total_s,
         "audio_s": m.audio_s,

@@ -85,6 +85,7 @@ class SpeechStream:
         self._pieces = pieces
         self._timer = timer
         self._index = 0
+        self._audio_pieces = 0
         self._done = False
 
     def __iter__(self) -> SpeechStream:
@@ -102,6 +103,13 @@ class SpeechStream:
             self._finish("error")
             raise
         ready = self._timer.mark_audio_ready(len(piece.pcm) / 24000)
+        if len(piece.pcm):
+            self._audio_pieces += 1
+            # early framing: the official first chunk comes out with our second piece (or the last, if sooner)
+            if self._audio_pieces == (2 if self.engine.config.early_first_chunk else 1) or (
+                piece.final and self.metrics.ttfb_official_s != self.metrics.ttfb_official_s
+            ):
+                self.metrics.ttfb_official_s = ready
         chunk = AudioChunk(
             pcm=piece.pcm,
             text=piece.text,

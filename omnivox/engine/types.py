@@ -54,6 +54,9 @@ class RequestMetrics:
 
     request_id: str = ""
     ttfb_s: float = float("nan")  # request start -> first audio sample available to the caller
+    # when the official framing (first chunk held until the second TTS call) would have released its first audio;
+    # equals ttfb_s with --no-early-first-chunk
+    ttfb_official_s: float = float("nan")
     total_s: float = 0.0  # request start -> last chunk available
     audio_s: float = 0.0  # seconds of audio produced
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))

@@ -114,7 +114,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
         return Engine.from_pretrained(model, device=device, dtype=dtype, dummy_weights=dummy_weights,
                                       config=EngineConfig(max_concurrent_requests=max_concurrent_requests), **options)
 
+    # model=None is the embedded tiny model: random weights too, so its replies are scripted as well
     config = ServerConfig(served_model_name=served_model_name or ServerConfig.served_model_name,
-                          max_input_chars=max_input_chars, dummy_weights=dummy_weights)
+                          max_input_chars=max_input_chars, dummy_weights=dummy_weights or model is None)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(build_app(factory, config), host=host, port=port, log_level=log_level)

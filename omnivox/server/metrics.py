@@ -35,7 +35,7 @@ class ServerMetrics:
         )
         self.active = Gauge("omnivox_streams_active", "Engine streams open now", registry=r)
         self.queued = Gauge(
-            "omnivox_streams_queued", "Streams waiting for the engine worker thread (admitted, not running)",
+            "omnivox_streams_queued", "Engine calls waiting for the engine thread (at most one per open stream)",
             registry=r,
         )
         self.underruns = Counter(

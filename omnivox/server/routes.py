@@ -73,7 +73,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await service.complete_chat(body, request.is_disconnected)
     stream = await service.open_chat(body)
     encoder = ChatSSEEncoder(stream.request_id, f"audio_{stream.request_id}", service.config.served_model_name,
-                             bool(body.stream_options and body.stream_options.include_usage), stream.created)
+                             bool(body.stream_options and body.stream_options.include_usage), stream.created,
+                             service.remember_transcript)
     return EngineStreamResponse(stream, encoder, "text/event-stream", service.describe_error,
                                 _stream_headers(stream, SSE_HEADERS))
 

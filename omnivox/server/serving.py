@@ -7,6 +7,7 @@ the server's configuration (served model name, input length) and the translation
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import secrets
@@ -14,9 +15,11 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 
 from omnivox.audio import float_to_pcm16, wav_header
@@ -86,7 +89,7 @@ class SpeechService:
         """Build (if given a factory) and warm up the engine on the engine thread; then report ready."""
         try:
             source = self._source
-            engine = await self.worker.run(source) if callable(source) and not hasattr(source, "stream") else source
+            engine = source if hasattr(source, "stream") else await self.worker.run(source)
             self.status = "warming_up"
             if self.config.warmup:
                 t0 = time.perf_counter()
@@ -114,8 +117,6 @@ class SpeechService:
                 stream.close()
 
     async def stop(self) -> None:
-        import anyio
-
         await anyio.to_thread.run_sync(self.worker.shutdown)
 
     def ready_engine(self) -> Any:
@@ -222,8 +223,17 @@ class SpeechService:
 
     async def _open(self, endpoint: str, request_id: str, seed: int, call: Callable[[Any], Any]) -> ManagedStream:
         engine = self.ready_engine()
-        stream = await self.worker.run(call, engine)
+        future = self.worker.submit(call, engine)
+        try:
+            stream = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the client left while the stream was being opened: close it once it is
+            future.add_done_callback(self._close_orphan)
+            raise
         return ManagedStream(stream, self.worker, self.metrics, endpoint, request_id, seed)
+
+    def _close_orphan(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.worker.submit(future.result().close)
 
     async def open_chat(self, request: ChatCompletionRequest) -> ManagedStream:
         self.check_model(request.model)

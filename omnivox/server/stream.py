@@ -227,12 +227,15 @@ class ChatSSEEncoder:
     PCM16 `data` and the `transcript` delta first spoken in it), a last chunk with finish_reason and metrics,
     an optional usage chunk, then `[DONE]`."""
 
-    def __init__(self, completion_id: str, audio_id: str, model: str, include_usage: bool, created: int):
+    def __init__(self, completion_id: str, audio_id: str, model: str, include_usage: bool, created: int,
+                 remember: Callable[[str, str], None] | None = None):
         self.completion_id = completion_id
         self.audio_id = audio_id
         self.model = model
         self.include_usage = include_usage
         self.created = created
+        self.remember = remember  # keeps the transcript for multi-turn `{"role": "assistant", "audio": {"id"}}`
+        self._transcript: list[str] = []
 
     def _event(self, delta: ChunkDelta, **fields: Any) -> bytes:
         chunk = ChatCompletionChunk(id=self.completion_id, created=self.created, model=self.model,
@@ -244,11 +247,14 @@ class ChatSSEEncoder:
         return self._event(ChunkDelta(role="assistant"))
 
     def chunk(self, chunk: AudioChunk) -> bytes:
+        self._transcript.append(chunk.text)
         audio = DeltaAudio(id=self.audio_id, data=_b64_pcm16(chunk.pcm), transcript=chunk.text)
         return self._event(ChunkDelta(audio=audio))
 
     def tail(self, stream: ManagedStream) -> bytes:
         m = stream.metrics
+        if self.remember is not None:
+            self.remember(self.audio_id, "".join(self._transcript))
         reason = FINISH_REASONS.get(m.finish_reason, m.finish_reason)
         body = self._event(ChunkDelta(audio=DeltaAudio(id=self.audio_id, expires_at=self.created + 3600)),
                            finish_reason=reason, metrics=stream.metrics_dict())
