@@ -75,19 +75,19 @@ def wait_idle(engine: Engine, timeout_s: float = 10.0) -> dict:
 
 
 @pytest.fixture(scope="session")
-def engine() -> Engine:
+def server_engine() -> Engine:
     """The embedded tiny random-weight model on the CPU, shared by every server test."""
     return Engine.from_pretrained(None, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="session")
-def server(engine: Engine) -> Iterator[LiveServer]:
-    with LiveServer(build_app(engine, TEST_CONFIG)) as live:
+def server(server_engine: Engine) -> Iterator[LiveServer]:
+    with LiveServer(build_app(server_engine, TEST_CONFIG)) as live:
         live.wait_ready()
         yield live
 
 
 @pytest.fixture(scope="session")
-def live_server() -> type[LiveServer]:
-    """The LiveServer class, for tests that need a server of their own: `with live_server(app) as live: ...`."""
+def server_factory() -> type[LiveServer]:
+    """The LiveServer class, for tests that need a server of their own: `with server_factory(app) as live: ...`."""
     return LiveServer

@@ -90,14 +90,14 @@ def test_health_ready_models_metrics_page(server):
     assert "/v1/stream" in page.text and "AudioContext" in page.text
 
 
-def test_not_ready_until_engine_built_and_warmed(engine, live_server):
+def test_not_ready_until_engine_built_and_warmed(server_engine, server_factory):
     release = threading.Event()
 
     def slow_factory():
         release.wait(30)
-        return engine
+        return server_engine
 
-    with live_server(build_app(slow_factory, ServerConfig(dummy_weights=True))) as live:
+    with server_factory(build_app(slow_factory, ServerConfig(dummy_weights=True))) as live:
         assert httpx.get(live.url + "/healthz").status_code == 200
         ready = httpx.get(live.url + "/readyz")
         assert ready.status_code == 503 and ready.headers["retry-after"] and ready.json()["status"] == "loading"
@@ -452,12 +452,12 @@ def test_disconnect_stops_generation_and_frees(server, endpoint):
     assert wait_for(lambda: _cancelled_total(server) == before + 1), "the stream should end as cancelled"
 
 
-def test_generation_failure_mid_stream_is_in_band(server, monkeypatch):
-    engine = server.service.engine
-    real_stream = engine.stream
+def break_after_first_chunk(monkeypatch, engine, method: str) -> None:
+    """Make engine.<method> streams fail (a RuntimeError, as a lost device raises) after their first chunk."""
+    real = getattr(engine, method)
 
-    def failing_stream(*args, **kwargs):
-        stream = real_stream(*args, **kwargs)
+    def failing(*args, **kwargs):
+        stream = real(*args, **kwargs)
         pieces = stream._pieces
 
         def broken():
@@ -467,14 +467,27 @@ def test_generation_failure_mid_stream_is_in_band(server, monkeypatch):
         stream._pieces = broken()
         return stream
 
-    monkeypatch.setattr(engine, "stream", failing_stream)
+    monkeypatch.setattr(engine, method, failing)
+
+
+def test_generation_failure_mid_stream_is_in_band(server, monkeypatch):
+    break_after_first_chunk(monkeypatch, server.service.engine, "stream")
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, **CHAT_AUDIO}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         payloads = [e for _, e in sse_events(response)]
     assert payloads[-1] == "[DONE]" and payloads[-2]["error"]["type"] == "server_error"
     assert "internal" in payloads[-2]["error"]["message"]
-    monkeypatch.undo()
+
+    break_after_first_chunk(monkeypatch, server.service.engine, "read_aloud")
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"type": "speak", "text": "This will break.", "mode": "read"}))
+        events, pcm, frames = receive_reply(ws)
+        assert events[0]["type"] == "start" and frames == 1 and events[-1]["type"] == "error"
+        assert events[-1]["request_id"] == events[0]["request_id"]
+        monkeypatch.undo()
+        ws.send(json.dumps({"type": "speak", "text": "Working again.", "mode": "read"}))
+        assert receive_reply(ws)[0][-1]["type"] == "done"
     assert server.wait_idle()["live_requests"] == 0
 
 

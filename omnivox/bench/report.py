@@ -58,8 +58,8 @@ def _mean(x: np.ndarray) -> float:
 def aggregate_block(samples: list[Sample]) -> str:
     """The original benchmark's AGGREGATE PERFORMANCE METRICS block (generation = stages llm + tts per request,
     audio processing = stages["audio"]; std is the population std, np.std, as the original printed)."""
-    ttfb = _values(samples, METRICS[0][1])
-    rtf = _values(samples, METRICS[1][1])
+    ttfb = _values(samples, lambda s: s.get("ttfb_s"))
+    rtf = _values(samples, lambda s: s.get("rtf"))
     gen = _values(samples, _generation_s)
     audio = _values(samples, _stage("audio"))
     std = lambda x: float(x.std()) if len(x) else math.nan
@@ -101,14 +101,14 @@ def _per_step_ms(samples: list[Sample], stage: str, count_key: str) -> float:
 
 def stage_table(samples: list[Sample], title: str = "Where the time goes (mean per request)") -> Table:
     """Mean of each stage in ms and its share of the mean request time, then the per-step costs."""
-    total = _mean(_values(samples, METRICS[2][1]))
+    total = _mean(_values(samples, lambda s: s.get("total_s")))
     table = Table(title=title)
     table.add_column("stage")
     table.add_column("mean", justify="right")
     table.add_column("share of total_s", justify="right")
     for name in STAGES:
         mean_s = _mean(_values(samples, _stage(name)))
-        once = name in ("model_load", "tts_init")  # engine start-up, not part of a request's total
+        once = name == "model_load"  # engine start-up, not part of a request's total
         share = "—" if once or not total > 0 else _fmt(100 * mean_s / total, " %", 1)
         table.add_row(name, _fmt(1000 * mean_s, " ms", 2), share)
     table.add_section()

@@ -13,6 +13,9 @@ What differs from `EagerRunner(cache="static")`, and nothing else does:
   finished flag. The call's steps are queued without looking at the results and read back once at the end;
   steps after the first EOS still run and their results are discarded, and the request's generator is then set
   to where the sequential algorithm (which stops at the EOS) would have left it, so later calls draw the same.
+* Attention reads the cache only up to a bucket of positions (`LLM_BUCKET`, `TTS_BUCKET`) that holds every
+  position of the step (a TTS call: every position of its 25 steps), not the whole capacity; one graph per bucket.
+  Keys past the bucket are masked out on the reference path anyway, so the result is the same.
 * Sampling is `omnivox.engine.sampling`, the same functions as the reference path.
 * Switches: `compile` (torch.compile of the decode bodies: "default" and "max-autotune" are captured in our
   graphs; "reduce-overhead" lets torch.compile own the graphs), `attention` (the PyTorch SDPA backend), graphs
@@ -47,6 +50,8 @@ ATTENTION_BACKENDS = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
 }
 LLM_WINDOW = 32  # repetition-penalty window in the graph (a 3-token call sees at most 9 + 2 ids)
+LLM_BUCKET = 512  # attention reads the LLM cache in multiples of this many positions
+TTS_BUCKET = 256  # ... and the TTS cache in multiples of this
 TTS_MAX_STEPS = 32  # codes one TTS call can write (the pipeline asks for 25)
 NO_FORCED_EOS = 1 << 40
 
@@ -56,6 +61,23 @@ MASK_RESERVED, MASK_TEXT_CHUNK, MASK_AUDIO_CHUNK = 300, 10, 50
 # layout of a TTS slot's long buffer: scalars, the last codes, then the call's codes
 POS, STEP, NUM_TEXT, BAN_UNTIL, FORCE_AT, N_EXEC, DONE = range(7)
 LAST = 8
+
+
+class CacheWindow:
+    """A static cache seen through its first `length` positions: writes land in the full buffers (at `positions`),
+    attention reads keys [0, length) only."""
+
+    def __init__(self, cache: StaticKVCache, length: int):
+        self.cache, self.length = cache, length
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        keys, values = self.cache.update(layer, positions, k, v)
+        return keys[:, :, : self.length], values[:, :, : self.length]
+
+
+def bucket(end: int, size: int, capacity: int) -> int:
+    """Smallest multiple of `size` that is >= end (positions 0..end-1 fit), at most the capacity."""
+    return min(-(-end // size) * size, capacity)
 
 
 class FastRunner(EagerRunner):
@@ -105,8 +127,11 @@ class FastRunner(EagerRunner):
         if mode is None:
             self.llm_body, self.tts_body = self.llm_decode_body, self.tts_decode_body
         else:
-            self.llm_body = torch.compile(self.llm_decode_body, mode=mode, fullgraph=True, dynamic=False)
-            self.tts_body = torch.compile(self.tts_decode_body, mode=mode, fullgraph=True, dynamic=False)
+            # one compiled body serves every bucket (the key length is marked dynamic, see `_keys`)
+            self.llm_body = torch.compile(self.llm_decode_body, mode=mode, fullgraph=True)
+            self.tts_body = torch.compile(self.tts_decode_body, mode=mode, fullgraph=True)
+            limit = max(torch._dynamo.config.recompile_limit, 64)  # reduce-overhead: a variant per slot
+            torch._dynamo.config.recompile_limit = limit
             if compile == "reduce-overhead":  # let torch.compile's graphs mutate the caches in place
                 for slot in (*self.llm_pool.slots, *self.tts_pool.slots):
                     torch._dynamo.mark_static_address(slot.cache.k)
@@ -161,6 +186,14 @@ class FastRunner(EagerRunner):
         backends = ATTENTION_BACKENDS[self.attention]
         return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
+    def _keys(self, keys: torch.Tensor, length: int) -> torch.Tensor:
+        """arange(length): the key positions a step's attention reads. Compiled bodies see its length as symbolic,
+        so every bucket uses one compilation."""
+        keys = keys[:length]
+        if self.compile_mode != "none":
+            torch._dynamo.mark_dynamic(keys, 0)
+        return keys
+
     def _mark_step(self) -> None:
         if self.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
@@ -186,16 +219,19 @@ class FastRunner(EagerRunner):
         return graph
 
     # ---- LLM ----------------------------------------------------------------------------------------------------
-    def llm_decode_body(self, cache: StaticKVCache, buf: torch.Tensor) -> torch.Tensor:
-        """buf = [token, position, window...] -> float32 logits [V] of the next token."""
+    def llm_decode_body(self, cache: StaticKVCache, buf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """buf = [token, position, window...]; keys = arange(length), the positions attention reads
+        -> float32 logits [V] of the next token."""
         token, pos = buf[0:1].view(1, 1), buf[1:2]
-        mask = (self.llm_keys <= pos)[None, None, None]  # [1, 1, 1, capacity]
-        hidden = self.model.llm(token, pos, cache, mask)
+        mask = (keys <= pos)[None, None, None]  # [1, 1, 1, length]
+        hidden = self.model.llm(token, pos, CacheWindow(cache, keys.shape[0]), mask)
         return self.model.llm.compute_logits(hidden[0, -1])
 
-    def _llm_step_fn(self, slot: Slot, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    def _llm_step_fn(
+        self, slot: Slot, length: int, sampling: SamplingParams, generator: torch.Generator | None
+    ) -> torch.Tensor:
         buf = slot.io["buf"]
-        logits = self.llm_body(slot.cache, buf)
+        logits = self.llm_body(slot.cache, buf, self._keys(self.llm_keys, length))
         token = sample_llm_token(
             logits,
             buf[2:],
@@ -239,12 +275,13 @@ class FastRunner(EagerRunner):
         stage[2 : 2 + len(window)] = torch.tensor(window)
         stage[2 + len(window) :] = window[0]  # repeats change no logit: the penalty is applied once per id
         slot.io["buf"].copy_(stage, non_blocking=True)
+        length = bucket(session.length + 1, LLM_BUCKET, self.llm_capacity)
         with self._attention():
             if self.use_graphs:
-                key = self._llm_key(sampling)
+                key = (*self._llm_key(sampling), length)
                 graph = slot.graphs.get(key)
                 if graph is None:
-                    fn = partial(self._llm_step_fn, slot, sampling, self.llm_rng)
+                    fn = partial(self._llm_step_fn, slot, length, sampling, self.llm_rng)
                     graph = self._capture(slot, key, fn, self.llm_rng)
                 gen = self._default_generator(generator)
                 self.llm_rng.set_state(gen.get_state())
@@ -252,7 +289,7 @@ class FastRunner(EagerRunner):
                 gen.set_state(self.llm_rng.get_state())
             else:
                 self._mark_step()
-                out = self._llm_step_fn(slot, sampling, generator)
+                out = self._llm_step_fn(slot, length, sampling, generator)
         session.length += 1
         return int(out), None
 
@@ -267,29 +304,31 @@ class FastRunner(EagerRunner):
         with self._attention():
             super().tts_prefill_audio(state, codes, num_text_tokens)
 
-    def tts_audio_mask(self, pos: torch.Tensor, num_text: torch.Tensor) -> torch.Tensor:
-        """`runner.tts_audio_mask` computed on the device from position and text-length tensors: [1, 1, 1, cap]."""
+    def tts_audio_mask(self, pos: torch.Tensor, num_text: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`runner.tts_audio_mask` computed on the device from position and text-length tensors, over the key
+        positions `keys` (an arange): [1, 1, 1, len(keys)]."""
         chunks = torch.div(pos - MASK_RESERVED + MASK_AUDIO_CHUNK - 1, MASK_AUDIO_CHUNK, rounding_mode="floor")
         visible_text = (MASK_TEXT_CHUNK * chunks).clamp(max=MASK_RESERVED)
         text_end = torch.minimum(2 + visible_text, num_text + 3)
-        keys = self.tts_keys
         visible = (keys < text_end) | ((keys >= MASK_RESERVED + 3) & (keys <= pos))
         return visible[None, None, None]
 
-    def _tts_forward(self, cache: StaticKVCache, buf: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        pos = buf[POS : POS + 1].clamp(max=self.tts_capacity - 1)  # steps after EOS must not write out of bounds
-        mask = self.tts_audio_mask(pos, buf[NUM_TEXT : NUM_TEXT + 1])
-        hidden = self.model.tts(embeds, pos, cache, mask)
+    def _tts_forward(
+        self, cache: StaticKVCache, buf: torch.Tensor, keys: torch.Tensor, embeds: torch.Tensor
+    ) -> torch.Tensor:
+        pos = buf[POS : POS + 1].clamp(max=self.tts_capacity - 1)  # never write out of bounds
+        mask = self.tts_audio_mask(pos, buf[NUM_TEXT : NUM_TEXT + 1], keys)
+        hidden = self.model.tts(embeds, pos, CacheWindow(cache, keys.shape[0]), mask)
         return self.model.tts.compute_logits(hidden)[0, -1]  # [num_vq, num_codes]
 
-    def tts_decode_body(self, cache: StaticKVCache, buf: torch.Tensor) -> torch.Tensor:
+    def tts_decode_body(self, cache: StaticKVCache, buf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """One audio step after the first: embed the last codes, forward, heads -> float32 logits [num_vq, codes]."""
         num_vq = self.vq_index.shape[0]
         embeds = self.model.tts.embed_codes(buf[LAST : LAST + num_vq].view(1, 1, num_vq))
-        return self._tts_forward(cache, buf, embeds)
+        return self._tts_forward(cache, buf, keys, embeds)
 
-    def tts_first_body(self, cache: StaticKVCache, buf: torch.Tensor) -> torch.Tensor:
-        return self._tts_forward(cache, buf, self.model.tts.embed_text(self.tts_bos))
+    def tts_first_body(self, cache: StaticKVCache, buf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return self._tts_forward(cache, buf, keys, self.model.tts.embed_text(self.tts_bos))
 
     def _tts_temperature(self, sampling: SamplingParams) -> torch.Tensor:
         key = tuple(sampling.tts_temperature)
@@ -301,11 +340,12 @@ class FastRunner(EagerRunner):
     def _tts_key(sampling: SamplingParams) -> tuple:
         return ("tts", sampling.greedy, tuple(sampling.tts_temperature), sampling.tts_top_p, sampling.tts_top_k)
 
-    def _tts_step_fn(self, slot: Slot, sampling: SamplingParams, first: bool, generator) -> None:
+    def _tts_step_fn(self, slot: Slot, length: int, sampling: SamplingParams, first: bool, generator) -> None:
         """One audio step, all decisions on the device (see the module docstring)."""
         buf = slot.io["buf"]
         num_vq = self.vq_index.shape[0]
-        logits = self.tts_first_body(slot.cache, buf) if first else self.tts_body(slot.cache, buf)
+        keys = self._keys(self.tts_keys, length)
+        logits = self.tts_first_body(slot.cache, buf, keys) if first else self.tts_body(slot.cache, buf, keys)
         step = buf[STEP : STEP + 1]
         codes = sample_tts_codes(
             logits,
@@ -353,12 +393,13 @@ class FastRunner(EagerRunner):
         buf[:LAST].copy_(stage, non_blocking=True)
         if not first:
             buf[LAST : LAST + num_vq].copy_(state.codes[-1])
+        length = bucket(self.condition_slots + state.num_codes + max_steps, TTS_BUCKET, self.tts_capacity)
         with self._attention():
             if self.cuda:
-                host = self._tts_queue(slot, sampling, first, max_steps, generator)
+                host = self._tts_queue(slot, length, sampling, first, max_steps, generator)
             else:
                 for i in range(max_steps):
-                    self._tts_step_fn(slot, sampling, first and i == 0, generator)
+                    self._tts_step_fn(slot, length, sampling, first and i == 0, generator)
                     if bool(buf[DONE]):
                         break
                 host = buf.clone()
@@ -370,7 +411,7 @@ class FastRunner(EagerRunner):
         state.finished = bool(done)
         return kept
 
-    def _tts_queue(self, slot: Slot, sampling: SamplingParams, first: bool, max_steps: int, generator):
+    def _tts_queue(self, slot: Slot, length: int, sampling: SamplingParams, first: bool, max_steps: int, generator):
         """All `max_steps` steps queued back to back, one read-back at the end; then the request's generator is
         moved to where stopping at the first EOS would have left it."""
         gen = self._default_generator(generator)
@@ -378,18 +419,19 @@ class FastRunner(EagerRunner):
         if self.use_graphs:
             rng.set_state(gen.get_state())
         start = rng.get_offset()
-        key = self._tts_key(sampling)
+        key = (*self._tts_key(sampling), length)
         for i in range(max_steps):
             if first and i == 0:
-                self._tts_step_fn(slot, sampling, True, rng)
+                self._tts_step_fn(slot, length, sampling, True, rng)
             elif self.use_graphs:
                 graph = slot.graphs.get(key)
                 if graph is None:
-                    graph = self._capture(slot, key, partial(self._tts_step_fn, slot, sampling, False, rng), rng)
+                    fn = partial(self._tts_step_fn, slot, length, sampling, False, rng)
+                    graph = self._capture(slot, key, fn, rng)
                 graph.replay()
             else:
                 self._mark_step()
-                self._tts_step_fn(slot, sampling, False, rng)
+                self._tts_step_fn(slot, length, sampling, False, rng)
         host = slot.io["host"]
         host.copy_(slot.io["buf"], non_blocking=True)
         torch.cuda.current_stream().synchronize()

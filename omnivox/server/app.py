@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 def error_response(service: SpeechService, exc: BaseException) -> JSONResponse:
     status, info, headers = describe_error(exc)
     service.metrics.errors.labels(info.code or info.type).inc()
-    if status >= 500 and isinstance(exc, OmnivoxError):  # other exceptions are logged by Starlette
-        logger.error("request failed with %d", status, exc_info=exc)
+    if status == 500 and isinstance(exc, OmnivoxError):  # other exceptions are logged by Starlette
+        logger.error("request failed", exc_info=exc)
     return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
 
 
@@ -45,7 +45,7 @@ def validation_message(exc: RequestValidationError) -> RequestError:
             detail = error.get("ctx", {}).get("error", "")
             return RequestError(f"the request body is not valid JSON ({detail}); send one JSON object",
                                 code="json_invalid")
-        msg = error.get("msg", "invalid value")
+        msg = error.get("msg", "invalid value").removeprefix("Value error, ")
         if error.get("type") == "missing":
             msg = "required field is missing"
         messages.append(f"{where}: {msg}" if where else msg)
@@ -100,18 +100,22 @@ def build_app(engine: EngineSource, config: ServerConfig | None = None) -> FastA
     return app
 
 
-def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           dtype: str | None = None, dummy_weights: bool = False, fast: bool = False,
           max_concurrent_requests: int = 8, served_model_name: str | None = None, max_input_chars: int = 4000,
           log_level: str = "info") -> None:
-    """`omnivox serve`: start answering /healthz at once, build and warm up the engine, serve until interrupted."""
+    """`omnivox serve`: answer /healthz at once, build and warm up the engine, serve until interrupted.
+
+    `model` None is the embedded tiny random-weight model; options left None take the engine's defaults."""
     import uvicorn
 
     def factory() -> Any:
         from omnivox.engine.engine import Engine, EngineConfig
 
-        options: dict[str, Any] = {"fast": True} if fast else {}
-        return Engine.from_pretrained(model, device=device, dtype=dtype, dummy_weights=dummy_weights,
+        options: dict[str, Any] = {"device": device} if device is not None else {}
+        if fast:
+            options["fast"] = True
+        return Engine.from_pretrained(model, dtype=dtype, dummy_weights=dummy_weights,
                                       config=EngineConfig(max_concurrent_requests=max_concurrent_requests), **options)
 
     # model=None is the embedded tiny model: random weights too, so its replies are scripted as well

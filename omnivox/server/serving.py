@@ -105,11 +105,12 @@ class SpeechService:
     def _warm_up(self, engine: Any) -> None:
         """One short chat reply and one short read-aloud, to the end: pays for lazy initialisation up front."""
         chat, read = "Hi, how are you?", "Hello there."
-        for stream in (
-            engine.stream(chat, seed=0, sampling=SamplingParams(max_new_tokens=16), request_id="warmup-chat",
-                          **self._chat_forcing(chat)),
-            engine.read_aloud(read, seed=0, request_id="warmup-read", **self._read_forcing(read)),
+        for open_stream in (
+            lambda: engine.stream(chat, seed=0, sampling=SamplingParams(max_new_tokens=16),
+                                  request_id="warmup-chat", **self._chat_forcing(chat)),
+            lambda: engine.read_aloud(read, seed=0, request_id="warmup-read", **self._read_forcing(read)),
         ):
+            stream = open_stream()
             try:
                 for _ in stream:
                     pass
@@ -152,7 +153,7 @@ class SpeechService:
     def describe_error(self, exc: BaseException) -> ErrorInfo:
         """ErrorInfo for an exception, counted in the errors metric (the one mapping lives in protocol.py)."""
         status, info, _ = describe_error(exc)
-        if status >= 500:
+        if status == 500:
             logger.error("request failed after its response started", exc_info=exc)
         self.metrics.errors.labels(info.code or info.type).inc()
         return info

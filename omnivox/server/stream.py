@@ -48,10 +48,18 @@ class EngineWorker:
     def __init__(self, queued: Gauge | None = None):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omnivox-engine")
         self._queued = queued
-        self.thread_ident: int | None = None
+        self._shut_down = False
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        """Queue `fn(*args, **kwargs)` on the engine thread (usable from any thread)."""
+        """Queue `fn(*args, **kwargs)` on the engine thread (usable from any thread). After shutdown nothing else
+        runs on the engine, so a late call (a close at exit) runs right here."""
+        if self._shut_down:
+            future: Future = Future()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except Exception as exc:
+                future.set_exception(exc)
+            return future
         if self._queued is not None:
             self._queued.inc()
         dequeued = threading.Event()
@@ -64,7 +72,6 @@ class EngineWorker:
 
         def job() -> Any:
             leave_queue()
-            self.thread_ident = threading.get_ident()
             return fn(*args, **kwargs)
 
         future = self._pool.submit(job)
@@ -76,6 +83,7 @@ class EngineWorker:
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def shutdown(self) -> None:
+        self._shut_down = True
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

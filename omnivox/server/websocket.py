@@ -10,6 +10,7 @@ caches; mode "chat" keeps the conversation's LLM cache in this connection's sess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Annotated, Any
@@ -33,6 +34,10 @@ from omnivox.server.stream import ManagedStream
 
 logger = logging.getLogger(__name__)
 
+class ClientGone(Exception):
+    """The client closed the connection (or it broke) while we were sending."""
+
+
 ClientMessage = TypeAdapter(Annotated[WsSpeak | WsCancel, Field(discriminator="type")])
 
 
@@ -42,6 +47,7 @@ class WebSocketConversation:
         self.service = service
         self.session: Any = None
         self._task: asyncio.Task | None = None
+        self._busy = False  # a reply has started and its done/error event is not sent yet
         self._stream: ManagedStream | None = None
         self._cancel = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -88,11 +94,14 @@ class WebSocketConversation:
             if self._stream is not None:
                 self._stream.close_soon()  # runs right after the chunk in flight
             return
-        if self._task is not None and not self._task.done():
+        if self._busy:
             await self._send_error_info(ErrorInfo(
                 message="a reply is still streaming on this connection; wait for its done event or send a cancel",
                 type="invalid_request_error", code="request_in_flight"))
             return
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)  # its last event is out; it is returning
+        self._busy = True
         self._cancel = asyncio.Event()
         self._task = asyncio.create_task(self._reply(request))
 
@@ -112,9 +121,11 @@ class WebSocketConversation:
                 self.session = await self.service.new_session()
             stream = await self.service.open_ws(speak, self.session)
         except Exception as exc:
+            self._busy = False
             await self._send_error(exc, None)
             return
         self._stream = stream
+        failure: Exception | None = None
         try:
             await self._send_json(WsStart(request_id=stream.request_id, seed=stream.seed, sample_rate=SAMPLE_RATE))
             async for chunk in stream:
@@ -124,37 +135,43 @@ class WebSocketConversation:
                     await self._send_json(WsTranscript(request_id=stream.request_id, delta=chunk.text,
                                                        chunk_index=chunk.index, audio_start_s=chunk.audio_start_s))
                 await self._send(bytes=float_to_pcm16(chunk.pcm))
-        except (WebSocketDisconnect, OSError, RuntimeError):  # the client went away mid-reply
+        except ClientGone:
             self._cancel.set()
-        except Exception as exc:  # generation failed after `start`: in-band
-            await self._send_error(exc, stream.request_id)
-            return
+        except Exception as exc:  # generation failed after `start`: in-band, once the stream is closed
+            failure = exc
         finally:
             await stream.aclose()
             self._stream = None
-        await self._send_json(WsDone(request_id=stream.request_id, finish_reason=stream.metrics.finish_reason,
-                                     metrics=stream.metrics_dict()))
+            self._busy = False  # the next speak may start as soon as the client has our last event
+        with contextlib.suppress(ClientGone):
+            if failure is not None:
+                await self._send_error(failure, stream.request_id)
+            else:
+                await self._send_json(WsDone(request_id=stream.request_id, finish_reason=stream.metrics.finish_reason,
+                                             metrics=stream.metrics_dict()))
 
     # ------------------------------------------------------------------------------------ sending
 
     async def _send(self, **frame: Any) -> None:
-        """Send one frame; frames of the reply task and of the receive loop never interleave mid-send."""
+        """Send one frame (frames of the reply task and of the receive loop never interleave mid-send);
+        raises ClientGone when the client has left."""
         async with self._send_lock:
             if self.ws.application_state != WebSocketState.CONNECTED:
-                raise WebSocketDisconnect()
-            if "bytes" in frame:
-                await self.ws.send_bytes(frame["bytes"])
-            else:
-                await self.ws.send_text(frame["text"])
+                raise ClientGone()
+            try:
+                if "bytes" in frame:
+                    await self.ws.send_bytes(frame["bytes"])
+                else:
+                    await self.ws.send_text(frame["text"])
+            except (WebSocketDisconnect, OSError, RuntimeError) as exc:  # Starlette/uvicorn: closed or gone
+                raise ClientGone() from exc
 
     async def _send_json(self, event: BaseModel) -> None:
         await self._send(text=event.model_dump_json())
 
     async def _send_error_info(self, info: ErrorInfo, request_id: str | None = None) -> None:
-        try:
+        with contextlib.suppress(ClientGone):
             await self._send_json(WsError(request_id=request_id, error=info))
-        except (WebSocketDisconnect, OSError, RuntimeError):
-            pass
 
     async def _send_error(self, exc: BaseException, request_id: str | None) -> None:
         if not isinstance(exc, OmnivoxError):

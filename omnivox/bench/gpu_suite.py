@@ -1,0 +1,661 @@
+"""The fast path's GPU suite: floors, micro-benchmarks, equivalence, the standard workload and the switch sweep.
+
+    python3 -m omnivox.bench.gpu_suite --out OUT [--parts floors,micro,validate,workload,sweep,profile]
+
+One command per device call (each part fits well inside 9 minutes with the defaults; choose parts to split).
+Everything is measured on full-size dummy weights (seeded random, the released shapes), so each step costs what
+it costs with the real model. What comes back under OUT (few files, as the device tool returns at most 8):
+summary.json (every number), results.tar.gz (the workload's results.json per configuration), sweep.png, and
+trace.json.gz / profile.txt with --parts profile. The last thing printed is a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import math
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omnivox.bench.harness import run_bench
+from omnivox.bench.stats import compare, summarize
+from omnivox.bench.workloads import load_workload, split_warmup
+from omnivox.config import CONFIGS
+from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.engine.pipeline import ASSISTANT_HEADER
+from omnivox.engine.runner import EagerRunner
+from omnivox.engine.sampling import draw
+from omnivox.engine.session import Session
+from omnivox.engine.types import SamplingParams
+from omnivox.models.loader import build_dummy_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+DEFAULT = {"precision": "bf16", "compile": "none", "attention": "sdpa"}
+SWEEP = [  # one switch at a time from the default, then the seed's final choice
+    {"compile": "default"}, {"compile": "reduce-overhead"}, {"compile": "max-autotune"},
+    {"precision": "fp16"}, {"precision": "fp32"}, {"precision": "tf32"},
+    {"attention": "efficient"}, {"attention": "math"}, {"attention": "cudnn"}, {"attention": "flash"},
+    {"compile": "reduce-overhead", "precision": "tf32"},
+]  # fmt: skip
+LONG_REPLY = " ".join(
+    f"Sentence number {i} talks about the sea, the wind and the small boats that sail home at night." for i in range(12)
+)
+READ_TEXT = " ".join(
+    f"Paragraph {i} describes a quiet town by the river, where the bakers wake early." for i in range(20)
+)
+
+
+DEVICE = torch.device("cuda")
+SIZE = "full"  # --size tiny runs the same code on the tiny model (a CPU smoke test of the suite itself)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_model(precision: str):
+    return build_dummy_model(CONFIGS[SIZE](), device=DEVICE, dtype=DTYPES[precision], seed=0)
+
+
+def set_precision_flags(precision: str) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default; convolutions only
+
+
+def label(cfg: dict[str, str]) -> str:
+    changed = [f"{k}={v}" for k, v in cfg.items() if DEFAULT.get(k) != v]
+    return "+".join(changed) or "default"
+
+
+# ---- floors -----------------------------------------------------------------------------------------------------
+def copy_bandwidth(gib: float = 2.0, reps: int = 20) -> float:
+    """Device-to-device copy, bytes read + written per second (median of `reps`)."""
+    n = int(gib * 2**30) // 4
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        sync()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    free_memory()
+    return 2 * n * 4 / float(np.median(times))
+
+
+def step_bytes(model, kv_positions_llm: int = 0, kv_positions_tts: int = 0) -> dict[str, float]:
+    """Bytes a decode step must read: every weight except the embedding tables (one row each), plus the KV of the
+    positions it attends to."""
+
+    def weights(module, skip: tuple[str, ...]) -> int:
+        return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if not n.startswith(skip))
+
+    llm_cfg, tts_cfg = model.config.llm, model.config.tts
+    elt = torch.tensor([], dtype=model.dtype).element_size()
+    llm_kv = 2 * llm_cfg.num_hidden_layers * llm_cfg.num_key_value_heads * llm_cfg.head_dim * elt
+    tts_kv = 2 * tts_cfg.num_hidden_layers * tts_cfg.hidden_size * elt
+    return {
+        "llm_weights": weights(model.llm, ("model.embed_tokens",)),
+        "tts_weights": weights(model.tts, ("emb_text", "emb_code", "projector")),
+        "llm_kv": llm_kv * kv_positions_llm,
+        "tts_kv": tts_kv * kv_positions_tts,
+    }
+
+
+# ---- runner-level helpers ---------------------------------------------------------------------------------------
+def prompt_ids(model) -> tuple[list[int], list[int]]:
+    tok = model.tokenizer
+    prompt = tok.encode(
+        "<|im_start|>user\nUse the <reserved_53> voice.As an assistant, you will speak using this voice style."
+        "<|im_end|>\n<|im_start|>user\nTell me something nice about the sea, please."
+    )
+    return prompt, tok.encode(ASSISTANT_HEADER)
+
+
+def llm_tokens(runner, model, n: int, sampling: SamplingParams, seed: int) -> list[int]:
+    """n tokens the way the pipeline asks for them (3-token calls, header first), terminators ignored."""
+    prompt, header = prompt_ids(model)
+    session = Session(cache=runner.new_llm_cache(), capacity=runner.llm_capacity)
+    try:
+        runner.llm_forward(session, prompt)
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        inputs, out = header, []
+        while len(out) < n:
+            window, chunk = list(inputs), []
+            for step in range(3):
+                feed = inputs if step == 0 else chunk[-1:]
+                token, _ = runner.llm_step(session, feed, window, sampling, gen)
+                chunk.append(token)
+                window.append(token)
+            out += chunk
+            inputs = chunk[-1:]
+        return out[:n]
+    finally:
+        runner.release_llm_cache(session.cache)
+
+
+def time_llm(runner, model, n: int = 96, warm: int = 12) -> float:
+    """ms per decode token through llm_step (host read-back of each token included, as the pipeline does)."""
+    prompt, header = prompt_ids(model)
+    session = Session(cache=runner.new_llm_cache(), capacity=runner.llm_capacity)
+    try:
+        runner.llm_forward(session, prompt)
+        gen = torch.Generator(device=model.device).manual_seed(0)
+        token, _ = runner.llm_step(session, header, list(header), SamplingParams(), gen)
+        window = [token]
+        for i in range(warm + n):
+            if i == warm:
+                sync()
+                t0 = time.perf_counter()
+            token, _ = runner.llm_step(session, [token], window[-3:], SamplingParams(), gen)
+            window.append(token)
+        sync()
+        return 1e3 * (time.perf_counter() - t0) / n
+    finally:
+        runner.release_llm_cache(session.cache)
+
+
+def tts_state_ready(runner, model):
+    state = runner.new_tts_state()
+    tts_tok = model.tts_tokenizer
+    ids = tts_tok.encode("[Stts][spk_emb]" + "hello there, this is a test of the speech path" + "[Etts]")
+    speaker = torch.nn.functional.normalize(torch.randn(model.config.tts.hidden_size, device=model.device), dim=0)
+    runner.tts_prefill_text(state, ids, 0, speaker.to(model.dtype))
+    return state, len(ids) - 3
+
+
+def time_tts(runner, model, calls: int = 8, warm: int = 2) -> float:
+    """ms per audio step through tts_generate (25-step calls, EOS banned; one read-back per call included)."""
+    state, num_text = tts_state_ready(runner, model)
+    try:
+        gen = torch.Generator(device=model.device).manual_seed(0)
+        for i in range(warm + calls):
+            if i == warm:
+                sync()
+                t0 = time.perf_counter()
+            runner.tts_generate(state, 25, num_text, SamplingParams(), gen, eos_after=10**6)
+        sync()
+        return 1e3 * (time.perf_counter() - t0) / (25 * calls)
+    finally:
+        runner.release_tts_state(state)
+
+
+def time_audio(runner, model, reps: int = 20) -> float:
+    """ms per DVAE + Vocos window of 29 tokens (4 of context + 25 new), PCM on the host included."""
+    codes = torch.randint(0, 625, (29, model.config.tts.num_vq), device=model.device)
+    for _ in range(3):
+        runner.decode_audio(codes)
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        runner.decode_audio(codes)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def graph_replay_ms(runner, model, reps: int = 50) -> dict[str, float]:
+    """Device time of one captured LLM and one TTS step (back-to-back replays timed with events)."""
+    out = {}
+    if not getattr(runner, "use_graphs", False):
+        return out
+    for pool, name in ((runner.llm_pool, "llm"), (runner.tts_pool, "tts")):
+        slot = next((s for s in pool.slots if s.graphs), None)
+        if slot is None:
+            continue
+        graph = next(iter(slot.graphs.values()))
+        saved = slot.io["buf"].clone()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(5):
+            graph.graph.replay()
+            slot.io["buf"].copy_(saved)
+        start.record()
+        for _ in range(reps):
+            graph.graph.replay()
+            if name == "tts":
+                slot.io["buf"].copy_(saved)  # keep the position fixed (a 34-element copy)
+        end.record()
+        sync()
+        out[f"{name}_replay_ms"] = start.elapsed_time(end) / reps
+        slot.io["buf"].copy_(saved)
+    return out
+
+
+# ---- engine-level equivalence -----------------------------------------------------------------------------------
+class Recorder:
+    """Wraps a runner's decode_audio and tts_prefill_audio to record every decoded window and each restart."""
+
+    def __init__(self, runner):
+        self.windows: list[torch.Tensor] = []
+        self.restarts = 0
+        decode, prefill_audio = runner.decode_audio, runner.tts_prefill_audio
+
+        def rec_decode(codes):
+            self.windows.append(codes.detach().cpu())
+            return decode(codes)
+
+        def rec_prefill_audio(*args, **kwargs):
+            self.restarts += 1
+            return prefill_audio(*args, **kwargs)
+
+        runner.decode_audio, runner.tts_prefill_audio = rec_decode, rec_prefill_audio
+
+
+def run_request(engine: Engine, kind: str, seed: int, sampling: SamplingParams) -> dict[str, Any]:
+    """One request to the end; `kind` "short" | "restart" | "read" (multi-part read-aloud)."""
+    rec = Recorder(engine.runner)
+    if kind == "read":
+        stream = engine.read_aloud(READ_TEXT, seed=seed, sampling=sampling, forced_audio_seconds=6.0)
+    else:
+        reply = "Glad to hear that. The sea is calm today." if kind == "short" else LONG_REPLY
+        stream = engine.stream(
+            "Tell me about the sea.",
+            seed=seed,
+            sampling=sampling,
+            forced_reply=reply,
+            forced_audio_seconds=4.0 if kind == "short" else 20.0,  # the long reply restarts the TTS segment once
+        )
+    pcm = np.concatenate([c.pcm for c in stream] or [np.zeros(0, np.float32)])
+    codes = torch.cat(rec.windows) if rec.windows else torch.zeros(0, 4, dtype=torch.long)
+    for name in ("decode_audio", "tts_prefill_audio"):
+        delattr(engine.runner, name)
+    return {
+        "pcm": pcm,
+        "codes": codes,
+        "text": stream.metrics.reply_text,
+        "restarts": rec.restarts,
+        "tts_steps": stream.metrics.tts_steps,
+    }
+
+
+def compare_requests(a: dict, b: dict) -> dict[str, Any]:
+    same_codes = a["codes"].shape == b["codes"].shape and bool(torch.equal(a["codes"], b["codes"]))
+    n = min(len(a["codes"]), len(b["codes"]))
+    agree = float((a["codes"][:n] == b["codes"][:n]).all(-1).float().mean()) if n else math.nan
+    out = {
+        "codes_identical": same_codes,
+        "code_rows_agree": agree,
+        "rows": [len(a["codes"]), len(b["codes"])],
+        "restarts": [a["restarts"], b["restarts"]],
+        "tts_steps": [a["tts_steps"], b["tts_steps"]],
+    }
+    if len(a["pcm"]) == len(b["pcm"]) and len(a["pcm"]):
+        diff = np.abs(a["pcm"] - b["pcm"])
+        out["pcm_max_abs"] = float(diff.max())
+        out["pcm_rel_l2"] = float(np.linalg.norm(a["pcm"] - b["pcm"]) / max(np.linalg.norm(a["pcm"]), 1e-12))
+    else:
+        out["pcm_lengths"] = [len(a["pcm"]), len(b["pcm"])]
+    return out
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def part_validate(summary: dict, precisions: list[str], kinds: list[str]) -> None:
+    dev = DEVICE
+    # torch.multinomial and sampling.draw draw the same ids from the same generator state (CUDA)
+    probs = torch.rand(4, 626, device=dev).softmax(-1)
+    g1, g2 = torch.Generator(device=dev).manual_seed(3), torch.Generator(device=dev).manual_seed(3)
+    same = all(torch.equal(torch.multinomial(probs, 1, generator=g1).squeeze(-1), draw(probs, g2)) for _ in range(50))
+    summary["validate"] = {"draw_equals_multinomial_cuda": same}
+    for precision in precisions:
+        set_precision_flags(precision)
+        model = build_model(precision)
+        res: dict[str, Any] = {}
+        ref = Engine(model, EngineConfig(path="reference", max_concurrent_requests=2))
+        static = Engine(model, EngineConfig(path="static", max_concurrent_requests=2))
+        fast = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2))
+        for greedy in (False, True):
+            sampling = SamplingParams(greedy=greedy)
+            toks = {
+                name: llm_tokens(e.runner, model, 48, sampling, seed=5)
+                for name, e in (("reference", ref), ("static", static), ("fast", fast))
+            }
+            key = "greedy" if greedy else "sampled"
+            res[f"llm_{key}"] = {
+                "fast_vs_reference_first_divergence": first_divergence(toks["fast"], toks["reference"]),
+                "fast_vs_static_first_divergence": first_divergence(toks["fast"], toks["static"]),
+                "n": 48,
+            }
+        for kind in kinds:
+            outs = {
+                name: run_request(e, kind, seed=11, sampling=SamplingParams())
+                for name, e in (("reference", ref), ("fast", fast))
+            }
+            res[f"request_{kind}"] = compare_requests(outs["reference"], outs["fast"])
+        res["slots_free_after"] = fast.runner.stats()
+        summary["validate"][precision] = res
+        log(f"validate {precision}: {json.dumps(res)}")
+        del ref, static, fast, model
+        free_memory()
+
+
+# ---- micro-benchmarks -------------------------------------------------------------------------------------------
+def part_micro(summary: dict, bandwidth: float, configs: list[dict[str, str]]) -> None:
+    model, model_precision = None, None
+    summary.setdefault("micro", {})
+    for cfg in configs:
+        cfg = {**DEFAULT, **cfg}
+        name = label(cfg)
+        set_precision_flags(cfg["precision"])
+        if model_precision != DTYPES[cfg["precision"]]:
+            model = None
+            free_memory()
+            model = build_model(cfg["precision"])
+            model_precision = DTYPES[cfg["precision"]]
+        floors = step_bytes(model)
+        row: dict[str, Any] = {}
+        try:
+            t0 = time.perf_counter()
+            fast = Engine(
+                model,
+                EngineConfig(
+                    path="fast", max_concurrent_requests=1, compile=cfg["compile"], attention=cfg["attention"]
+                ),
+            ).runner
+            row["llm_ms"] = time_llm(fast, model)
+            row["tts_ms"] = time_tts(fast, model)
+            row["audio_ms"] = time_audio(fast, model)
+            row.update(graph_replay_ms(fast, model))
+            row["setup_and_measure_s"] = time.perf_counter() - t0
+            del fast
+        except Exception as e:  # a switch that cannot run is a result, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        if cfg["compile"] == "none" and cfg["attention"] == "sdpa":  # the reference at this precision
+            ref = EagerRunner(model, cache="growing")
+            row["ref_llm_ms"] = time_llm(ref, model, n=24, warm=3)
+            row["ref_tts_ms"] = time_tts(ref, model, calls=2, warm=1)
+            row["ref_audio_ms"] = time_audio(ref, model, reps=5)
+            del ref
+        row["llm_floor_ms"] = 1e3 * floors["llm_weights"] / bandwidth
+        row["tts_floor_ms"] = 1e3 * floors["tts_weights"] / bandwidth
+        if "llm_ms" in row:
+            row["llm_x_floor"] = row["llm_ms"] / row["llm_floor_ms"]
+        summary["micro"][name] = row
+        log(f"micro {name}: {json.dumps(row)}")
+        free_memory()
+    del model
+    free_memory()
+
+
+# ---- workload ---------------------------------------------------------------------------------------------------
+def workload_items(max_items: int | None):
+    items = load_workload()
+    warmup, measured = split_warmup(items)
+    measured = measured[:max_items] if max_items else measured
+    return ([warmup] if warmup else []) + measured
+
+
+def bench_config(model, cfg: dict[str, str], path: str, items, trials: int, tmp: Path) -> dict[str, Any]:
+    name = f"{path}-{label(cfg)}" if path == "fast" else "reference"
+    engine = Engine(
+        model, EngineConfig(path=path, max_concurrent_requests=2, compile=cfg["compile"], attention=cfg["attention"])
+    )
+    results = run_bench(
+        engine,
+        items,
+        trials,
+        tmp / name,
+        seed=0,
+        dummy_weights=True,
+        progress=True,
+        config={"name": name, "path": path, **cfg},
+    )
+    del engine
+    free_memory()
+    return results
+
+
+def summarize_results(results: dict[str, Any]) -> dict[str, Any]:
+    ok = [s for s in results["samples"] if not s.get("error")]
+    out = {"n": len(ok), "errors": len(results["samples"]) - len(ok)}
+    for key in ("ttfb_s", "rtf"):
+        s = summarize(x[key] for x in ok)
+        out[key] = {"median": s.median, "ci95": [s.ci95_low, s.ci95_high], "p95": s.p95, "mean": s.mean}
+    for stage, count in (("llm", "llm_tokens"), ("tts", "tts_steps"), ("audio", "tts_calls")):
+        total = sum(x["stages"].get(stage, 0.0) for x in ok)
+        steps = sum(x[count] for x in ok)
+        out[f"{stage}_ms_per_{count}"] = 1e3 * total / steps if steps else math.nan
+    return out
+
+
+def part_workload(
+    summary: dict, configs: list[dict[str, str]], include_reference: bool, trials: int, max_items: int | None, tmp: Path
+) -> list[dict[str, Any]]:
+    items = workload_items(max_items)
+    all_results = []
+    model, model_precision = None, None
+    summary.setdefault("workload", {})
+    runs = ([("reference", {**DEFAULT})] if include_reference else []) + [("fast", {**DEFAULT, **c}) for c in configs]
+    for path, cfg in runs:
+        set_precision_flags(cfg["precision"])
+        if model_precision != DTYPES[cfg["precision"]]:
+            model = None
+            free_memory()
+            model = build_model(cfg["precision"])
+            model_precision = DTYPES[cfg["precision"]]
+        name = f"{path}-{label(cfg)}" if path == "fast" else "reference"
+        log(f"workload {name}: {trials} trials x {len(items) - 1} requests")
+        try:
+            results = bench_config(model, cfg, path, items, trials, tmp)
+        except Exception as e:
+            summary["workload"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            log(f"workload {name} failed: {summary['workload'][name]['error']}")
+            continue
+        all_results.append(results)
+        summary["workload"][name] = summarize_results(results)
+        log(f"workload {name}: {json.dumps(summary['workload'][name])}")
+    base = next((r for r in all_results if r["config"]["name"] == "fast-default"), None)
+    ref = next((r for r in all_results if r["config"]["name"] == "reference"), None)
+    for r in all_results:
+        entry = summary["workload"][r["config"]["name"]]
+        for other, key in ((base, "vs_fast_default"), (ref, "vs_reference")):
+            if other is None or other is r:
+                continue
+            entry[key] = {}
+            for metric in ("ttfb_s", "rtf"):
+                c = compare([s[metric] for s in other["samples"]], [s[metric] for s in r["samples"]])
+                entry[key][metric] = {
+                    "ratio": c.ratio,
+                    "ci95": [c.ratio_low, c.ratio_high],
+                    "p": c.p_value,
+                    "verdict": c.verdict,
+                }
+    del model
+    free_memory()
+    return all_results
+
+
+# ---- profile ----------------------------------------------------------------------------------------------------
+def part_profile(out: Path, cfg: dict[str, str]) -> None:
+    cfg = {**DEFAULT, **cfg}
+    set_precision_flags(cfg["precision"])
+    model = build_model(cfg["precision"])
+    engine = Engine(model, EngineConfig(path="fast", compile=cfg["compile"], attention=cfg["attention"]))
+    item = workload_items(1)[-1]
+    for i in range(2):
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ctx = torch.profiler.profile(activities=activities) if i else contextlib.nullcontext()
+        with ctx as prof:
+            stream = engine.stream(item.prompt, seed=0, forced_reply=item.reply, forced_audio_seconds=3.0)
+            for _ in stream:
+                pass
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as f, tarfile.open(out / "trace.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("trace.json")
+        data = f.read()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    trace.unlink()
+    (out / "profile.txt").write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    del engine, model
+    free_memory()
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+def parse_sweep(spec: str) -> list[dict[str, str]]:
+    """'compile=default;precision=fp32;...' or 'all' (SWEEP) -> configs."""
+    if spec == "all":
+        return list(SWEEP)
+    configs = []
+    for part in filter(None, spec.split(";")):
+        configs.append(dict(kv.split("=", 1) for kv in part.split("+")))
+    return configs
+
+
+def final_table(summary: dict) -> str:
+    lines = [
+        f"device {summary['device']}  torch {summary['torch']}  copy bandwidth "
+        f"{summary.get('bandwidth_tb_s', math.nan):.2f} TB/s"
+    ]
+    for name, row in summary.get("micro", {}).items():
+        if "error" in row:
+            lines.append(f"micro  {name:<32} ERROR {row['error'][:80]}")
+            continue
+        lines.append(
+            f"micro  {name:<32} llm {row['llm_ms']:.2f} ms ({row['llm_x_floor']:.2f}x floor "
+            f"{row['llm_floor_ms']:.2f}) tts {row['tts_ms']:.3f} ms audio {row['audio_ms']:.2f} ms"
+            + (
+                f" | ref llm {row['ref_llm_ms']:.1f} tts {row['ref_tts_ms']:.2f} audio {row['ref_audio_ms']:.1f}"
+                if "ref_llm_ms" in row
+                else ""
+            )
+            + (f" | replay llm {row.get('llm_replay_ms', math.nan):.2f} tts {row.get('tts_replay_ms', math.nan):.3f}")
+        )
+    for name, row in summary.get("workload", {}).items():
+        if "error" in row:
+            lines.append(f"bench  {name:<32} ERROR {row['error'][:80]}")
+            continue
+        vs = row.get("vs_fast_default", {}).get("rtf")
+        lines.append(
+            f"bench  {name:<32} n={row['n']:<3} TTFB p50 {1e3 * row['ttfb_s']['median']:.1f} ms "
+            f"[{1e3 * row['ttfb_s']['ci95'][0]:.1f}, {1e3 * row['ttfb_s']['ci95'][1]:.1f}]  RTF p50 "
+            f"{row['rtf']['median']:.4f}" + (f"  RTF/default {vs['ratio']:.3f} {vs['verdict']}" if vs else "")
+        )
+    v = summary.get("validate", {})
+    for precision in ("fp32", "bf16", "fp16", "tf32"):
+        if precision in v:
+            r = v[precision]
+            parts = [
+                f"llm sampled div@{r['llm_sampled']['fast_vs_reference_first_divergence']}"
+                f"/{r['llm_sampled']['fast_vs_static_first_divergence']}",
+                f"greedy div@{r['llm_greedy']['fast_vs_reference_first_divergence']}"
+                f"/{r['llm_greedy']['fast_vs_static_first_divergence']} of 48",
+            ]
+            for kind in ("short", "restart", "read"):
+                if f"request_{kind}" in r:
+                    q = r[f"request_{kind}"]
+                    parts.append(
+                        f"{kind}: codes {'==' if q['codes_identical'] else 'DIFF'} "
+                        f"({q['code_rows_agree']:.3f}) pcm max {q.get('pcm_max_abs', math.nan):.2e}"
+                    )
+            lines.append(f"equiv  {precision}: " + "; ".join(parts))
+    if "validate" in summary:
+        lines.append(f"equiv  draw == multinomial on CUDA: {summary['validate']['draw_equals_multinomial_cuda']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--parts", default="floors,micro,validate", help="floors,micro,validate,workload,sweep,profile")
+    p.add_argument("--trials", type=int, default=5, help="workload trials for reference and fast-default")
+    p.add_argument("--sweep-trials", type=int, default=3)
+    p.add_argument("--items", type=int, default=None, help="use only the first N workload requests")
+    p.add_argument("--sweep", default="all", help="'all' or e.g. 'compile=default;precision=fp32'")
+    p.add_argument("--micro-configs", default="default", help="'default', 'all' or a sweep spec ('default' = none)")
+    p.add_argument("--validate-precisions", default="fp32,bf16")
+    p.add_argument("--validate-kinds", default="short,restart,read")
+    p.add_argument("--no-reference", action="store_true", help="workload part: skip the reference path")
+    p.add_argument("--profile-config", default="", help="sweep spec of the profiled configuration")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the suite with --size tiny")
+    p.add_argument("--size", default="full", choices=["full", "tiny"])
+    args = p.parse_args(argv)
+    global DEVICE, SIZE
+    DEVICE, SIZE = torch.device(args.device), args.size
+    cuda = DEVICE.type == "cuda"
+    parts = set(args.parts.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "args": vars(args) | {"out": str(args.out)},
+    }
+    summary["bandwidth_tb_s"] = copy_bandwidth() / 1e12 if cuda else 0.05
+    bandwidth = summary["bandwidth_tb_s"] * 1e12
+    if "floors" in parts:
+        model = build_model("bf16")
+        b = step_bytes(model, kv_positions_llm=100, kv_positions_tts=400)
+        summary["floors"] = {k: v / 1e9 for k, v in b.items()} | {
+            "llm_floor_ms": 1e3 * b["llm_weights"] / bandwidth,
+            "tts_floor_ms": 1e3 * b["tts_weights"] / bandwidth,
+            "note": "GB per step, bf16; kv at 100 LLM / 400 TTS positions",
+        }
+        log(f"floors: {json.dumps(summary['floors'])}")
+        del model
+        free_memory()
+    tmp = Path(tempfile.mkdtemp())
+    all_results: list[dict[str, Any]] = []
+    if "micro" in parts:
+        spec = args.micro_configs
+        configs = [{}] + ([] if spec == "default" else parse_sweep(spec))
+        part_micro(summary, bandwidth, configs)
+    if "validate" in parts:
+        part_validate(summary, args.validate_precisions.split(","), args.validate_kinds.split(","))
+    if "workload" in parts:
+        all_results += part_workload(summary, [{}], not args.no_reference, args.trials, args.items, tmp)
+    if "sweep" in parts:
+        configs = parse_sweep(args.sweep)
+        if "workload" not in parts:
+            configs = [{}] + configs
+        all_results += part_workload(summary, configs, False, args.sweep_trials, args.items, tmp)
+    if all_results:
+        with tarfile.open(args.out / "results.tar.gz", "w:gz") as tar:
+            for r in all_results:
+                data = json.dumps(r, indent=1).encode()
+                info = tarfile.TarInfo(f"{r['config']['name']}/results.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with contextlib.suppress(Exception):
+            from omnivox.bench.plot import plot_distributions
+
+            plot_distributions(all_results, [r["config"]["name"] for r in all_results], args.out / "sweep.png")
+    if "profile" in parts:
+        cfg = parse_sweep(args.profile_config)[0] if args.profile_config else {}
+        part_profile(args.out, cfg)
+    summary["wall_s"] = time.perf_counter() - started
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print("\n" + final_table(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
