@@ -214,8 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from omnivox.server.app import serve
 
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-          dummy_weights=args.dummy_weights, fast=args.path == "fast",
-          max_concurrent_requests=args.max_concurrent_requests)
+          dummy_weights=args.dummy_weights, engine_config=engine_config(args),
+          served_model_name=args.served_model_name, max_input_chars=args.max_input_chars)
     return 0
 
 
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP + WebSocket server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the model name clients send (default: minicpm-o-2.6)")
+    p.add_argument("--max-input-chars", type=int, default=4000)
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -58,8 +58,11 @@ DEVICE = torch.device("cuda")
 SIZE = "full"  # --size tiny runs the same code on the tiny model (a CPU smoke test of the suite itself)
 
 
+T0 = time.perf_counter()
+
+
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
 def sync() -> None:
@@ -356,7 +359,7 @@ def part_validate(summary: dict, precisions: list[str], kinds: list[str]) -> Non
 
 
 # ---- micro-benchmarks -------------------------------------------------------------------------------------------
-def part_micro(summary: dict, bandwidth: float, configs: list[dict[str, str]]) -> None:
+def part_micro(summary: dict, bandwidth: float, configs: list[dict[str, str]], out: Path) -> None:
     model, model_precision = None, None
     summary.setdefault("micro", {})
     for cfg in configs:
@@ -398,6 +401,7 @@ def part_micro(summary: dict, bandwidth: float, configs: list[dict[str, str]]) -
             row["llm_x_floor"] = row["llm_ms"] / row["llm_floor_ms"]
         summary["micro"][name] = row
         log(f"micro {name}: {json.dumps(row)}")
+        write_summary(out, summary)
         free_memory()
     del model
     free_memory()
@@ -581,6 +585,11 @@ def final_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def write_summary(out: Path, summary: dict) -> None:
+    """Written after each part, so a run stopped at its time limit still returns what it measured."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
@@ -624,12 +633,13 @@ def main(argv: list[str] | None = None) -> int:
         free_memory()
     tmp = Path(tempfile.mkdtemp())
     all_results: list[dict[str, Any]] = []
+    if "validate" in parts:
+        part_validate(summary, args.validate_precisions.split(","), args.validate_kinds.split(","))
+        write_summary(args.out, summary)
     if "micro" in parts:
         spec = args.micro_configs
         configs = [{}] + ([] if spec == "default" else parse_sweep(spec))
-        part_micro(summary, bandwidth, configs)
-    if "validate" in parts:
-        part_validate(summary, args.validate_precisions.split(","), args.validate_kinds.split(","))
+        part_micro(summary, bandwidth, configs, args.out)
     if "workload" in parts:
         all_results += part_workload(summary, [{}], not args.no_reference, args.trials, args.items, tmp)
     if "sweep" in parts:
@@ -652,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_sweep(args.profile_config)[0] if args.profile_config else {}
         part_profile(args.out, cfg)
     summary["wall_s"] = time.perf_counter() - started
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_summary(args.out, summary)
     print("\n" + final_table(summary), flush=True)
     return 0
 

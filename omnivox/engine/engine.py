@@ -173,7 +173,7 @@ class Engine:
         self.runner = runner or EagerRunner(model, cache=cache, llm_capacity=self.config.max_session_tokens)
         self.sample_rate = model.config.vocos.sample_rate
         self._live: set[SpeechStream] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._default_speaker: torch.Tensor | None = None
 
     @staticmethod
@@ -237,16 +237,24 @@ class Engine:
             "max_concurrent_requests": self.config.max_concurrent_requests,
             "device": str(self.device),
             "path": self.config.path,
+            "dummy_weights": self.model.source == "dummy",
         }
+
+    def _check_admission(self) -> None:
+        if len(self._live) >= self.config.max_concurrent_requests:
+            raise EngineBusy(
+                f"{len(self._live)} requests are already being served (limit "
+                f"{self.config.max_concurrent_requests}); retry shortly",
+                retry_after_s=1.0,
+            )
 
     def _admit(self, stream: SpeechStream) -> None:
         with self._lock:
-            if len(self._live) >= self.config.max_concurrent_requests:
-                raise EngineBusy(
-                    f"{len(self._live)} requests are already being served (limit "
-                    f"{self.config.max_concurrent_requests}); retry shortly",
-                    retry_after_s=1.0,
-                )
+            try:
+                self._check_admission()
+            except EngineBusy:
+                stream.close()
+                raise
             self._live.add(stream)
 
     def _release(self, stream: SpeechStream) -> None:
@@ -280,24 +288,20 @@ class Engine:
         tts.manual_seed(2 * base + 1)
         return llm, tts
 
-    def _prompt_ids(self, session: Session, text: str, history: list[tuple[str, str]] | None) -> list[list[int]]:
-        """The prefills for this turn, each one LLM forward (fact sheet 3.3)."""
+    def _prompt_ids(self, session: Session | None, text: str, history: list[tuple[str, str]] | None) -> list[list[int]]:
+        """The prefills for this turn, each one LLM forward (fact sheet 3.3). `session` None: a new conversation."""
         tok = self.model.tokenizer
-        prefills = []
-        if not session.system_prompted:
+        if session is None or not session.system_prompted:
             turns = f"<|im_start|>user\n{self.config.system_prompt}<|im_end|>\n"
             for role, content in history or []:
                 if role not in ("user", "assistant", "system"):
                     raise InvalidRequest(f"unknown role {role!r} in history: use user, assistant or system")
                 turns += f"<|im_start|>{role}\n{content}<|im_end|>\n"
-            prefills.append(tok.encode(turns))
-            prefills.append(tok.encode(f"<|im_start|>user\n{text}"))
-        else:
-            if history:
-                raise InvalidRequest("history is only accepted for a new session; the session already holds it")
-            prefix = "<|im_end|>\n" if session.last_reply_terminated else "<|tts_eos|><|im_end|>\n"
-            prefills.append(tok.encode(f"{prefix}<|im_start|>user\n{text}"))
-        return prefills
+            return [tok.encode(turns), tok.encode(f"<|im_start|>user\n{text}")]
+        if history:
+            raise InvalidRequest("history is only accepted for a new session; the session already holds it")
+        prefix = "<|im_end|>\n" if session.last_reply_terminated else "<|tts_eos|><|im_end|>\n"
+        return [tok.encode(f"{prefix}<|im_start|>user\n{text}")]
 
     def stream(
         self,
@@ -312,36 +316,27 @@ class Engine:
         request_id: str = "",
     ) -> SpeechStream:
         """Speak the model's reply to `text`. With `forced_reply`/`forced_audio_seconds` (dummy weights) the reply
-        tokens are teacher-forced and the end of speech is forced after that much audio."""
+        tokens are teacher-forced and the end of speech is forced after that much audio. Everything is validated
+        before any memory is taken."""
         self._check_text(text)
         sampling = sampling or SamplingParams()
         if session is not None and session.cache is None:
             raise InvalidRequest("this session was closed: start a new one with engine.new_session()")
-        owned = session is None
-        session = session or self.new_session()
-        try:
-            return self._start_reply(
-                text, session, owned, history, seed, sampling, forced_reply, forced_audio_seconds, request_id
-            )
-        except BaseException:
-            if owned:
-                self.close_session(session)
-            raise
-
-    def _start_reply(
-        self, text, session, owned, history, seed, sampling, forced_reply, forced_audio_seconds, request_id
-    ) -> SpeechStream:
         prefills = self._prompt_ids(session, text, history)
-        header_len = len(self.model.tokenizer.encode(ASSISTANT_HEADER))
-        needed = session.length + sum(map(len, prefills)) + header_len + sampling.max_new_tokens
-        if needed > session.capacity:
+        prompt_len = sum(map(len, prefills))
+        history_len = session.length if session is not None else 0
+        needed = history_len + prompt_len + len(self.model.tokenizer.encode(ASSISTANT_HEADER)) + sampling.max_new_tokens
+        if needed > self.runner.llm_capacity:
             raise ContextTooLong(
-                f"this turn needs {needed} LLM positions (history {session.length}, prompt "
-                f"{sum(map(len, prefills))}, reply up to {sampling.max_new_tokens}) but a session holds "
-                f"{session.capacity}: shorten the text or start a new session"
+                f"this turn needs {needed} LLM positions (history {history_len}, prompt {prompt_len}, reply up to "
+                f"{sampling.max_new_tokens}) but a session holds {self.runner.llm_capacity}: shorten the text or "
+                "start a new session"
             )
         forcing = self._forcing(forced_reply, forced_audio_seconds)
-        metrics = RequestMetrics(request_id=request_id, prompt_tokens=sum(map(len, prefills)))
+        self._check_admission()
+        owned = session is None
+        session = session or self.new_session()
+        metrics = RequestMetrics(request_id=request_id, prompt_tokens=prompt_len)
         timer = StageTimer(metrics, self.device, self.clock)
         reply = ReplyGenerator(
             self.runner, session, sampling, self._generators(seed), timer, forcing, self.config.early_first_chunk
@@ -398,6 +393,7 @@ class Engine:
         """Speak `text` itself with the default voice (TTS only, no LLM reply)."""
         self._check_text(text)
         sampling = sampling or SamplingParams()
+        self._check_admission()
         speaker = self.default_speaker()
         forcing = self._forcing(None, forced_audio_seconds) if forced_audio_seconds is not None else None
         metrics = RequestMetrics(request_id=request_id)

@@ -147,7 +147,10 @@ class ReplyGenerator:
             self.session.last_reply_terminated = ended
             yield LLMChunk(text=text, speaker_hidden=speaker_hidden)
             first, inputs = False, chunk[-1:]
-            if ended or new_tokens >= self.sampling.max_new_tokens:
+            if ended:
+                return
+            if new_tokens >= self.sampling.max_new_tokens:
+                metrics.finish_reason = "length"
                 return
 
     # ---- TTS ------------------------------------------------------------------------------------------------------

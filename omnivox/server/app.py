@@ -101,22 +101,20 @@ def build_app(engine: EngineSource, config: ServerConfig | None = None) -> FastA
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-          dtype: str | None = None, dummy_weights: bool = False, fast: bool = False,
-          max_concurrent_requests: int = 8, served_model_name: str | None = None, max_input_chars: int = 4000,
-          log_level: str = "info") -> None:
+          dtype: str | None = None, dummy_weights: bool = False, engine_config: Any = None,
+          served_model_name: str | None = None, max_input_chars: int = 4000, log_level: str = "info") -> None:
     """`omnivox serve`: answer /healthz at once, build and warm up the engine, serve until interrupted.
 
-    `model` None is the embedded tiny random-weight model; options left None take the engine's defaults."""
+    `model` None is the embedded tiny random-weight model; `engine_config` (an EngineConfig) picks the path,
+    admission limit and switches; options left None take the engine's defaults."""
     import uvicorn
 
     def factory() -> Any:
-        from omnivox.engine.engine import Engine, EngineConfig
+        from omnivox.engine.engine import Engine
 
         options: dict[str, Any] = {"device": device} if device is not None else {}
-        if fast:
-            options["fast"] = True
-        return Engine.from_pretrained(model, dtype=dtype, dummy_weights=dummy_weights,
-                                      config=EngineConfig(max_concurrent_requests=max_concurrent_requests), **options)
+        return Engine.from_pretrained(model, dtype=dtype, dummy_weights=dummy_weights, config=engine_config,
+                                      **options)
 
     # model=None is the embedded tiny model: random weights too, so its replies are scripted as well
     config = ServerConfig(served_model_name=served_model_name or ServerConfig.served_model_name,
