@@ -16,7 +16,7 @@ import torch
 
 from omnivox.engine.crossfade import Framer
 from omnivox.engine.profiler import StageTimer
-from omnivox.engine.session import Session
+from omnivox.engine.session import Session, TTSState
 from omnivox.engine.text import (
     LLMTextDecoder,
     build_tts_prompt,
@@ -172,12 +172,15 @@ class ReplyGenerator:
         self.timer.metrics.tts_steps += kept + int(state.finished)
         self.timer.metrics.tts_calls += 1
 
-    def _decode(self, state, decoded: int, framer: Framer) -> np.ndarray | None:
-        """DVAE + Vocos over the new tokens plus 4 of left context; returns PCM that may be released now."""
-        if state.num_codes == decoded:
+    def _call_and_decode(self, state: TTSState, num_text_tokens: int, framer: Framer) -> np.ndarray | None:
+        """One TTS call, then DVAE + Vocos over its new tokens plus 4 of left context; returns the PCM that may be
+        released now (None when the call added no token or the framer holds everything back)."""
+        self._tts_call(state, num_text_tokens)
+        if state.num_codes == state.num_decoded:
             return None
         with self.timer.stage("audio"):
-            window = state.codes_tensor(max(decoded - DECODE_LEFT_CONTEXT, 0))
+            window = state.codes_tensor(max(state.num_decoded - DECODE_LEFT_CONTEXT, 0))
+            state.num_decoded = state.num_codes
             return framer.push(self.runner.decode_audio(window))
 
     def _prefill(self, state, prompt_text: str, begin: int, end: int, speaker: torch.Tensor | None) -> list[int]:
@@ -203,7 +206,7 @@ class ReplyGenerator:
 
     def _segment_body(self, state, llm, gen_text, speaker, restart) -> Iterator[Piece]:
         framer = Framer(early=self.early)
-        m, decoded, prev_text_len = 0, 0, 0
+        m, prev_text_len = 0, 0
         prompt, mask_len, tts_ids = None, 0, []
         if restart is not None:
             start_ids = self.tts_tokenizer.encode("[Stts][spk_emb]")
@@ -212,7 +215,7 @@ class ReplyGenerator:
                 self.runner.tts_prefill_audio(state, restart.codes, len(restart.text_ids))
             mask_len = len(restart.text_ids)
             gen_text = self.tts_tokenizer.decode(restart.text_ids) + restart.text_left
-            prev_text_len, decoded = len(gen_text), state.num_codes
+            prev_text_len, state.num_decoded = len(gen_text), state.num_codes
         else:
             prompt = build_tts_prompt(gen_text, self.tts_tokenizer, self.reserved)
         gen_text_raw = gen_text
@@ -247,10 +250,8 @@ class ReplyGenerator:
                 end = min(self.text_chunk * (m + 1) + 2, self.reserved + 2)
                 tts_ids = self._prefill(state, prompt.text, begin, end, speaker if m == 0 else None)
                 mask_len = num_text
-                self._tts_call(state, mask_len)
+                pcm = self._call_and_decode(state, mask_len, framer)
                 m += 1
-                pcm = self._decode(state, decoded, framer)
-                decoded = state.num_codes
                 if pcm is not None:
                     yield Piece(pcm, gen_text_raw[prev_text_len:])
                     prev_text_len = len(gen_text_raw)
@@ -267,10 +268,7 @@ class ReplyGenerator:
                 tts_ids = self._prefill(state, prompt.text, begin, end, speaker if m == 0 else None)
                 mask_len = num_text
             while not self.cancelled:
-                self._tts_call(state, mask_len)
-                m += 1
-                pcm = self._decode(state, decoded, framer)
-                decoded = state.num_codes
+                pcm = self._call_and_decode(state, mask_len, framer)
                 if pcm is not None:
                     yield Piece(pcm, gen_text_raw[prev_text_len:])
                     prev_text_len = len(gen_text_raw)
@@ -330,13 +328,11 @@ class ReplyGenerator:
         self.timer.metrics.reply_text = text
 
     def _read_part(self, state, part: str, speaker: torch.Tensor, last_part: bool) -> Iterator[Piece]:
-        framer, decoded, pending_text = Framer(early=self.early), 0, part
+        framer, pending_text = Framer(early=self.early), part
         prompt = build_tts_prompt(part, self.tts_tokenizer, self.reserved)
         self._prefill(state, prompt.text, 0, prompt.num_text_tokens + 3, speaker)
         while not self.cancelled:
-            self._tts_call(state, prompt.num_text_tokens)
-            pcm = self._decode(state, decoded, framer)
-            decoded = state.num_codes
+            pcm = self._call_and_decode(state, prompt.num_text_tokens, framer)
             if pcm is not None:
                 yield Piece(pcm, pending_text)
                 pending_text = ""

@@ -42,6 +42,7 @@ class TTSState:
 
     cache: GrowingKVCache | StaticKVCache
     codes: list[torch.Tensor] = field(default_factory=list)  # each [num_vq] long; EOS row excluded
+    num_decoded: int = 0  # codes already turned into audio (the next window re-decodes 4 of them as context)
     finished: bool = False
 
     @property
