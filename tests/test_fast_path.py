@@ -189,15 +189,16 @@ def test_busy_pools_raise_engine_busy(model):
 def test_reused_slot_reads_as_zeros(model):
     runner = FastRunner(model, tts_slots=1, llm_slots=1)
     state = runner.new_tts_state()
-    state.cache.k.normal_()
+    for t in state.cache.ks:
+        t.normal_()
     runner.release_tts_state(state)
     again = runner.new_tts_state()
     assert again.cache is state.cache
-    assert not again.cache.k.any() and not again.cache.v.any()
+    assert not any(t.any() for t in (*again.cache.ks, *again.cache.vs))
     cache = runner.new_llm_cache()
-    cache.v.fill_(1.0)
+    cache.vs[0].fill_(1.0)
     runner.release_llm_cache(cache)
-    assert not runner.new_llm_cache().v.any()
+    assert not any(t.any() for t in runner.new_llm_cache().vs)
 
 
 def test_switch_validation(model):
@@ -254,6 +255,45 @@ def test_small_attention_buckets_same_output(model, engines, monkeypatch):
 
 
 def test_bucket():
-    from omnivox.engine.fast_runner import bucket
+    from omnivox.engine.graphs import bucket
 
     assert [bucket(n, 256, 2560) for n in (1, 256, 257, 2559, 2560, 9999)] == [256, 256, 512, 2560, 2560, 2560]
+
+
+def test_fused_decoder_matches_the_modules(model):
+    """FusedDecoder / FusedHeads (the bf16 GPU default) compute what the modules compute; fusing keeps the
+    modules' values (their weights become views of the fused buffers)."""
+    import copy
+
+    from omnivox.engine.fused_linears import FusedDecoder, FusedHeads, fuse
+    from omnivox.engine.kv_cache import StaticKVCache
+
+    tts = copy.deepcopy(model.tts)
+    stack, cfg = tts.model, tts.cfg
+    x, positions = torch.randn(1, 1, cfg.hidden_size), torch.tensor([40])
+    mask = (torch.arange(64) <= 40)[None, None, None]
+    caches = [StaticKVCache(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, 64, torch.float32, "cpu")
+              for _ in range(2)]  # fmt: skip
+    for c in caches:
+        c.k[:, :, :, :40].normal_(generator=torch.Generator().manual_seed(0))
+        c.v[:, :, :, :40].normal_(generator=torch.Generator().manual_seed(1))
+    want_hidden = stack(x, positions, caches[0], mask)
+    want_logits = tts.compute_logits(want_hidden)
+    q_before = stack.layers[0].self_attn.q_proj.weight.clone()
+    decoder, heads = FusedDecoder(stack), FusedHeads(tts.head_code)
+    assert torch.equal(stack.layers[0].self_attn.q_proj.weight, q_before)
+    assert stack.layers[0].self_attn.q_proj.weight.data_ptr() == decoder.qkv[0].weight.data_ptr()
+    got_hidden = decoder(x, positions, caches[1], mask)
+    torch.testing.assert_close(got_hidden, want_hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(heads(got_hidden), want_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-5)
+    assert fuse(list(tts.head_code)) is heads.group, "fusing twice reuses the first fusion"
+
+
+def test_fused_path_same_codes(model, engines):
+    """With the fused decode forward forced on (it is off by default for fp32), a short request's codes match."""
+    engine = Engine(model, runner=FastRunner(model, llm_slots=1, tts_slots=1, fused=True))
+    make = lambda e: e.stream("Hi", seed=9, forced_reply="Fine, thanks.", forced_audio_seconds=1.5)  # noqa: E731
+    ref, out = run(engines[0], make), run(engine, make)
+    assert torch.equal(out["codes"], ref["codes"])
+    assert out["reply"] == ref["reply"]

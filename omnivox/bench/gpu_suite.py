@@ -1,12 +1,23 @@
 """The fast path's GPU suite: floors, micro-benchmarks, equivalence, the standard workload and the switch sweep.
 
-    python3 -m omnivox.bench.gpu_suite --out OUT [--parts floors,micro,validate,workload,sweep,profile]
+    python3 -m omnivox.bench.gpu_suite --out OUT [--parts PART,...]   (floors validate workload sweep micro
+                                                                     profile kprofile cprofile)
 
-One command per device call (each part fits well inside 9 minutes with the defaults; choose parts to split).
-Everything is measured on full-size dummy weights (seeded random, the released shapes), so each step costs what
-it costs with the real model. What comes back under OUT (few files, as the device tool returns at most 8):
-summary.json (every number), results.tar.gz (the workload's results.json per configuration), sweep.png, and
-trace.json.gz / profile.txt with --parts profile. The last thing printed is a short table.
+Parts run in that order, one process. Each command should fit one device call (< 9 min): split the parts over
+calls (bench/NOTES-fast-path.md lists a split). Everything runs on full-size dummy weights (seeded random, the
+released shapes), so each step costs what it costs with the real model.
+
+* floors: bytes a decode step must read, over the measured copy bandwidth.
+* validate: fast vs reference on the same seed (LLM tokens, audio codes, PCM) in fp32 and bf16, incl. segment
+  restarts and multi-part read-aloud; `sampling.draw` vs `torch.multinomial` on CUDA.
+* workload: the standard workload, reference then fast default, `--trials` trials (omnivox.bench.harness).
+* sweep: the fast default plus one switch at a time (`--sweep`), `--sweep-trials` trials, ratios to the default.
+* micro: ms per LLM token, per TTS step, per DVAE+Vocos window, graph replay times, the reference alongside.
+* profile: a torch.profiler Chrome trace of one fast request; kprofile / cprofile: where a step's time goes.
+
+What comes back under OUT (the device tool returns at most 8 files): summary.json (every number),
+results.tar.gz (each configuration's results.json), sweep.png, kprofile.txt, trace.tar.gz + profile.txt. The last
+thing printed is a short table.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from omnivox.bench.stats import compare, summarize
 from omnivox.bench.workloads import load_workload, split_warmup
 from omnivox.config import CONFIGS
 from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.engine.fast_runner import FastRunner
 from omnivox.engine.pipeline import ASSISTANT_HEADER
 from omnivox.engine.runner import EagerRunner
 from omnivox.engine.sampling import draw
@@ -39,7 +51,7 @@ from omnivox.engine.types import SamplingParams
 from omnivox.models.loader import build_dummy_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
-DEFAULT = {"precision": "bf16", "compile": "none", "attention": "sdpa"}
+DEFAULT = {"precision": "bf16", "compile": "none", "attention": "sdpa"}  # micro configs may add fused=on|off
 SWEEP = [  # one switch at a time from the default, then the seed's final choice
     {"compile": "default"}, {"compile": "reduce-overhead"}, {"compile": "max-autotune"},
     {"precision": "fp16"}, {"precision": "fp32"}, {"precision": "tf32"},
@@ -191,20 +203,20 @@ def tts_state_ready(runner, model):
     return state, len(ids) - 3
 
 
-def time_tts(runner, model, calls: int = 8, warm: int = 2) -> float:
-    """ms per audio step through tts_generate (25-step calls, EOS banned; one read-back per call included)."""
-    state, num_text = tts_state_ready(runner, model)
-    try:
+def time_tts(runner, model, calls: int = 8) -> float:
+    """ms per audio step through tts_generate (25-step calls, EOS banned; one read-back per call included). The
+    same calls run twice and the second pass is timed, so graph captures of every bucket stay out of it."""
+    for _ in range(2):
+        state, num_text = tts_state_ready(runner, model)
         gen = torch.Generator(device=model.device).manual_seed(0)
-        for i in range(warm + calls):
-            if i == warm:
-                sync()
-                t0 = time.perf_counter()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
             runner.tts_generate(state, 25, num_text, SamplingParams(), gen, eos_after=10**6)
         sync()
-        return 1e3 * (time.perf_counter() - t0) / (25 * calls)
-    finally:
+        elapsed = time.perf_counter() - t0
         runner.release_tts_state(state)
+    return 1e3 * elapsed / (25 * calls)
 
 
 def time_audio(runner, model, reps: int = 20) -> float:
@@ -375,12 +387,9 @@ def part_micro(summary: dict, bandwidth: float, configs: list[dict[str, str]], o
         row: dict[str, Any] = {}
         try:
             t0 = time.perf_counter()
-            fast = Engine(
-                model,
-                EngineConfig(
-                    path="fast", max_concurrent_requests=1, compile=cfg["compile"], attention=cfg["attention"]
-                ),
-            ).runner
+            fused = {"auto": None, "on": True, "off": False}[cfg.get("fused", "auto")]
+            fast = FastRunner(model, llm_slots=1, tts_slots=1, compile=cfg["compile"], attention=cfg["attention"],
+                              fused=fused)  # fmt: skip
             row["llm_ms"] = time_llm(fast, model)
             row["tts_ms"] = time_tts(fast, model)
             row["audio_ms"] = time_audio(fast, model)
@@ -389,10 +398,10 @@ def part_micro(summary: dict, bandwidth: float, configs: list[dict[str, str]], o
             del fast
         except Exception as e:  # a switch that cannot run is a result, not a crash
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        if cfg["compile"] == "none" and cfg["attention"] == "sdpa":  # the reference at this precision
+        if cfg["compile"] == "none" and cfg["attention"] == "sdpa" and "fused" not in cfg:  # reference, this dtype
             ref = EagerRunner(model, cache="growing")
             row["ref_llm_ms"] = time_llm(ref, model, n=24, warm=3)
-            row["ref_tts_ms"] = time_tts(ref, model, calls=2, warm=1)
+            row["ref_tts_ms"] = time_tts(ref, model, calls=2)
             row["ref_audio_ms"] = time_audio(ref, model, reps=5)
             del ref
         row["llm_floor_ms"] = 1e3 * floors["llm_weights"] / bandwidth
@@ -420,6 +429,8 @@ def bench_config(model, cfg: dict[str, str], path: str, items, trials: int, tmp:
     engine = Engine(
         model, EngineConfig(path=path, max_concurrent_requests=2, compile=cfg["compile"], attention=cfg["attention"])
     )
+    if hasattr(engine.runner, "warm_up"):
+        engine.runner.warm_up()  # every bucket's graphs captured before the clock starts
     results = run_bench(
         engine,
         items,
@@ -522,6 +533,192 @@ def part_profile(out: Path, cfg: dict[str, str]) -> None:
     free_memory()
 
 
+# ---- diagnosis: where a decode step's time goes -----------------------------------------------------------------
+def events_ms(fn, reps: int = 50, warm: int = 5) -> float:
+    for _ in range(warm):
+        fn()
+    if DEVICE.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return 1e3 * (time.perf_counter() - t0) / reps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    sync()
+    return start.elapsed_time(end) / reps
+
+
+def graph_ms(fn, inner: int = 20, reps: int = 10, generators: tuple = ()) -> float:
+    """Device time of one `fn()` inside a CUDA graph of `inner` back-to-back calls (launch gaps as in our graphs)."""
+    if DEVICE.type != "cuda":
+        return events_ms(fn, reps=reps)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    return events_ms(graph.replay, reps=reps, warm=2) / inner
+
+
+def gemv_us(n: int, k: int) -> dict[str, float]:
+    """x @ W^T with W [n, k] bf16: as the model calls it (x [1, 1, k]: a matrix-matrix kernel) and as a
+    matrix-vector product; weights rotated over > 200 MB so that L2 never holds one."""
+    copies = max(1, int(2e8 // (n * k * 2)))
+    weights = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(1, 1, k, device=DEVICE, dtype=torch.bfloat16)
+    out = {}
+    for name, op in (("mm", lambda w: torch.nn.functional.linear(x, w)), ("mv", lambda w: torch.mv(w, x.view(k)))):
+
+        def run(op=op):
+            for w in weights:
+                op(w)
+
+        us = 1e3 * graph_ms(run, inner=max(1, 20 // copies)) / copies
+        out[name] = round(us, 2)
+        out[f"{name}_tb_s"] = round(n * k * 2 / (us * 1e-6) / 1e12, 3)
+    return out
+
+
+def attention_us() -> dict[str, Any]:
+    """Device time of one decode-step attend() per backend: LLM (28 q heads over 4 kv heads, 128) and TTS
+    (12 heads, 64), 512 keys of a larger cache, boolean mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from omnivox.models.layers import attend
+
+    out = {}
+    for name, heads, kv_heads, dim, cap in (("llm", 28, 4, 128, 4096), ("tts", 12, 12, 64, 2560)):
+        q = torch.randn(1, heads, 1, dim, device=DEVICE, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, kv_heads, cap, dim, device=DEVICE, dtype=torch.bfloat16)[:, :, :512] for _ in "kv")
+        mask = (torch.arange(512, device=DEVICE) <= 300)[None, None, None]
+        for backend in ("default", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"):
+            ctx = contextlib.nullcontext() if backend == "default" else sdpa_kernel([getattr(SDPBackend, backend)])
+            try:
+                with ctx:
+                    out[f"{name} {backend}"] = round(1e3 * graph_ms(lambda: attend(q, k, v, mask, dim**-0.5)), 2)  # noqa: B023
+            except RuntimeError as e:
+                out[f"{name} {backend}"] = f"error: {str(e).splitlines()[0][:80]}"
+    return out
+
+
+def step_replay_ms(model, fused: bool, attention: str = "sdpa") -> dict[str, float]:
+    """One captured LLM step and one captured TTS step of a FastRunner, replay time (device)."""
+    runner = FastRunner(model, llm_slots=1, tts_slots=1, fused=fused, attention=attention)
+    llm_slot, tts_slot = runner.llm_pool.slots[0], runner.tts_pool.slots[0]
+    llm_slot.io["buf"].copy_(torch.tensor([100, 300] + [5] * 32))
+    tts_slot.io["buf"][:8].copy_(torch.tensor([400, 0, 40, 10, 1 << 40, 0, 0, 0]))
+    sampling, gen = SamplingParams(), torch.Generator(device=DEVICE).manual_seed(0)
+    saved = tts_slot.io["buf"].clone()
+
+    def tts_step():
+        runner._tts_step_fn(tts_slot, 512, sampling, False, gen)
+        tts_slot.io["buf"].copy_(saved)
+
+    with torch.inference_mode(), runner._attention():
+        return {
+            "llm": round(graph_ms(lambda: runner._llm_step_fn(llm_slot, 512, sampling, gen), 5, generators=(gen,)), 3),
+            "tts": round(graph_ms(tts_step, inner=20, generators=(gen,)), 3),
+        }
+
+
+def part_kprofile(summary: dict, out: Path, bandwidth: float) -> None:
+    """Where a decode step's device time goes (bf16): weight-shape GEMV bandwidth (matrix-matrix vs
+    matrix-vector kernels), attention per backend, sampling, whole captured steps with each choice, and a
+    per-kernel profile of one eager LLM and one eager TTS step."""
+    from omnivox.engine.sampling import sample_llm_token
+
+    res: dict[str, Any] = {"gemv_us": {}}
+    shapes = {"llm q/o": (3584, 3584), "llm k/v": (512, 3584), "llm gate/up": (18944, 3584),
+              "llm down": (3584, 18944), "llm lm_head": (151700, 3584), "llm qkv fused": (4608, 3584),
+              "llm gate+up fused": (37888, 3584), "tts q/k/v/o": (768, 768), "tts gate/up": (3072, 768),
+              "tts down": (768, 3072), "tts head": (626, 768)}  # fmt: skip
+    for name, (n, k) in shapes.items() if SIZE == "full" else ():
+        res["gemv_us"][name] = gemv_us(n, k)
+    log(f"gemv: {json.dumps(res['gemv_us'])}")
+    logits = torch.randn(151700, device=DEVICE) * 3
+    window = torch.randint(0, 151700, (32,), device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    res["llm_sampling_us"] = 1e3 * graph_ms(
+        generators=(gen,),
+        fn=lambda: sample_llm_token(
+            logits, window, temperature=0.7, top_k=100, top_p=0.8, repetition_penalty=1.05, greedy=False, generator=gen
+        ),
+    )
+    res["attention_us"] = attention_us() if SIZE == "full" else {}
+    log(f"attention: {json.dumps(res['attention_us'])}")
+    model = build_model("bf16")
+    for fused in (False, True):
+        for attention in ("sdpa", "efficient") if DEVICE.type == "cuda" else ("sdpa",):
+            res[f"step_replay_ms fused={fused} {attention}"] = step_replay_ms(model, fused, attention)
+    log(f"steps: {json.dumps({k: v for k, v in res.items() if k.startswith('step')})}")
+    res.update(profile_steps(FastRunner(model, llm_slots=1, tts_slots=1, fused=True), out / "kprofile.txt"))
+    summary["kprofile"] = res
+    log(f"kprofile: {json.dumps(res, indent=1)}")
+
+
+NOT_KERNELS = ("aten::", "Torch-Compiled", "CompiledFunction", "TorchDynamo", "## ", "Memcpy", "Memset")
+
+
+def profile_steps(runner: FastRunner, path: Path, warm: int = 3) -> dict[str, Any]:
+    """Per-kernel device time of one LLM and one TTS decode step run eagerly (compiled bodies included: with
+    --parts cprofile the runner's bodies are torch.compile'd), bf16, 512 keys."""
+    res: dict[str, Any] = {}
+    llm_slot, tts_slot = runner.llm_pool.slots[0], runner.tts_pool.slots[0]
+    llm_slot.io["buf"].copy_(torch.tensor([100, 300] + [5] * 32))
+    tts_slot.io["buf"][:8].copy_(torch.tensor([400, 0, 40, 10, 1 << 40, 0, 0, 0]))
+    sampling, gen = SamplingParams(), torch.Generator(device=DEVICE).manual_seed(0)
+
+    def llm_step():
+        runner._llm_step_fn(llm_slot, 512, sampling, gen)
+
+    def tts_step():
+        tts_slot.io["buf"][:2].copy_(torch.tensor([400, 0], device=DEVICE))
+        runner._tts_step_fn(tts_slot, 512, sampling, False, gen)
+
+    with torch.inference_mode(), runner._attention():
+        tables = []
+        for name, fn in (("llm", llm_step), ("tts", tts_step)):
+            for _ in range(warm):
+                fn()
+            sync()
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(5):
+                    fn()
+                sync()
+            kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and not e.key.startswith(NOT_KERNELS)]
+            res[f"{name}_kernels_per_step"] = sum(e.count for e in kernels) / 5
+            res[f"{name}_kernel_us_per_step"] = sum(e.device_time_total for e in kernels) / 5
+            res[f"{name}_top"] = [
+                (e.key[:60], e.count // 5, round(e.device_time_total / 5, 1))
+                for e in sorted(kernels, key=lambda e: -e.device_time_total)[:16]
+            ]
+            tables.append(f"== {name} ==\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=50))
+        path.write_text("\n".join(tables))
+    return res
+
+
+def part_cprofile(summary: dict, out: Path, cfg: dict[str, str]) -> None:
+    """profile_steps for a compiled configuration (default: compile=default)."""
+    cfg = {**DEFAULT, "compile": "default", **cfg}
+    set_precision_flags(cfg["precision"])
+    model = build_model(cfg["precision"])
+    runner = FastRunner(model, llm_slots=1, tts_slots=1, compile=cfg["compile"], attention=cfg["attention"])
+    res = profile_steps(runner, out / f"cprofile-{label(cfg).replace('=', '-').replace('+', '_')}.txt")
+    summary.setdefault("cprofile", {})[label(cfg)] = res
+    log(f"cprofile {label(cfg)}: {json.dumps(res, indent=1)}")
+
+
 # ---- main -------------------------------------------------------------------------------------------------------
 def parse_sweep(spec: str) -> list[dict[str, str]]:
     """'compile=default;precision=fp32;...' or 'all' (SWEEP) -> configs."""
@@ -593,7 +790,11 @@ def write_summary(out: Path, summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--parts", default="floors,micro,validate", help="floors,micro,validate,workload,sweep,profile")
+    p.add_argument(
+        "--parts",
+        default="floors,validate,micro",
+        help="any of floors,validate,workload,sweep,micro,profile,kprofile,cprofile",
+    )
     p.add_argument("--trials", type=int, default=5, help="workload trials for reference and fast-default")
     p.add_argument("--sweep-trials", type=int, default=3)
     p.add_argument("--items", type=int, default=None, help="use only the first N workload requests")
@@ -636,17 +837,15 @@ def main(argv: list[str] | None = None) -> int:
     if "validate" in parts:
         part_validate(summary, args.validate_precisions.split(","), args.validate_kinds.split(","))
         write_summary(args.out, summary)
-    if "micro" in parts:
-        spec = args.micro_configs
-        configs = [{}] + ([] if spec == "default" else parse_sweep(spec))
-        part_micro(summary, bandwidth, configs, args.out)
     if "workload" in parts:
         all_results += part_workload(summary, [{}], not args.no_reference, args.trials, args.items, tmp)
+        write_summary(args.out, summary)
     if "sweep" in parts:
         configs = parse_sweep(args.sweep)
         if "workload" not in parts:
             configs = [{}] + configs
         all_results += part_workload(summary, configs, False, args.sweep_trials, args.items, tmp)
+        write_summary(args.out, summary)
     if all_results:
         with tarfile.open(args.out / "results.tar.gz", "w:gz") as tar:
             for r in all_results:
@@ -658,9 +857,20 @@ def main(argv: list[str] | None = None) -> int:
             from omnivox.bench.plot import plot_distributions
 
             plot_distributions(all_results, [r["config"]["name"] for r in all_results], args.out / "sweep.png")
+    if "micro" in parts:
+        spec = args.micro_configs
+        configs = [{}] + ([] if spec == "default" else parse_sweep(spec))
+        part_micro(summary, bandwidth, configs, args.out)
     if "profile" in parts:
         cfg = parse_sweep(args.profile_config)[0] if args.profile_config else {}
         part_profile(args.out, cfg)
+    if "cprofile" in parts:
+        part_cprofile(summary, args.out, parse_sweep(args.profile_config)[0] if args.profile_config else {})
+        write_summary(args.out, summary)
+    if "kprofile" in parts:
+        part_kprofile(summary, args.out, bandwidth)
+        write_summary(args.out, summary)
+        free_memory()
     summary["wall_s"] = time.perf_counter() - started
     write_summary(args.out, summary)
     print("\n" + final_table(summary), flush=True)

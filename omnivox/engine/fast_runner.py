@@ -3,7 +3,8 @@
 What differs from `EagerRunner(cache="static")`, and nothing else does:
 
 * Caches come from two pools allocated once (`SlotPool`): one LLM cache per session, one TTS cache per live TTS
-  segment. A cache is zeroed when handed out, so unwritten slots read as zeros (fact sheet 4.13).
+  segment (`LayerKVCache`: one buffer per layer). A cache is zeroed when handed out, so unwritten slots read as
+  zeros (fact sheet 4.13).
 * `llm_step` for one token is one graph replay: forward, logits and sampling (repetition penalty over a window
   padded to `LLM_WINDOW` ids by repeating its first id, which changes nothing) with token, position and window in
   device buffers. Prompt prefills and the 9-token header stay eager (`llm_forward`).
@@ -16,6 +17,10 @@ What differs from `EagerRunner(cache="static")`, and nothing else does:
 * Attention reads the cache only up to a bucket of positions (`LLM_BUCKET`, `TTS_BUCKET`) that holds every
   position of the step (a TTS call: every position of its 25 steps), not the whole capacity; one graph per bucket.
   Keys past the bucket are masked out on the reference path anyway, so the result is the same.
+* In bf16/fp16 on a GPU the decode steps run `FusedDecoder` (q/k/v, gate/up and the 4 code heads as one product
+  each; fused_linears.py): same math, another summation order. fp32 runs the modules: bit-identical tokens.
+* Prefills (shapes change with every prompt) take the memory-efficient SDPA kernel by default, not cuDNN's, which
+  builds a plan per new shape.
 * Sampling is `omnivox.engine.sampling`, the same functions as the reference path.
 * Switches: `compile` (torch.compile of the decode bodies: "default" and "max-autotune" are captured in our
   graphs; "reduce-overhead" lets torch.compile own the graphs), `attention` (the PyTorch SDPA backend), graphs
@@ -31,9 +36,9 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from omnivox.engine.graphs import Slot, SlotPool, StepGraph
-from omnivox.engine.kv_cache import StaticKVCache
-from omnivox.engine.runner import EagerRunner
+from omnivox.engine.fused_linears import FusedDecoder, FusedHeads
+from omnivox.engine.graphs import CacheWindow, LayerKVCache, Slot, SlotPool, StepGraph, bucket
+from omnivox.engine.runner import EagerRunner, causal_mask
 from omnivox.engine.sampling import sample_llm_token, sample_tts_codes
 from omnivox.engine.session import Session, TTSState
 from omnivox.engine.types import SamplingParams
@@ -63,23 +68,6 @@ POS, STEP, NUM_TEXT, BAN_UNTIL, FORCE_AT, N_EXEC, DONE = range(7)
 LAST = 8
 
 
-class CacheWindow:
-    """A static cache seen through its first `length` positions: writes land in the full buffers (at `positions`),
-    attention reads keys [0, length) only."""
-
-    def __init__(self, cache: StaticKVCache, length: int):
-        self.cache, self.length = cache, length
-
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        keys, values = self.cache.update(layer, positions, k, v)
-        return keys[:, :, : self.length], values[:, :, : self.length]
-
-
-def bucket(end: int, size: int, capacity: int) -> int:
-    """Smallest multiple of `size` that is >= end (positions 0..end-1 fit), at most the capacity."""
-    return min(-(-end // size) * size, capacity)
-
-
 class FastRunner(EagerRunner):
     def __init__(
         self,
@@ -91,7 +79,11 @@ class FastRunner(EagerRunner):
         compile: str = "none",
         attention: str = "sdpa",
         cuda_graphs: bool = True,
+        fused: bool | None = None,
     ):
+        """`fused`: decode steps run `FusedDecoder` (q/k/v, gate/up and the code heads as one product each; the
+        model's weights are moved into fused buffers in place, values unchanged); None = on for bf16/fp16 on a
+        GPU. Off, the steps call the model's modules (bit-identical to the reference path in fp32)."""
         super().__init__(model, cache="static", llm_capacity=llm_capacity, tts_capacity=tts_capacity)
         if compile not in COMPILE_MODES:
             raise InvalidRequest(f"compile mode {compile!r} is unknown: use one of {', '.join(COMPILE_MODES)}")
@@ -108,6 +100,16 @@ class FastRunner(EagerRunner):
         self.cuda = self.device.type == "cuda"
         self.use_graphs = cuda_graphs and self.cuda and compile != "reduce-overhead"
         self.cuda_graphs = cuda_graphs
+        if fused is None:
+            fused = self.cuda and self.dtype in (torch.bfloat16, torch.float16)
+        self.fused = fused
+        if fused:
+            self.llm_decoder = FusedDecoder(model.llm.model)
+            self.tts_decoder = FusedDecoder(model.tts.model)
+            self.tts_heads = FusedHeads(model.tts.head_code)
+        else:
+            self.llm_decoder, self.tts_decoder = model.llm.model, model.tts.model
+            self.tts_heads = model.tts.compute_logits
         dev = self.device
         self.llm_keys = torch.arange(self.llm_capacity, device=dev)
         self.tts_keys = torch.arange(self.tts_capacity, device=dev)
@@ -118,7 +120,9 @@ class FastRunner(EagerRunner):
         self.tts_pool = SlotPool("TTS", self._make_tts_slot, tts_slots)
         self._tts_temperatures: dict[tuple, torch.Tensor] = {}
         self.step_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.audio_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # DVAE + Vocos are never compiled, so they keep their graphs under compile="reduce-overhead" too
+        self.audio_graphs_on = cuda_graphs and self.cuda
+        self.audio_graph_pool = torch.cuda.graph_pool_handle() if self.audio_graphs_on else None
         self.audio_graphs: dict[int, tuple[torch.Tensor, StepGraph]] = {}
         # the generators graphs draw from; requests' generator states are copied in and out around replays
         self.llm_rng = torch.Generator(device=dev) if self.use_graphs else None
@@ -134,8 +138,8 @@ class FastRunner(EagerRunner):
             torch._dynamo.config.recompile_limit = limit
             if compile == "reduce-overhead":  # let torch.compile's graphs mutate the caches in place
                 for slot in (*self.llm_pool.slots, *self.tts_pool.slots):
-                    torch._dynamo.mark_static_address(slot.cache.k)
-                    torch._dynamo.mark_static_address(slot.cache.v)
+                    for t in (*slot.cache.ks, *slot.cache.vs):
+                        torch._dynamo.mark_static_address(t)
 
     # ---- pools --------------------------------------------------------------------------------------------------
     def _host_buffer(self, n: int) -> torch.Tensor:
@@ -143,7 +147,7 @@ class FastRunner(EagerRunner):
 
     def _make_llm_slot(self, index: int) -> Slot:
         c = self.model.config.llm
-        cache = StaticKVCache(
+        cache = LayerKVCache(
             c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.llm_capacity, self.dtype, self.device
         )
         io = {
@@ -155,7 +159,7 @@ class FastRunner(EagerRunner):
 
     def _make_tts_slot(self, index: int) -> Slot:
         c = self.model.config.tts
-        cache = StaticKVCache(
+        cache = LayerKVCache(
             c.num_hidden_layers, c.num_attention_heads, c.head_dim, self.tts_capacity, self.dtype, self.device
         )
         size = LAST + c.num_vq * (1 + TTS_MAX_STEPS)
@@ -166,12 +170,12 @@ class FastRunner(EagerRunner):
         }
         return Slot(index, cache, io)
 
-    def new_llm_cache(self) -> StaticKVCache:
+    def new_llm_cache(self) -> LayerKVCache:
         slot = self.llm_pool.acquire()
         slot.cache.reset()
         return slot.cache
 
-    def release_llm_cache(self, cache: StaticKVCache) -> None:
+    def release_llm_cache(self, cache: LayerKVCache) -> None:
         self.llm_pool.release(cache)
 
     def new_tts_state(self) -> TTSState:
@@ -182,8 +186,13 @@ class FastRunner(EagerRunner):
     def release_tts_state(self, state: TTSState) -> None:
         self.tts_pool.release(state.cache)
 
-    def _attention(self):
+    def _attention(self, eager: bool = False):
+        """The SDPA backends to allow. `eager`: a multi-token prefill, whose shapes change with every prompt; with
+        the default choice it avoids cuDNN attention, which builds a plan for every new shape (each prompt
+        length would pay for one), and takes the memory-efficient kernel."""
         backends = ATTENTION_BACKENDS[self.attention]
+        if backends is None and eager and self.cuda:
+            backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
     def _keys(self, keys: torch.Tensor, length: int) -> torch.Tensor:
@@ -219,12 +228,12 @@ class FastRunner(EagerRunner):
         return graph
 
     # ---- LLM ----------------------------------------------------------------------------------------------------
-    def llm_decode_body(self, cache: StaticKVCache, buf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def llm_decode_body(self, cache: LayerKVCache, buf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """buf = [token, position, window...]; keys = arange(length), the positions attention reads
         -> float32 logits [V] of the next token."""
         token, pos = buf[0:1].view(1, 1), buf[1:2]
         mask = (keys <= pos)[None, None, None]  # [1, 1, 1, length]
-        hidden = self.model.llm(token, pos, CacheWindow(cache, keys.shape[0]), mask)
+        hidden = self.llm_decoder(self.model.llm.embed(token), pos, CacheWindow(cache, keys.shape[0]), mask)
         return self.model.llm.compute_logits(hidden[0, -1])
 
     def _llm_step_fn(
@@ -253,8 +262,16 @@ class FastRunner(EagerRunner):
 
     @torch.inference_mode()
     def llm_forward(self, session: Session, ids: list[int]) -> torch.Tensor:
-        with self._attention():
-            return super().llm_forward(session, ids)
+        """As the reference's, but attention reads the cache up to a bucket of positions (see CacheWindow)."""
+        start, n = session.length, len(ids)
+        length = bucket(start + n, LLM_BUCKET, self.llm_capacity)
+        ids_t = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + n, device=self.device)
+        mask = causal_mask(start, n, length, self.device)
+        with self._attention(eager=True):
+            hidden = self.model.llm(ids_t, positions, CacheWindow(session.cache, length), mask)
+        session.length += n
+        return hidden[0]
 
     @torch.inference_mode()
     def llm_step(
@@ -267,7 +284,7 @@ class FastRunner(EagerRunner):
         want_hidden: bool = False,
     ) -> tuple[int, torch.Tensor | None]:
         if len(ids) != 1 or want_hidden or not 0 < len(window) <= LLM_WINDOW:
-            with self._attention():
+            with self._attention(eager=len(ids) > 1):
                 return super().llm_step(session, ids, window, sampling, generator, want_hidden)
         slot = self.llm_pool.slot_of(session.cache)
         stage = slot.io["stage"]
@@ -296,12 +313,12 @@ class FastRunner(EagerRunner):
     # ---- TTS ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def tts_prefill_text(self, state: TTSState, ids: list[int], begin: int, speaker: torch.Tensor | None) -> None:
-        with self._attention():
+        with self._attention(eager=True):
             super().tts_prefill_text(state, ids, begin, speaker)
 
     @torch.inference_mode()
     def tts_prefill_audio(self, state: TTSState, codes: torch.Tensor, num_text_tokens: int) -> None:
-        with self._attention():
+        with self._attention(eager=True):
             super().tts_prefill_audio(state, codes, num_text_tokens)
 
     def tts_audio_mask(self, pos: torch.Tensor, num_text: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -314,20 +331,20 @@ class FastRunner(EagerRunner):
         return visible[None, None, None]
 
     def _tts_forward(
-        self, cache: StaticKVCache, buf: torch.Tensor, keys: torch.Tensor, embeds: torch.Tensor
+        self, cache: LayerKVCache, buf: torch.Tensor, keys: torch.Tensor, embeds: torch.Tensor
     ) -> torch.Tensor:
         pos = buf[POS : POS + 1].clamp(max=self.tts_capacity - 1)  # never write out of bounds
         mask = self.tts_audio_mask(pos, buf[NUM_TEXT : NUM_TEXT + 1], keys)
-        hidden = self.model.tts(embeds, pos, CacheWindow(cache, keys.shape[0]), mask)
-        return self.model.tts.compute_logits(hidden)[0, -1]  # [num_vq, num_codes]
+        hidden = self.tts_decoder(embeds, pos, CacheWindow(cache, keys.shape[0]), mask)
+        return self.tts_heads(hidden)[0, -1]  # [num_vq, num_codes]
 
-    def tts_decode_body(self, cache: StaticKVCache, buf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def tts_decode_body(self, cache: LayerKVCache, buf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """One audio step after the first: embed the last codes, forward, heads -> float32 logits [num_vq, codes]."""
         num_vq = self.vq_index.shape[0]
         embeds = self.model.tts.embed_codes(buf[LAST : LAST + num_vq].view(1, 1, num_vq))
         return self._tts_forward(cache, buf, keys, embeds)
 
-    def tts_first_body(self, cache: StaticKVCache, buf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def tts_first_body(self, cache: LayerKVCache, buf: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return self._tts_forward(cache, buf, keys, self.model.tts.embed_text(self.tts_bos))
 
     def _tts_temperature(self, sampling: SamplingParams) -> torch.Tensor:
@@ -443,11 +460,44 @@ class FastRunner(EagerRunner):
             gen.set_offset(start + executed * per_step)
         return host
 
+    # ---- warm-up ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def warm_up(self, llm_positions: int = 1024, tts_positions: int = 1536, sampling: SamplingParams | None = None):
+        """Capture (and compile) ahead of time the step graphs the next request will use: every bucket up to
+        these positions, for `sampling` (default: the official defaults), on the slot `acquire` hands out next.
+        Leaves that slot's cache zeroed. Without it, a bucket's graph is captured the first time a request needs
+        it (tens of ms inside that request)."""
+        if not self.use_graphs:
+            return
+        sampling = sampling or SamplingParams()
+        llm_slot = self.llm_pool.slots[self.llm_pool._free[-1]] if self.llm_pool.num_free else None
+        tts_slot = self.tts_pool.slots[self.tts_pool._free[-1]] if self.tts_pool.num_free else None
+        with self._attention():
+            for length in range(LLM_BUCKET, min(llm_positions, self.llm_capacity) + 1, LLM_BUCKET):
+                key = (*self._llm_key(sampling), length)
+                if llm_slot is not None and key not in llm_slot.graphs:
+                    llm_slot.io["buf"].zero_()
+                    llm_slot.io["buf"][1] = length - 1
+                    fn = partial(self._llm_step_fn, llm_slot, length, sampling, self.llm_rng)
+                    self._capture(llm_slot, key, fn, self.llm_rng)
+            self._tts_temperature(sampling)
+            for length in range(2 * TTS_BUCKET, min(tts_positions, self.tts_capacity) + 1, TTS_BUCKET):
+                key = (*self._tts_key(sampling), length)
+                if tts_slot is not None and key not in tts_slot.graphs:
+                    buf = tts_slot.io["buf"]
+                    buf.zero_()
+                    buf[POS], buf[NUM_TEXT], buf[BAN_UNTIL], buf[FORCE_AT] = length - 25, 10, 10, NO_FORCED_EOS
+                    fn = partial(self._tts_step_fn, tts_slot, length, sampling, False, self.tts_rng)
+                    self._capture(tts_slot, key, fn, self.tts_rng)
+        for slot in (llm_slot, tts_slot):
+            if slot is not None:
+                slot.cache.reset()
+
     # ---- audio --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode_audio(self, codes: torch.Tensor) -> np.ndarray:
         """DVAE + Vocos; on a GPU one graph per window length (25 first, 29 after, fewer at the very end)."""
-        if not self.use_graphs:
+        if not self.audio_graphs_on:
             return super().decode_audio(codes)
         length = codes.shape[0]
         entry = self.audio_graphs.get(length)
