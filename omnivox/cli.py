@@ -27,7 +27,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", default="reference", choices=["reference", "static", "fast"],
                    help="reference: eager + growing caches (the original's cost); fast: static caches + CUDA graphs")
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math"])
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math", "cudnn"])
     p.add_argument("--no-early-first-chunk", action="store_true",
                    help="release the first audio only after the second TTS call (the official framing)")
     p.add_argument("--max-concurrent-requests", type=int, default=8)
