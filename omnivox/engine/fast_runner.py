@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnivox.engine.fused_linears import FusedDecoder, FusedHeads
 from omnivox.engine.graphs import CacheWindow, LayerKVCache, Slot, SlotPool, StepGraph, bucket
-from omnivox.engine.runner import EagerRunner, causal_mask
+from omnivox.engine.runner import EagerRunner
 from omnivox.engine.sampling import sample_llm_token, sample_tts_codes
 from omnivox.engine.session import Session, TTSState
 from omnivox.engine.types import SamplingParams
@@ -260,18 +260,10 @@ class FastRunner(EagerRunner):
             return ("llm", True)
         return ("llm", False, sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty)
 
-    @torch.inference_mode()
-    def llm_forward(self, session: Session, ids: list[int]) -> torch.Tensor:
-        """As the reference's, but attention reads the cache up to a bucket of positions (see CacheWindow)."""
-        start, n = session.length, len(ids)
-        length = bucket(start + n, LLM_BUCKET, self.llm_capacity)
-        ids_t = torch.tensor([ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + n, device=self.device)
-        mask = causal_mask(start, n, length, self.device)
-        with self._attention(eager=True):
-            hidden = self.model.llm(ids_t, positions, CacheWindow(session.cache, length), mask)
-        session.length += n
-        return hidden[0]
+    def _llm_cache_view(self, cache: LayerKVCache, end: int) -> tuple[CacheWindow, int]:
+        """Attention reads the cache up to a bucket of positions (see CacheWindow), not its whole capacity."""
+        length = bucket(end, LLM_BUCKET, self.llm_capacity)
+        return CacheWindow(cache, length), length
 
     @torch.inference_mode()
     def llm_step(

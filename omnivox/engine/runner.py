@@ -7,6 +7,7 @@ CUDA-graph runner builds on that. The pipeline decides what runs; a runner only 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -96,6 +97,14 @@ class EagerRunner:
         """Give a TTS segment's cache back when the segment ends or its request is cancelled."""
 
     # ---- LLM ----------------------------------------------------------------------------------------------------
+    def _llm_cache_view(self, cache, end: int) -> tuple[object, int]:
+        """The LLM cache as attention reads it for a write ending at `end`, and the key width masks need."""
+        return cache, cache.key_len(end)
+
+    def _attention(self, eager: bool = False) -> contextlib.AbstractContextManager:
+        """SDPA backend choice around a step (the eager runner lets PyTorch pick)."""
+        return contextlib.nullcontext()
+
     @torch.inference_mode()
     def llm_forward(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Runs `ids` at the session's next positions; returns post-norm hidden [T, C]."""
@@ -103,9 +112,10 @@ class EagerRunner:
         ids_t = torch.tensor([ids], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + n, device=self.device)
         session.cache.seek(start)
-        key_len = session.cache.key_len(start + n)
+        cache, key_len = self._llm_cache_view(session.cache, start + n)
         mask = None if (n == 1 and self.cache_kind == "growing") else causal_mask(start, n, key_len, self.device)
-        hidden = self.model.llm(ids_t, positions, session.cache, mask)
+        with self._attention(eager=n > 1):
+            hidden = self.model.llm(ids_t, positions, cache, mask)
         session.length += n
         return hidden[0]
 
