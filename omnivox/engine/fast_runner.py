@@ -276,8 +276,7 @@ class FastRunner(EagerRunner):
         want_hidden: bool = False,
     ) -> tuple[int, torch.Tensor | None]:
         if len(ids) != 1 or want_hidden or not 0 < len(window) <= LLM_WINDOW:
-            with self._attention(eager=len(ids) > 1):
-                return super().llm_step(session, ids, window, sampling, generator, want_hidden)
+            return super().llm_step(session, ids, window, sampling, generator, want_hidden)
         slot = self.llm_pool.slot_of(session.cache)
         stage = slot.io["stage"]
         stage[0], stage[1] = ids[0], session.length
@@ -303,16 +302,6 @@ class FastRunner(EagerRunner):
         return int(out), None
 
     # ---- TTS ----------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def tts_prefill_text(self, state: TTSState, ids: list[int], begin: int, speaker: torch.Tensor | None) -> None:
-        with self._attention(eager=True):
-            super().tts_prefill_text(state, ids, begin, speaker)
-
-    @torch.inference_mode()
-    def tts_prefill_audio(self, state: TTSState, codes: torch.Tensor, num_text_tokens: int) -> None:
-        with self._attention(eager=True):
-            super().tts_prefill_audio(state, codes, num_text_tokens)
-
     def tts_audio_mask(self, pos: torch.Tensor, num_text: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """`runner.tts_audio_mask` computed on the device from position and text-length tensors, over the key
         positions `keys` (an arange): [1, 1, 1, len(keys)]."""

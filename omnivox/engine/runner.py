@@ -162,7 +162,8 @@ class EagerRunner:
         n = len(ids)
         state.cache.seek(begin)
         mask = causal_mask(begin, n, state.cache.key_len(begin + n), self.device)
-        tts(embeds, torch.arange(begin, begin + n, device=self.device), state.cache, mask)
+        with self._attention(eager=True):
+            tts(embeds, torch.arange(begin, begin + n, device=self.device), state.cache, mask)
 
     @torch.inference_mode()
     def tts_prefill_audio(self, state: TTSState, codes: torch.Tensor, num_text_tokens: int) -> None:
@@ -175,7 +176,8 @@ class EagerRunner:
         state.cache.seek(start)
         key_len = state.cache.key_len(start + n)
         mask = tts_audio_mask(start, num_text_tokens, key_len, start + n, self.device)
-        tts(embeds, torch.arange(start, start + n, device=self.device), state.cache, mask)
+        with self._attention(eager=True):
+            tts(embeds, torch.arange(start, start + n, device=self.device), state.cache, mask)
         state.codes = list(codes.unbind(0))
 
     def _temperature(self, sampling: SamplingParams) -> torch.Tensor:
