@@ -24,12 +24,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dummy-weights", action="store_true", help="released full-size config with seeded random weights")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--precision", "--dtype", dest="dtype", default=None, help="bf16 | fp16 | fp32 | tf32")
-    p.add_argument("--path", default="reference", choices=["reference", "static", "fast"],
-                   help="reference: eager + growing caches (the original's cost); fast: static caches + CUDA graphs")
+    p.add_argument(
+        "--path",
+        default="reference",
+        choices=["reference", "static", "fast"],
+        help="reference: eager + growing caches (the original's cost); fast: static caches + CUDA graphs",
+    )
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math", "cudnn"])
-    p.add_argument("--no-early-first-chunk", action="store_true",
-                   help="release the first audio only after the second TTS call (the official framing)")
+    p.add_argument(
+        "--no-early-first-chunk",
+        action="store_true",
+        help="release the first audio only after the second TTS call (the official framing)",
+    )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="fast path on a GPU: run LLM, TTS and vocoder one after another on one stream (same outputs, slower)",
+    )
     p.add_argument("--max-concurrent-requests", type=int, default=8)
 
 
@@ -40,6 +52,7 @@ def engine_config(args: argparse.Namespace):
         "path": args.path,
         "early_first_chunk": not args.no_early_first_chunk,
         "max_concurrent_requests": args.max_concurrent_requests,
+        "overlap": not args.no_overlap,
     }
     known = EngineConfig.__dataclass_fields__
     for name in ("compile", "attention"):
@@ -133,11 +146,17 @@ def cmd_speak(args: argparse.Namespace) -> int:
     sampling = SamplingParams(greedy=args.greedy)
     with maybe_trace(args.trace):
         if args.read_aloud:
-            stream = engine.read_aloud(args.text, seed=args.seed, sampling=sampling,
-                                       forced_audio_seconds=forced_seconds)
+            stream = engine.read_aloud(
+                args.text, seed=args.seed, sampling=sampling, forced_audio_seconds=forced_seconds
+            )
         else:
-            stream = engine.stream(args.text, seed=args.seed, sampling=sampling, forced_reply=forced_reply,
-                                   forced_audio_seconds=forced_seconds)
+            stream = engine.stream(
+                args.text,
+                seed=args.seed,
+                sampling=sampling,
+                forced_reply=forced_reply,
+                forced_audio_seconds=forced_seconds,
+            )
         pcm = np.concatenate([chunk.pcm for chunk in stream] or [np.zeros(0, np.float32)])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_wav(args.output, pcm, engine.sample_rate)
@@ -179,6 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "path": args.path,
         "compile": args.compile,
         "attention": args.attention,
+        "overlap": not args.no_overlap,
         "early_first_chunk": not args.no_early_first_chunk,
         "workload": args.workload or "standard",
         "model_load_s": engine.model_load_s,
@@ -213,9 +233,17 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from omnivox.server.app import serve
 
-    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-          dummy_weights=args.dummy_weights, engine_config=engine_config(args),
-          served_model_name=args.served_model_name, max_input_chars=args.max_input_chars)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        dummy_weights=args.dummy_weights,
+        engine_config=engine_config(args),
+        served_model_name=args.served_model_name,
+        max_input_chars=args.max_input_chars,
+    )
     return 0
 
 

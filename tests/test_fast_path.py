@@ -47,7 +47,7 @@ class Recorded:
         self.restarts = 0
 
     def __enter__(self) -> Recorded:
-        decode, prefill_audio = self.runner.decode_audio, self.runner.tts_prefill_audio
+        decode, prefill_audio = self.runner.decode_audio_launch, self.runner.tts_prefill_audio
 
         def rec_decode(codes):
             self.windows.append(codes.clone())
@@ -57,11 +57,11 @@ class Recorded:
             self.restarts += 1
             return prefill_audio(*args, **kwargs)
 
-        self.runner.decode_audio, self.runner.tts_prefill_audio = rec_decode, rec_prefill_audio
+        self.runner.decode_audio_launch, self.runner.tts_prefill_audio = rec_decode, rec_prefill_audio
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.runner.decode_audio, self.runner.tts_prefill_audio
+        del self.runner.decode_audio_launch, self.runner.tts_prefill_audio
 
     @property
     def codes(self) -> torch.Tensor:
@@ -138,8 +138,12 @@ def test_multi_turn_same_output_and_session_slot(engines):
         turns = []
         for text, reply in (("Hi!", REPLY), ("And now?", "Sure. Here is more.")):
             turns.append(
-                run(engine, lambda e, t=text, r=reply, s=session: e.stream(t, session=s, seed=4, forced_reply=r,
-                                                                          forced_audio_seconds=2.0))  # fmt: skip
+                run(
+                    engine,
+                    lambda e, t=text, r=reply, s=session: e.stream(
+                        t, session=s, seed=4, forced_reply=r, forced_audio_seconds=2.0
+                    ),
+                )  # fmt: skip
             )
         if engine.config.path == "fast":
             pool = engine.runner.llm_pool

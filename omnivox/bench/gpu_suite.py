@@ -51,12 +51,12 @@ from omnivox.engine.types import SamplingParams
 from omnivox.models.loader import build_dummy_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
-DEFAULT = {"precision": "bf16", "compile": "none", "attention": "sdpa"}  # micro configs may add fused=on|off
+DEFAULT = {"precision": "bf16", "compile": "none", "attention": "sdpa", "overlap": "on"}  # micro: fused=on|off
 SWEEP = [  # one switch at a time from the default, then the seed's final choice
     {"compile": "default"}, {"compile": "reduce-overhead"}, {"compile": "max-autotune"},
     {"precision": "fp16"}, {"precision": "fp32"}, {"precision": "tf32"},
     {"attention": "efficient"}, {"attention": "math"}, {"attention": "cudnn"}, {"attention": "flash"},
-    {"compile": "reduce-overhead", "precision": "tf32"},
+    {"compile": "reduce-overhead", "precision": "tf32"}, {"overlap": "off"},
 ]  # fmt: skip
 LONG_REPLY = " ".join(
     f"Sentence number {i} talks about the sea, the wind and the small boats that sail home at night." for i in range(12)
@@ -262,12 +262,12 @@ def graph_replay_ms(runner, model, reps: int = 50) -> dict[str, float]:
 
 # ---- engine-level equivalence -----------------------------------------------------------------------------------
 class Recorder:
-    """Wraps a runner's decode_audio and tts_prefill_audio to record every decoded window and each restart."""
+    """Wraps a runner's decode_audio_launch and tts_prefill_audio to record every decoded window and restart."""
 
     def __init__(self, runner):
         self.windows: list[torch.Tensor] = []
         self.restarts = 0
-        decode, prefill_audio = runner.decode_audio, runner.tts_prefill_audio
+        decode, prefill_audio = runner.decode_audio_launch, runner.tts_prefill_audio
 
         def rec_decode(codes):
             self.windows.append(codes.detach().cpu())
@@ -277,7 +277,7 @@ class Recorder:
             self.restarts += 1
             return prefill_audio(*args, **kwargs)
 
-        runner.decode_audio, runner.tts_prefill_audio = rec_decode, rec_prefill_audio
+        runner.decode_audio_launch, runner.tts_prefill_audio = rec_decode, rec_prefill_audio
 
 
 def run_request(engine: Engine, kind: str, seed: int, sampling: SamplingParams) -> dict[str, Any]:
@@ -296,7 +296,7 @@ def run_request(engine: Engine, kind: str, seed: int, sampling: SamplingParams) 
         )
     pcm = np.concatenate([c.pcm for c in stream] or [np.zeros(0, np.float32)])
     codes = torch.cat(rec.windows) if rec.windows else torch.zeros(0, 4, dtype=torch.long)
-    for name in ("decode_audio", "tts_prefill_audio"):
+    for name in ("decode_audio_launch", "tts_prefill_audio"):
         delattr(engine.runner, name)
     return {
         "pcm": pcm,
@@ -331,7 +331,9 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def part_validate(summary: dict, precisions: list[str], kinds: list[str]) -> None:
+def part_validate(summary: dict, precisions: list[str], kinds: list[str], compiled: bool) -> None:
+    """fast vs reference (and vs static for LLM tokens); the fast path with overlap vs without (must be identical:
+    same kernels, other streams); with `compiled`, the fast path with compile=default against both."""
     dev = DEVICE
     # torch.multinomial and sampling.draw draw the same ids from the same generator state (CUDA)
     probs = torch.rand(4, 626, device=dev).softmax(-1)
@@ -345,6 +347,10 @@ def part_validate(summary: dict, precisions: list[str], kinds: list[str]) -> Non
         ref = Engine(model, EngineConfig(path="reference", max_concurrent_requests=2))
         static = Engine(model, EngineConfig(path="static", max_concurrent_requests=2))
         fast = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2))
+        sequential = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2, overlap=False))
+        others = {"sequential": sequential}
+        if compiled:
+            others["compiled"] = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2, compile="default"))
         for greedy in (False, True):
             sampling = SamplingParams(greedy=greedy)
             toks = {
@@ -357,16 +363,27 @@ def part_validate(summary: dict, precisions: list[str], kinds: list[str]) -> Non
                 "fast_vs_static_first_divergence": first_divergence(toks["fast"], toks["static"]),
                 "n": 48,
             }
+        if compiled:
+            toks = [llm_tokens(e.runner, model, 48, SamplingParams(), seed=5) for e in (ref, fast, others["compiled"])]
+            res["llm_compiled"] = {
+                "vs_reference_first_divergence": first_divergence(toks[2], toks[0]),
+                "vs_fast_first_divergence": first_divergence(toks[2], toks[1]),
+                "n": 48,
+            }
         for kind in kinds:
             outs = {
                 name: run_request(e, kind, seed=11, sampling=SamplingParams())
-                for name, e in (("reference", ref), ("fast", fast))
+                for name, e in (("reference", ref), ("fast", fast), *others.items())
             }
             res[f"request_{kind}"] = compare_requests(outs["reference"], outs["fast"])
+            for name in others:
+                res[f"request_{kind}_{name}_vs_fast"] = compare_requests(outs["fast"], outs[name])
+            if compiled:
+                res[f"request_{kind}_compiled_vs_reference"] = compare_requests(outs["reference"], outs["compiled"])
         res["slots_free_after"] = fast.runner.stats()
         summary["validate"][precision] = res
         log(f"validate {precision}: {json.dumps(res)}")
-        del ref, static, fast, model
+        del ref, static, fast, sequential, others, model
         free_memory()
 
 
@@ -427,7 +444,14 @@ def workload_items(max_items: int | None):
 def bench_config(model, cfg: dict[str, str], path: str, items, trials: int, tmp: Path) -> dict[str, Any]:
     name = f"{path}-{label(cfg)}" if path == "fast" else "reference"
     engine = Engine(
-        model, EngineConfig(path=path, max_concurrent_requests=2, compile=cfg["compile"], attention=cfg["attention"])
+        model,
+        EngineConfig(
+            path=path,
+            max_concurrent_requests=2,
+            compile=cfg["compile"],
+            attention=cfg["attention"],
+            overlap=cfg["overlap"] == "on",
+        ),
     )
     if hasattr(engine.runner, "warm_up"):
         engine.runner.warm_up()  # every bucket's graphs captured before the clock starts
@@ -776,6 +800,17 @@ def final_table(summary: dict) -> str:
                         f"{kind}: codes {'==' if q['codes_identical'] else 'DIFF'} "
                         f"({q['code_rows_agree']:.3f}) pcm max {q.get('pcm_max_abs', math.nan):.2e}"
                     )
+            for name in ("sequential", "compiled"):
+                same = [
+                    f"{kind} {'==' if r[key]['codes_identical'] else 'DIFF'} ({r[key]['code_rows_agree']:.3f})"
+                    for kind in ("short", "restart", "read")
+                    if (key := f"request_{kind}_{name}_vs_fast") in r
+                ]
+                if same:
+                    parts.append(f"fast vs {name}: " + ", ".join(same))
+            if "llm_compiled" in r:
+                c = r["llm_compiled"]
+                parts.append(f"compiled llm div@{c['vs_reference_first_divergence']}/{c['vs_fast_first_divergence']}")
             lines.append(f"equiv  {precision}: " + "; ".join(parts))
     if "validate" in summary:
         lines.append(f"equiv  draw == multinomial on CUDA: {summary['validate']['draw_equals_multinomial_cuda']}")
@@ -802,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-configs", default="default", help="'default', 'all' or a sweep spec ('default' = none)")
     p.add_argument("--validate-precisions", default="fp32,bf16")
     p.add_argument("--validate-kinds", default="short,restart,read")
+    p.add_argument("--validate-compile", action="store_true", help="validate: also the compile=default fast path")
+    p.add_argument("--workload-configs", default="", help="workload part: fast configs besides the default (spec)")
     p.add_argument("--no-reference", action="store_true", help="workload part: skip the reference path")
     p.add_argument("--profile-config", default="", help="sweep spec of the profiled configuration")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the suite with --size tiny")
@@ -835,10 +872,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp())
     all_results: list[dict[str, Any]] = []
     if "validate" in parts:
-        part_validate(summary, args.validate_precisions.split(","), args.validate_kinds.split(","))
+        kinds = args.validate_kinds.split(",")
+        part_validate(summary, args.validate_precisions.split(","), kinds, args.validate_compile)
         write_summary(args.out, summary)
     if "workload" in parts:
-        all_results += part_workload(summary, [{}], not args.no_reference, args.trials, args.items, tmp)
+        configs = [{}] + parse_sweep(args.workload_configs)
+        all_results += part_workload(summary, configs, not args.no_reference, args.trials, args.items, tmp)
         write_summary(args.out, summary)
     if "sweep" in parts:
         configs = parse_sweep(args.sweep)

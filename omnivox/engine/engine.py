@@ -43,6 +43,10 @@ class EngineConfig:
     attention: str = "sdpa"  # sdpa | efficient | math | cudnn (flash takes no mask: refused)
     cuda_graphs: bool = True  # off: the fast path's steps run eagerly (always so on a CPU)
     max_sessions: int = 0  # LLM caches in the fast path's pool (0: max_concurrent_requests)
+    # overlap (overlap.py): on a GPU the fast path runs LLM, TTS and vocoder on their own CUDA streams, the LLM up
+    # to `llm_lookahead` 3-token chunks ahead of the TTS; outputs are those of the sequential algorithm either way
+    overlap: bool = True
+    llm_lookahead: int = 8
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -164,6 +168,8 @@ class Engine:
     ):
         self.model = model
         self.config = config or EngineConfig()
+        if self.config.llm_lookahead < 0:
+            raise InvalidRequest(f"llm_lookahead is {self.config.llm_lookahead}: use 0 (none) or more chunks")
         self.device = model.device
         self.clock = clock
         self.model_load_s = model_load_s
@@ -188,6 +194,7 @@ class Engine:
             compile=config.compile,
             attention=config.attention,
             cuda_graphs=config.cuda_graphs,
+            streams=config.overlap,
         )
 
     @classmethod
@@ -339,7 +346,14 @@ class Engine:
         metrics = RequestMetrics(request_id=request_id, prompt_tokens=prompt_len)
         timer = StageTimer(metrics, self.device, self.clock)
         reply = ReplyGenerator(
-            self.runner, session, sampling, self._generators(seed), timer, forcing, self.config.early_first_chunk
+            self.runner,
+            session,
+            sampling,
+            self._generators(seed),
+            timer,
+            forcing,
+            self.config.early_first_chunk,
+            lookahead=self.config.llm_lookahead if self.config.overlap else 0,
         )
 
         def pieces() -> Iterator[Piece]:

@@ -22,6 +22,10 @@ What differs from `EagerRunner(cache="static")`, and nothing else does:
 * Prefills (shapes change with every prompt) take the memory-efficient SDPA kernel by default, not cuDNN's, which
   builds a plan per new shape.
 * Sampling is `omnivox.engine.sampling`, the same functions as the reference path.
+* Overlap (`streams`, on a GPU): LLM, TTS and DVAE + Vocos work is queued on three CUDA streams, each with its
+  own graph memory pool, so a TTS call (`tts_launch`) and a vocoder window (`decode_audio_launch`) compute while
+  the host runs LLM steps; their results are taken later (overlap.py). A stream waits for the one whose tensors
+  it reads (the vocoder waits for the TTS), and a released slot is handed out only after its stream's work.
 * Switches: `compile` (torch.compile of the decode bodies: "default" and "max-autotune" are captured in our
   graphs; "reduce-overhead" lets torch.compile own the graphs), `attention` (the PyTorch SDPA backend), graphs
   on or off. On a CPU there are no graphs: the same step functions run eagerly, one host check per TTS step.
@@ -30,6 +34,7 @@ What differs from `EagerRunner(cache="static")`, and nothing else does:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
@@ -38,6 +43,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnivox.engine.fused_linears import FusedDecoder, FusedHeads
 from omnivox.engine.graphs import CacheWindow, LayerKVCache, Slot, SlotPool, StepGraph, bucket
+from omnivox.engine.overlap import Pending, Queued, Ready
+from omnivox.engine.prefill_graphs import PrefillGraphs
 from omnivox.engine.runner import EagerRunner
 from omnivox.engine.sampling import sample_llm_token, sample_tts_codes
 from omnivox.engine.session import Session, TTSState
@@ -80,8 +87,10 @@ class FastRunner(EagerRunner):
         attention: str = "sdpa",
         cuda_graphs: bool = True,
         fused: bool | None = None,
+        streams: bool = True,
     ):
-        """`fused`: decode steps run `FusedDecoder` (q/k/v, gate/up and the code heads as one product each; the
+        """`streams`: LLM, TTS and audio on their own CUDA streams (overlap; GPU only).
+        `fused`: decode steps run `FusedDecoder` (q/k/v, gate/up and the code heads as one product each; the
         model's weights are moved into fused buffers in place, values unchanged); None = on for bf16/fp16 on a
         GPU. Off, the steps call the model's modules (bit-identical to the reference path in fp32)."""
         super().__init__(model, cache="static", llm_capacity=llm_capacity, tts_capacity=tts_capacity)
@@ -119,11 +128,21 @@ class FastRunner(EagerRunner):
         self.llm_pool = SlotPool("LLM session", self._make_llm_slot, llm_slots)
         self.tts_pool = SlotPool("TTS", self._make_tts_slot, tts_slots)
         self._tts_temperatures: dict[tuple, torch.Tensor] = {}
-        self.step_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # graphs that may run at the same time (on different streams) must not share a memory pool
+        self.step_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # LLM graphs
+        self.tts_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.streams = streams and self.cuda
+        # the TTS is a chain of tiny kernels: a higher priority lets its blocks in between the LLM's large products
+        self.llm_stream = torch.cuda.Stream(dev) if self.streams else None
+        self.tts_stream = torch.cuda.Stream(dev, priority=-1) if self.streams else None
+        self.audio_stream = torch.cuda.Stream(dev) if self.streams else None
         # DVAE + Vocos are never compiled, so they keep their graphs under compile="reduce-overhead" too
         self.audio_graphs_on = cuda_graphs and self.cuda
         self.audio_graph_pool = torch.cuda.graph_pool_handle() if self.audio_graphs_on else None
-        self.audio_graphs: dict[int, tuple[torch.Tensor, StepGraph]] = {}
+        self.audio_graphs: dict[int, tuple[torch.Tensor, StepGraph, torch.Tensor]] = {}
+        self.prefill = PrefillGraphs(  # multi-token LLM forwards, padded to buckets (prefill_graphs.py)
+            self.llm_decoder, model.llm.embed, self.llm_capacity, LLM_BUCKET, dev, self.step_graph_pool, self.use_graphs
+        )
         # the generators graphs draw from; requests' generator states are copied in and out around replays
         self.llm_rng = torch.Generator(device=dev) if self.use_graphs else None
         self.tts_rng = torch.Generator(device=dev) if self.use_graphs else None
@@ -176,6 +195,7 @@ class FastRunner(EagerRunner):
         return slot.cache
 
     def release_llm_cache(self, cache: LayerKVCache) -> None:
+        self._after(self.llm_stream)
         self.llm_pool.release(cache)
 
     def new_tts_state(self) -> TTSState:
@@ -184,7 +204,31 @@ class FastRunner(EagerRunner):
         return TTSState(cache=slot.cache)
 
     def release_tts_state(self, state: TTSState) -> None:
+        self._after(self.tts_stream)
         self.tts_pool.release(state.cache)
+
+    # ---- streams ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _on(self, stream: torch.cuda.Stream | None) -> Iterator[None]:
+        """Runs the block's work on `stream`, after everything the caller's stream already queued (e.g. a slot's
+        reset). No stream (CPU, overlap off): the caller's stream."""
+        if stream is None:
+            yield
+            return
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield
+
+    def _after(self, stream: torch.cuda.Stream | None) -> None:
+        """The caller's stream (where a slot is reset when handed out again) waits for `stream`'s work."""
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+
+    @staticmethod
+    def _used_on(tensor: torch.Tensor | None, stream: torch.cuda.Stream | None) -> None:
+        """`tensor` came from another stream: keep its memory from being reused before `stream` is done with it."""
+        if tensor is not None and stream is not None:
+            tensor.record_stream(stream)
 
     def _attention(self, eager: bool = False):
         """The SDPA backends to allow. `eager`: a multi-token prefill, whose shapes change with every prompt; with
@@ -221,7 +265,8 @@ class FastRunner(EagerRunner):
         def restore() -> None:
             slot.io["buf"].copy_(saved_buf)
 
-        graph = StepGraph(fn, self.step_graph_pool, (rng,) if rng is not None else (), before_capture=restore)
+        pool = self.step_graph_pool if key[0] == "llm" else self.tts_graph_pool
+        graph = StepGraph(fn, pool, (rng,) if rng is not None else (), before_capture=restore)
         if saved_rng is not None:
             rng.set_state(saved_rng)
         slot.graphs[key] = graph
@@ -266,6 +311,20 @@ class FastRunner(EagerRunner):
         return CacheWindow(cache, length), length
 
     @torch.inference_mode()
+    def llm_forward(self, session: Session, ids: list[int]) -> torch.Tensor:
+        """The base contract, padded to a length bucket: one graph replay per slot, bucket and key bucket
+        (prefill_graphs.py; eager on a CPU). Prompts longer than the largest bucket or too close to the capacity
+        run eagerly. A graph replays the SDPA kernel it captured, so graphs may take cuDNN (a plan per bucket)."""
+        tb = self.prefill.padded_length(session.length, len(ids))
+        if tb is None:
+            return super().llm_forward(session, ids)
+        slot = self.llm_pool.slot_of(session.cache)
+        with self._attention(eager=not self.prefill.use_graphs):
+            hidden = self.prefill.run(slot, session.length, ids)
+        session.length += len(ids)
+        return hidden
+
+    @torch.inference_mode()
     def llm_step(
         self,
         session: Session,
@@ -275,8 +334,14 @@ class FastRunner(EagerRunner):
         generator: torch.Generator | None,
         want_hidden: bool = False,
     ) -> tuple[int, torch.Tensor | None]:
-        if len(ids) != 1 or want_hidden or not 0 < len(window) <= LLM_WINDOW:
-            return super().llm_step(session, ids, window, sampling, generator, want_hidden)
+        with self._on(self.llm_stream):  # the token read-back waits for this stream only
+            if len(ids) != 1 or want_hidden or not 0 < len(window) <= LLM_WINDOW:
+                return super().llm_step(session, ids, window, sampling, generator, want_hidden)
+            return self._llm_graph_step(session, ids, window, sampling, generator), None
+
+    def _llm_graph_step(
+        self, session: Session, ids: list[int], window: list[int], sampling: SamplingParams, generator
+    ) -> int:
         slot = self.llm_pool.slot_of(session.cache)
         stage = slot.io["stage"]
         stage[0], stage[1] = ids[0], session.length
@@ -299,7 +364,7 @@ class FastRunner(EagerRunner):
                 self._mark_step()
                 out = self._llm_step_fn(slot, length, sampling, generator)
         session.length += 1
-        return int(out), None
+        return int(out)
 
     # ---- TTS ----------------------------------------------------------------------------------------------------
     def tts_audio_mask(self, pos: torch.Tensor, num_text: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -366,7 +431,6 @@ class FastRunner(EagerRunner):
         buf[LAST : LAST + num_vq].copy_(codes)
         buf[POS : STEP + 1] += 1
 
-    @torch.inference_mode()
     def tts_generate(
         self,
         state: TTSState,
@@ -376,9 +440,24 @@ class FastRunner(EagerRunner):
         generator: torch.Generator | None,
         eos_after: int | None = None,
     ) -> int:
+        return self.tts_launch(state, max_steps, num_text_tokens, sampling, generator, eos_after).wait()
+
+    @torch.inference_mode()
+    def tts_launch(
+        self,
+        state: TTSState,
+        max_steps: int,
+        num_text_tokens: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        eos_after: int | None = None,
+    ) -> Pending[int]:
+        """Queues the call's steps on the TTS stream; the result (codes appended to `state`) is taken by `wait`.
+        On a CPU the steps run at once, with one host check per step."""
         if max_steps > TTS_MAX_STEPS:
-            with self._attention():
-                return super().tts_generate(state, max_steps, num_text_tokens, sampling, generator, eos_after)
+            with self._on(self.tts_stream), self._attention():
+                args = (state, max_steps, num_text_tokens, sampling, generator, eos_after)
+                return Ready(lambda: EagerRunner.tts_generate(self, *args))
         slot = self.tts_pool.slot_of(state.cache)
         buf, num_vq = slot.io["buf"], self.vq_index.shape[0]
         self._tts_temperature(sampling)  # made outside any capture
@@ -388,35 +467,47 @@ class FastRunner(EagerRunner):
         stage[BAN_UNTIL] = 10 if eos_after is None else max(10, eos_after)
         stage[FORCE_AT] = NO_FORCED_EOS if eos_after is None else eos_after
         stage[N_EXEC], stage[DONE] = 0, 0
-        buf[:LAST].copy_(stage, non_blocking=True)
-        if not first:
-            buf[LAST : LAST + num_vq].copy_(state.codes[-1])
         length = bucket(self.condition_slots + state.num_codes + max_steps, TTS_BUCKET, self.tts_capacity)
-        with self._attention():
-            if self.cuda:
-                host = self._tts_queue(slot, length, sampling, first, max_steps, generator)
-            else:
-                for i in range(max_steps):
-                    self._tts_step_fn(slot, length, sampling, first and i == 0, generator)
-                    if bool(buf[DONE]):
-                        break
-                host = buf.clone()
+        with self._on(self.tts_stream), self._attention():
+            buf[:LAST].copy_(stage, non_blocking=True)
+            if not first:
+                buf[LAST : LAST + num_vq].copy_(state.codes[-1])
+            if not self.cuda:
+                return Ready(lambda: self._tts_cpu(slot, state, length, sampling, first, max_steps, generator))
+            return self._tts_queue(slot, state, length, sampling, first, max_steps, generator)
+
+    def _tts_cpu(self, slot: Slot, state: TTSState, length: int, sampling, first: bool, max_steps: int, generator):
+        buf = slot.io["buf"]
+        for i in range(max_steps):
+            self._tts_step_fn(slot, length, sampling, first and i == 0, generator)
+            if bool(buf[DONE]):
+                break
+        return self._tts_result(state, buf.clone(), self._call_codes(slot, max_steps))
+
+    def _call_codes(self, slot: Slot, max_steps: int) -> torch.Tensor:
+        """[max_steps, num_vq]: a copy of the codes the call wrote (rows past its first EOS are discarded)."""
+        num_vq = self.vq_index.shape[0]
+        return slot.io["buf"][LAST + num_vq : LAST + num_vq * (1 + max_steps)].view(max_steps, num_vq).clone()
+
+    @staticmethod
+    def _tts_result(state: TTSState, host: torch.Tensor, codes: torch.Tensor) -> int:
         n_exec, done = int(host[N_EXEC]), int(host[DONE])
         kept = n_exec - done
         if kept:
-            rows = buf[LAST + num_vq : LAST + num_vq * (1 + kept)].view(kept, num_vq).clone()
-            state.codes.extend(rows.unbind(0))
+            state.codes.extend(codes[:kept].unbind(0))
         state.finished = bool(done)
         return kept
 
-    def _tts_queue(self, slot: Slot, length: int, sampling: SamplingParams, first: bool, max_steps: int, generator):
-        """All `max_steps` steps queued back to back, one read-back at the end; then the request's generator is
-        moved to where stopping at the first EOS would have left it."""
+    def _tts_queue(self, slot: Slot, state: TTSState, length: int, sampling, first: bool, max_steps: int, generator):
+        """All `max_steps` steps queued back to back, then one copy to the host; `wait` reads it, keeps the codes
+        up to the first EOS and moves the request's generator to where stopping there would have left it."""
         gen = self._default_generator(generator)
         rng = self.tts_rng if self.use_graphs else gen
         if self.use_graphs:
             rng.set_state(gen.get_state())
-        start = rng.get_offset()
+        start_offset = rng.get_offset()
+        began, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began.record()
         key = (*self._tts_key(sampling), length)
         for i in range(max_steps):
             if first and i == 0:
@@ -430,16 +521,21 @@ class FastRunner(EagerRunner):
             else:
                 self._mark_step()
                 self._tts_step_fn(slot, length, sampling, False, rng)
+        codes = self._call_codes(slot, max_steps)
         host = slot.io["host"]
         host.copy_(slot.io["buf"], non_blocking=True)
-        torch.cuda.current_stream().synchronize()
-        per_step = (rng.get_offset() - start) // max_steps
+        done.record()
+        per_step = (rng.get_offset() - start_offset) // max_steps
         if self.use_graphs:
             gen.set_state(rng.get_state())
-        executed = int(host[N_EXEC])
-        if executed < max_steps and per_step:
-            gen.set_offset(start + executed * per_step)
-        return host
+
+        def finish() -> int:
+            executed = int(host[N_EXEC])
+            if executed < max_steps and per_step:
+                gen.set_offset(start_offset + executed * per_step)
+            return self._tts_result(state, host, codes)
+
+        return Queued(began, done, finish)
 
     # ---- warm-up ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -461,6 +557,8 @@ class FastRunner(EagerRunner):
                     llm_slot.io["buf"][1] = length - 1
                     fn = partial(self._llm_step_fn, llm_slot, length, sampling, self.llm_rng)
                     self._capture(llm_slot, key, fn, self.llm_rng)
+            if llm_slot is not None:
+                self.prefill.warm_up(llm_slot, max_positions=llm_positions)  # prompt and header buckets
             self._tts_temperature(sampling)
             for length in range(2 * TTS_BUCKET, min(tts_positions, self.tts_capacity) + 1, TTS_BUCKET):
                 key = (*self._tts_key(sampling), length)
@@ -475,24 +573,54 @@ class FastRunner(EagerRunner):
                 slot.cache.reset()
 
     # ---- audio --------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def decode_audio(self, codes: torch.Tensor) -> np.ndarray:
-        """DVAE + Vocos; on a GPU one graph per window length (25 first, 29 after, fewer at the very end)."""
+        return self.decode_audio_launch(codes).wait()
+
+    @torch.inference_mode()
+    def decode_audio_launch(self, codes: torch.Tensor) -> Pending[np.ndarray]:
+        """DVAE + Vocos on the audio stream, after the TTS work that made `codes`; on a GPU one graph per window
+        length (25 first, 29 after, fewer at the very end), its PCM copied to pinned memory for `wait`."""
         if not self.audio_graphs_on:
-            return super().decode_audio(codes)
+            return Ready(lambda: EagerRunner.decode_audio(self, codes))
         length = codes.shape[0]
-        entry = self.audio_graphs.get(length)
-        if entry is None:
-            static_codes = codes.clone()
+        with self._on(self.audio_stream):
+            if self.audio_stream is not None:
+                self.audio_stream.wait_stream(self.tts_stream)
+            self._used_on(codes, self.audio_stream)
+            entry = self.audio_graphs.get(length)
+            if entry is None:
+                static_codes = codes.clone()
 
-            def run() -> torch.Tensor:
-                mel = self.model.dvae.decode(static_codes[None])
-                return self.model.vocos.decode(mel.float())[0]
+                def run() -> torch.Tensor:
+                    mel = self.model.dvae.decode(static_codes[None])
+                    return self.model.vocos.decode(mel.float())[0]
 
-            entry = self.audio_graphs[length] = (static_codes, StepGraph(run, self.audio_graph_pool))
-        static_codes, graph = entry
-        static_codes.copy_(codes)
-        return graph.replay().cpu().numpy()
+                graph = StepGraph(run, self.audio_graph_pool)
+                host = torch.empty(graph.output.shape, dtype=graph.output.dtype, pin_memory=True)
+                entry = self.audio_graphs[length] = (static_codes, graph, host)
+            static_codes, graph, host = entry
+            began, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            began.record()
+            static_codes.copy_(codes)
+            host.copy_(graph.replay(), non_blocking=True)
+            done.record()
+        return Queued(began, done, lambda: host.numpy().copy())
+
+    # ---- TTS inputs from other streams ----------------------------------------------------------------------------
+    def project_speaker(self, llm_hidden: torch.Tensor) -> torch.Tensor:
+        with self._on(self.tts_stream):
+            self._used_on(llm_hidden, self.tts_stream)
+            return super().project_speaker(llm_hidden)
+
+    def tts_prefill_text(self, state: TTSState, ids: list[int], begin: int, speaker: torch.Tensor | None) -> None:
+        with self._on(self.tts_stream):
+            self._used_on(speaker, self.tts_stream)
+            super().tts_prefill_text(state, ids, begin, speaker)
+
+    def tts_prefill_audio(self, state: TTSState, codes: torch.Tensor, num_text_tokens: int) -> None:
+        with self._on(self.tts_stream):
+            self._used_on(codes, self.tts_stream)
+            super().tts_prefill_audio(state, codes, num_text_tokens)
 
     # ---- introspection ------------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -4,6 +4,11 @@ Text → LLM (3-token calls) → text re-tokenised for the TTS → text slots pr
 25-token TTS calls → DVAE + Vocos over each new window with 4 tokens of left context → crossfade → PCM pieces.
 Long replies restart the TTS in a new segment at a sentence end. Everything here is host-side control flow; the
 runner executes the steps, so the reference and fast paths share this file.
+
+Overlap (overlap.py): TTS calls and vocoder windows are launched and their results taken later. While a TTS call
+computes, the LLM produces the next chunks (up to `lookahead` ahead); in the loop of calls that ends a segment,
+each window's DVAE + Vocos runs while the next TTS call computes. The order in which results are consumed is the
+sequential algorithm's, so the outputs are too.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 
 from omnivox.engine.crossfade import Framer
+from omnivox.engine.overlap import Lookahead, Pending
 from omnivox.engine.profiler import StageTimer
 from omnivox.engine.session import Session, TTSState
 from omnivox.engine.text import (
@@ -43,6 +49,10 @@ ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_e
 class LLMChunk:
     text: str
     speaker_hidden: torch.Tensor | None = None  # post-norm hidden at <|spk|>, first chunk only
+    num_tokens: int = 0  # tokens this chunk generated
+    session_length: int = 0  # the session's LLM positions once it was produced (where a rewind goes back to)
+    ended: bool = False  # ends with a terminator
+    hit_length_limit: bool = False
 
 
 @dataclass
@@ -82,7 +92,9 @@ class ReplyGenerator:
         timer: StageTimer,
         forcing: Forcing | None = None,
         early_first_chunk: bool = True,
+        lookahead: int = 0,
     ):
+        """`lookahead`: LLM chunks that may be produced ahead of the TTS while a TTS call computes (0: none)."""
         model = runner.model
         self.runner = runner
         self.session = session
@@ -106,6 +118,9 @@ class ReplyGenerator:
         self.cancelled = False
         self.last_restart: Restart | None = None
         self.tts_state = None  # the live TTS segment (for cache accounting)
+        self.lookahead = lookahead
+        self.llm: Lookahead[LLMChunk] | None = None  # the reply's LLM chunks, once started
+        self.consumed_length: int | None = None  # session length after the last chunk the pipeline consumed
 
     def cache_bytes(self) -> int:
         """Bytes of KV cache this request holds now (its session's LLM cache and its TTS segment's cache)."""
@@ -121,7 +136,6 @@ class ReplyGenerator:
         if self.forcing is not None:
             forced = self.forcing.reply_ids + [special.tts_eos, special.im_end]
         decoder = LLMTextDecoder(self.tokenizer, bos_id=special.endoftext, terminator_ids=self.terminators)
-        metrics = self.timer.metrics
         inputs, first, new_tokens = header, True, 0
         while True:
             speaker_hidden = None
@@ -139,18 +153,14 @@ class ReplyGenerator:
                     chunk.append(token)
                     window.append(token)
                     new_tokens += 1
-                    metrics.llm_tokens += 1
                     if token in self.terminators:
                         break
                 text = decoder.push(chunk)
             ended = chunk[-1] in self.terminators
-            self.session.last_reply_terminated = ended
-            yield LLMChunk(text=text, speaker_hidden=speaker_hidden)
+            limited = not ended and new_tokens >= self.sampling.max_new_tokens
+            yield LLMChunk(text, speaker_hidden, len(chunk), self.session.length, ended, limited)
             first, inputs = False, chunk[-1:]
-            if ended:
-                return
-            if new_tokens >= self.sampling.max_new_tokens:
-                metrics.finish_reason = "length"
+            if ended or limited:
                 return
 
     # ---- TTS ------------------------------------------------------------------------------------------------------
@@ -162,26 +172,58 @@ class ReplyGenerator:
             remaining = min(remaining, self.segment_budget - self.segment_new_tokens)
         return max(remaining, 0)
 
-    def _tts_call(self, state, num_text_tokens: int) -> None:
-        with self.timer.stage("tts"):
-            kept = self.runner.tts_generate(
-                state, TTS_TOKENS_PER_CALL, num_text_tokens, self.sampling, self.tts_generator, self._eos_after()
-            )
+    def _tts_launch(self, state: TTSState, num_text_tokens: int) -> Pending[int]:
+        return self.runner.tts_launch(
+            state, TTS_TOKENS_PER_CALL, num_text_tokens, self.sampling, self.tts_generator, self._eos_after()
+        )
+
+    def _tts_wait(self, pending: Pending[int], state: TTSState) -> None:
+        """The LLM runs ahead while the call computes; then the call's result is taken."""
+        if self.llm is not None and self.lookahead:
+            with self.timer.overlapped():
+                self.llm.fill_while(pending.running)
+        kept = pending.wait()
+        self.timer.add("tts", pending.seconds)
         self.audio_tokens_total += kept
         self.segment_new_tokens += kept
         self.timer.metrics.tts_steps += kept + int(state.finished)
         self.timer.metrics.tts_calls += 1
 
-    def _call_and_decode(self, state: TTSState, num_text_tokens: int, framer: Framer) -> np.ndarray | None:
-        """One TTS call, then DVAE + Vocos over its new tokens plus 4 of left context; returns the PCM that may be
-        released now (None when the call added no token or the framer holds everything back)."""
-        self._tts_call(state, num_text_tokens)
+    def _audio_launch(self, state: TTSState) -> Pending[np.ndarray] | None:
+        """DVAE + Vocos over the new tokens plus 4 of left context (None when there are no new tokens)."""
         if state.num_codes == state.num_decoded:
             return None
-        with self.timer.stage("audio"):
-            window = state.codes_tensor(max(state.num_decoded - DECODE_LEFT_CONTEXT, 0))
-            state.num_decoded = state.num_codes
-            return framer.push(self.runner.decode_audio(window))
+        window = state.codes_tensor(max(state.num_decoded - DECODE_LEFT_CONTEXT, 0))
+        state.num_decoded = state.num_codes
+        return self.runner.decode_audio_launch(window)
+
+    def _audio_wait(self, pending: Pending[np.ndarray] | None, framer: Framer) -> np.ndarray | None:
+        """The PCM that may be released now (None when there was none or the framer holds it back)."""
+        if pending is None:
+            return None
+        pcm = pending.wait()
+        self.timer.add("audio", pending.seconds)
+        return framer.push(pcm)
+
+    def _call_and_decode(self, state: TTSState, num_text_tokens: int, framer: Framer) -> np.ndarray | None:
+        """One TTS call, then its audio."""
+        self._tts_wait(self._tts_launch(state, num_text_tokens), state)
+        return self._audio_wait(self._audio_launch(state), framer)
+
+    def _calls_until_end(self, state: TTSState, num_text_tokens: int, framer: Framer) -> Iterator[np.ndarray | None]:
+        """TTS calls on all the text there is, until EOS or the segment's audio limit; each call's audio is decoded
+        while the next call computes. Yields each call's releasable PCM, in order."""
+        audio = None
+        while not self.cancelled:
+            call = self._tts_launch(state, num_text_tokens)
+            if audio is not None:
+                yield self._audio_wait(audio, framer)
+            self._tts_wait(call, state)
+            audio = self._audio_launch(state)
+            if state.finished or state.num_codes > SEGMENT_MAX_AUDIO_TOKENS:
+                break
+        if audio is not None:
+            yield self._audio_wait(audio, framer)
 
     def _prefill(self, state, prompt_text: str, begin: int, end: int, speaker: torch.Tensor | None) -> list[int]:
         ids = self.tts_tokenizer.encode(prompt_text)
@@ -267,16 +309,11 @@ class ReplyGenerator:
             if end > begin:
                 tts_ids = self._prefill(state, prompt.text, begin, end, speaker if m == 0 else None)
                 mask_len = num_text
-            while not self.cancelled:
-                pcm = self._call_and_decode(state, mask_len, framer)
+            for pcm in self._calls_until_end(state, mask_len, framer):
                 if pcm is not None:
                     yield Piece(pcm, gen_text_raw[prev_text_len:])
                     prev_text_len = len(gen_text_raw)
-                if state.finished:
-                    break
-                if state.num_codes > SEGMENT_MAX_AUDIO_TOKENS:
-                    stop = True
-                    break
+            stop = not state.finished and state.num_codes > SEGMENT_MAX_AUDIO_TOKENS
         restart_next = cut and not stop and not self.cancelled
         tail = framer.flush()
         if tail is not None:
@@ -289,7 +326,14 @@ class ReplyGenerator:
             )
 
     def __iter__(self) -> Iterator[Piece]:
-        llm = self._recording(self.llm_chunks())
+        self.llm = Lookahead(self.llm_chunks(), limit=self.lookahead)
+        try:
+            yield from self._reply(self._consumed(self.llm))
+        finally:
+            self.llm.close()
+            self.rewind_unconsumed()
+
+    def _reply(self, llm: Iterator[LLMChunk]) -> Iterator[Piece]:
         first = next(llm)
         with self.timer.stage("tts_init"):
             speaker = self.runner.project_speaker(first.speaker_hidden)
@@ -331,21 +375,34 @@ class ReplyGenerator:
         framer, pending_text = Framer(early=self.early), part
         prompt = build_tts_prompt(part, self.tts_tokenizer, self.reserved)
         self._prefill(state, prompt.text, 0, prompt.num_text_tokens + 3, speaker)
-        while not self.cancelled:
-            pcm = self._call_and_decode(state, prompt.num_text_tokens, framer)
+        for pcm in self._calls_until_end(state, prompt.num_text_tokens, framer):
             if pcm is not None:
                 yield Piece(pcm, pending_text)
                 pending_text = ""
-            if state.finished or state.num_codes > SEGMENT_MAX_AUDIO_TOKENS:
-                break
         tail = framer.flush()
         if tail is not None or last_part:
             yield Piece(tail if tail is not None else np.zeros(0, np.float32), pending_text, final=last_part)
 
-    def _recording(self, llm: Iterator[LLMChunk]) -> Iterator[LLMChunk]:
-        """Keeps the metrics' reply text up to date with every chunk the LLM produced."""
-        reply = []
+    def _consumed(self, llm: Iterator[LLMChunk]) -> Iterator[LLMChunk]:
+        """Accounts for each chunk when the pipeline takes it (not when it was produced, which may be earlier):
+        the metrics' reply text and token count, how the reply ended, and where a rewind goes back to."""
+        reply, metrics = [], self.timer.metrics
         for chunk in llm:
             reply.append(chunk.text)
-            self.timer.metrics.reply_text = "".join(reply).split(TTS_EOS)[0]
+            metrics.reply_text = "".join(reply).split(TTS_EOS)[0]
+            metrics.llm_tokens += chunk.num_tokens
+            if chunk.hit_length_limit:
+                metrics.finish_reason = "length"
+            self.session.last_reply_terminated = chunk.ended
+            self.consumed_length = chunk.session_length
             yield chunk
+
+    def rewind_unconsumed(self) -> None:
+        """Takes back LLM chunks produced ahead but never consumed (the speech ended first): the session's cache
+        goes back to where the sequential algorithm, which would not have produced them, leaves it."""
+        session = self.session
+        if session is None or session.cache is None or self.consumed_length is None:
+            return
+        if session.length > self.consumed_length:
+            session.length = self.consumed_length
+            session.cache.truncate_(self.consumed_length)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from omnivox.engine.kv_cache import GrowingKVCache, StaticKVCache
+from omnivox.engine.overlap import Pending, Ready
 from omnivox.engine.sampling import sample_llm_token, sample_tts_codes
 from omnivox.engine.session import Session, TTSState
 from omnivox.engine.types import SamplingParams
@@ -236,6 +237,18 @@ class EagerRunner:
             kept += 1
         return kept
 
+    def tts_launch(
+        self,
+        state: TTSState,
+        max_steps: int,
+        num_text_tokens: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        eos_after: int | None = None,
+    ) -> Pending[int]:
+        """`tts_generate` as a result that may still be computing (overlap.py); here it is computed at once."""
+        return Ready(lambda: self.tts_generate(state, max_steps, num_text_tokens, sampling, generator, eos_after))
+
     # ---- audio --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode_audio(self, codes: torch.Tensor) -> np.ndarray:
@@ -243,3 +256,7 @@ class EagerRunner:
         mel = self.model.dvae.decode(codes[None])
         pcm = self.model.vocos.decode(mel.float())
         return pcm[0].cpu().numpy()
+
+    def decode_audio_launch(self, codes: torch.Tensor) -> Pending[np.ndarray]:
+        """`decode_audio` as a result that may still be computing; here it is computed at once."""
+        return Ready(lambda: self.decode_audio(codes))
