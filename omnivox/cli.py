@@ -30,7 +30,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["reference", "static", "fast"],
         help="reference: eager + growing caches (the original's cost); fast: static caches + CUDA graphs",
     )
-    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "none", "default", "reduce-overhead", "max-autotune"],
+        help="torch.compile of the fast path's decode steps; auto = default on a GPU, none on a CPU",
+    )
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math", "cudnn"])
     p.add_argument(
         "--no-early-first-chunk",
@@ -196,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "device": args.device,
         "dtype": str(engine.model.dtype),
         "path": args.path,
-        "compile": args.compile,
+        "compile": getattr(engine.runner, "compile_mode", "none"),  # what "auto" resolved to
         "attention": args.attention,
         "overlap": not args.no_overlap,
         "early_first_chunk": not args.no_early_first_chunk,

@@ -301,3 +301,16 @@ def test_fused_path_same_codes(model, engines):
     ref, out = run(engines[0], make), run(engine, make)
     assert torch.equal(out["codes"], ref["codes"])
     assert out["reply"] == ref["reply"]
+
+
+def test_compile_auto_resolves_per_device():
+    from omnivox.engine.engine import resolve_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu) == "none"
+    assert resolve_compile("auto", cuda) == "default"
+    assert resolve_compile("auto", cuda, cuda_graphs=False) == "none"
+    assert resolve_compile("max-autotune", cpu) == "max-autotune"
+    model = build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
+    engine = Engine(model, EngineConfig(path="fast"))
+    assert engine.runner.compile_mode == "none"

@@ -103,11 +103,10 @@ def produced_ahead(engine: Engine, text: str, **kwargs) -> int:
 @pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
 def test_free_reply_identical_with_the_llm_ahead(model, greedy):
     sequential, ahead = engine_pair(model, lookahead=4)
-    sampling = SamplingParams(greedy=greedy, max_new_tokens=40)
-    assert_same(
-        speak(sequential, "Tell me a story.", sampling=sampling), speak(ahead, "Tell me a story.", sampling=sampling)
-    )
-    assert produced_ahead(ahead, "Tell me a story.", sampling=sampling) > 0, "the test must exercise the lookahead"
+    sampling = SamplingParams(greedy=greedy, max_new_tokens=150)
+    prompt = "Hello there, how are you today?"  # a reply of several TTS calls in both modes (tiny model, seed 11)
+    assert_same(speak(sequential, prompt, sampling=sampling), speak(ahead, prompt, sampling=sampling))
+    assert produced_ahead(ahead, prompt, sampling=sampling) > 0, "the test must exercise the lookahead"
 
 
 def test_long_reply_with_segment_restarts_identical(model):
@@ -181,3 +180,26 @@ def test_ready_is_computed_at_once():
 def test_negative_lookahead_is_refused(model):
     with pytest.raises(InvalidRequest, match="llm_lookahead"):
         Engine(model, EngineConfig(path="fast", llm_lookahead=-1))
+
+
+def test_llm_runs_ahead_only_after_the_first_audio(model):
+    """Before the first audio, LLM work on the GPU would only slow the TTS call that first audio waits for."""
+    _, ahead = engine_pair(model, lookahead=8, polls=6)
+    events: list[tuple[str, int]] = []
+    fill = Lookahead.fill_while
+
+    def recording(self, busy):
+        n = fill(self, busy)
+        events.append(("ahead", n))
+        return n
+
+    Lookahead.fill_while = recording
+    try:
+        for chunk in ahead.stream("Hello!", seed=3, forced_reply=LONG_REPLY, forced_audio_seconds=4.0):
+            if len(chunk.pcm):
+                events.append(("audio", len(chunk.pcm)))
+    finally:
+        Lookahead.fill_while = fill
+    first_audio = next(i for i, (kind, _) in enumerate(events) if kind == "audio")
+    assert all(kind == "audio" for kind, _ in events[:first_audio]), "no lookahead before the first audio"
+    assert sum(n for kind, n in events[first_audio:] if kind == "ahead") > 0, "it runs ahead afterwards"

@@ -331,7 +331,7 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def part_validate(summary: dict, precisions: list[str], kinds: list[str], compiled: bool) -> None:
+def part_validate(summary: dict, precisions: list[str], kinds: list[str], compiled: bool, warm: bool) -> None:
     """fast vs reference (and vs static for LLM tokens); the fast path with overlap vs without (must be identical:
     same kernels, other streams); with `compiled`, the fast path with compile=default against both."""
     dev = DEVICE
@@ -346,11 +346,14 @@ def part_validate(summary: dict, precisions: list[str], kinds: list[str], compil
         res: dict[str, Any] = {}
         ref = Engine(model, EngineConfig(path="reference", max_concurrent_requests=2))
         static = Engine(model, EngineConfig(path="static", max_concurrent_requests=2))
-        fast = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2))
-        sequential = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2, overlap=False))
+        fast = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2, compile="none"))
+        sequential = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2, compile="none", overlap=False))
         others = {"sequential": sequential}
         if compiled:
             others["compiled"] = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2, compile="default"))
+        if warm:  # capture every graph before any stream runs concurrently (as a served engine does)
+            for engine in (fast, *others.values()):
+                engine.runner.warm_up()
         for greedy in (False, True):
             sampling = SamplingParams(greedy=greedy)
             toks = {
@@ -381,6 +384,7 @@ def part_validate(summary: dict, precisions: list[str], kinds: list[str], compil
             if compiled:
                 res[f"request_{kind}_compiled_vs_reference"] = compare_requests(outs["reference"], outs["compiled"])
         res["slots_free_after"] = fast.runner.stats()
+        res["warmed_up"] = warm
         summary["validate"][precision] = res
         log(f"validate {precision}: {json.dumps(res)}")
         del ref, static, fast, sequential, others, model
@@ -838,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validate-precisions", default="fp32,bf16")
     p.add_argument("--validate-kinds", default="short,restart,read")
     p.add_argument("--validate-compile", action="store_true", help="validate: also the compile=default fast path")
+    p.add_argument("--validate-warm", action="store_true", help="validate: warm_up() the fast engines first")
     p.add_argument("--workload-configs", default="", help="workload part: fast configs besides the default (spec)")
     p.add_argument("--no-reference", action="store_true", help="workload part: skip the reference path")
     p.add_argument("--profile-config", default="", help="sweep spec of the profiled configuration")
@@ -873,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     all_results: list[dict[str, Any]] = []
     if "validate" in parts:
         kinds = args.validate_kinds.split(",")
-        part_validate(summary, args.validate_precisions.split(","), kinds, args.validate_compile)
+        part_validate(summary, args.validate_precisions.split(","), kinds, args.validate_compile, args.validate_warm)
         write_summary(args.out, summary)
     if "workload" in parts:
         configs = [{}] + parse_sweep(args.workload_configs)

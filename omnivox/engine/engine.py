@@ -39,7 +39,9 @@ class EngineConfig:
     early_first_chunk: bool = True
     path: str = "reference"  # "reference": eager + growing caches; "static": eager + static caches; "fast"
     # the fast path's switches (omnivox/engine/fast_runner.py)
-    compile: str = "none"  # none | default | reduce-overhead | max-autotune
+    # auto: "default" for the fast path on a GPU (validated equal to the plain path, ~2x faster steps, a one-off
+    # compile at start-up), "none" elsewhere | none | default | reduce-overhead | max-autotune
+    compile: str = "auto"
     attention: str = "sdpa"  # sdpa | efficient | math | cudnn (flash takes no mask: refused)
     cuda_graphs: bool = True  # off: the fast path's steps run eagerly (always so on a CPU)
     max_sessions: int = 0  # LLM caches in the fast path's pool (0: max_concurrent_requests)
@@ -47,6 +49,14 @@ class EngineConfig:
     # to `llm_lookahead` 3-token chunks ahead of the TTS; outputs are those of the sequential algorithm either way
     overlap: bool = True
     llm_lookahead: int = 8
+
+
+def resolve_compile(compile: str, device: torch.device, cuda_graphs: bool = True) -> str:
+    """`auto` -> torch.compile's default mode inside our CUDA graphs on a GPU, none on a CPU (where compiling only
+    costs start-up time); any other mode as given."""
+    if compile != "auto":
+        return compile
+    return "default" if device.type == "cuda" and cuda_graphs else "none"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -191,7 +201,7 @@ class Engine:
             llm_capacity=config.max_session_tokens,
             llm_slots=config.max_sessions or config.max_concurrent_requests,
             tts_slots=config.max_concurrent_requests,
-            compile=config.compile,
+            compile=resolve_compile(config.compile, model.device, config.cuda_graphs),
             attention=config.attention,
             cuda_graphs=config.cuda_graphs,
             streams=config.overlap,

@@ -121,6 +121,7 @@ class ReplyGenerator:
         self.lookahead = lookahead
         self.llm: Lookahead[LLMChunk] | None = None  # the reply's LLM chunks, once started
         self.consumed_length: int | None = None  # session length after the last chunk the pipeline consumed
+        self.audio_released = False  # the first PCM has been handed out (lookahead waits for it)
 
     def cache_bytes(self) -> int:
         """Bytes of KV cache this request holds now (its session's LLM cache and its TTS segment's cache)."""
@@ -178,8 +179,9 @@ class ReplyGenerator:
         )
 
     def _tts_wait(self, pending: Pending[int], state: TTSState) -> None:
-        """The LLM runs ahead while the call computes; then the call's result is taken."""
-        if self.llm is not None and self.lookahead:
+        """The LLM runs ahead while the call computes (once the first audio is out: before that, LLM work on the
+        GPU would only slow the call that first audio waits for); then the call's result is taken."""
+        if self.llm is not None and self.lookahead and self.audio_released:
             with self.timer.overlapped():
                 self.llm.fill_while(pending.running)
         kept = pending.wait()
@@ -203,7 +205,10 @@ class ReplyGenerator:
             return None
         pcm = pending.wait()
         self.timer.add("audio", pending.seconds)
-        return framer.push(pcm)
+        released = framer.push(pcm)
+        if released is not None and len(released):
+            self.audio_released = True
+        return released
 
     def _call_and_decode(self, state: TTSState, num_text_tokens: int, framer: Framer) -> np.ndarray | None:
         """One TTS call, then its audio."""
