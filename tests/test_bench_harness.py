@@ -125,3 +125,13 @@ def test_bad_arguments():
         run_bench(FakeEngine(), ITEMS, trials=0, progress=False)
     with pytest.raises(ValueError, match="no items besides the warm-up"):
         run_bench(FakeEngine(), ITEMS[:1], trials=1, progress=False)
+
+
+def test_engine_warm_up_runs_once_before_any_request():
+    class WarmingEngine(FakeEngine):
+        def warm_up(self):
+            self.calls.append({"request_id": "<graphs>"})
+
+    engine = WarmingEngine()
+    run_bench(engine, ITEMS, trials=1, progress=False)
+    assert [c["request_id"] for c in engine.calls] == ["<graphs>", "warmup", "t0-p1", "t0-p2"]

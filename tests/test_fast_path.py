@@ -314,3 +314,17 @@ def test_compile_auto_resolves_per_device():
     model = build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
     engine = Engine(model, EngineConfig(path="fast"))
     assert engine.runner.compile_mode == "none"
+
+
+def test_engine_warm_up_captures_through_the_runner():
+    model = build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
+    calls = []
+
+    class Counting(FastRunner):
+        def warm_up(self, *args, **kwargs):
+            calls.append(args)
+            return super().warm_up(*args, **kwargs)
+
+    Engine(model, EngineConfig(path="fast"), runner=Counting(model)).warm_up()
+    assert calls == [()]
+    Engine(model, EngineConfig(path="reference")).warm_up()  # the eager runner has nothing to capture: no error

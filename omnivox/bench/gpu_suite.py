@@ -457,8 +457,6 @@ def bench_config(model, cfg: dict[str, str], path: str, items, trials: int, tmp:
             overlap=cfg["overlap"] == "on",
         ),
     )
-    if hasattr(engine.runner, "warm_up"):
-        engine.runner.warm_up()  # every bucket's graphs captured before the clock starts
     results = run_bench(
         engine,
         items,
@@ -488,8 +486,17 @@ def summarize_results(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def part_workload(
-    summary: dict, configs: list[dict[str, str]], include_reference: bool, trials: int, max_items: int | None, tmp: Path
+    summary: dict,
+    configs: list[dict[str, str]],
+    include_reference: bool,
+    trials: int,
+    max_items: int | None,
+    tmp: Path,
+    out: Path,
+    kept: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
+    """Each configuration's raw samples are added to `kept` and written to `out` as soon as it finishes, so a run
+    stopped at its time limit still returns every configuration it completed."""
     items = workload_items(max_items)
     all_results = []
     model, model_precision = None, None
@@ -511,8 +518,11 @@ def part_workload(
             log(f"workload {name} failed: {summary['workload'][name]['error']}")
             continue
         all_results.append(results)
+        kept.append(results)
         summary["workload"][name] = summarize_results(results)
         log(f"workload {name}: {json.dumps(summary['workload'][name])}")
+        write_results(out, kept)
+        write_summary(out, summary)
     base = next((r for r in all_results if r["config"]["name"] == "fast-default"), None)
     ref = next((r for r in all_results if r["config"]["name"] == "reference"), None)
     for r in all_results:
@@ -821,6 +831,16 @@ def final_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(out: Path, results: list[dict[str, Any]]) -> None:
+    """Every finished configuration's raw samples, one results.json each, in one archive (rewritten each time)."""
+    with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
+        for r in results:
+            data = json.dumps(r, indent=1).encode()
+            info = tarfile.TarInfo(f"{r['config']['name']}/results.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def write_summary(out: Path, summary: dict) -> None:
     """Written after each part, so a run stopped at its time limit still returns what it measured."""
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -882,21 +902,15 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(args.out, summary)
     if "workload" in parts:
         configs = [{}] + parse_sweep(args.workload_configs)
-        all_results += part_workload(summary, configs, not args.no_reference, args.trials, args.items, tmp)
+        part_workload(summary, configs, not args.no_reference, args.trials, args.items, tmp, args.out, all_results)
         write_summary(args.out, summary)
     if "sweep" in parts:
         configs = parse_sweep(args.sweep)
         if "workload" not in parts:
             configs = [{}] + configs
-        all_results += part_workload(summary, configs, False, args.sweep_trials, args.items, tmp)
+        part_workload(summary, configs, False, args.sweep_trials, args.items, tmp, args.out, all_results)
         write_summary(args.out, summary)
     if all_results:
-        with tarfile.open(args.out / "results.tar.gz", "w:gz") as tar:
-            for r in all_results:
-                data = json.dumps(r, indent=1).encode()
-                info = tarfile.TarInfo(f"{r['config']['name']}/results.json")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
         with contextlib.suppress(Exception):
             from omnivox.bench.plot import plot_distributions
 

@@ -131,7 +131,9 @@ class FastRunner(EagerRunner):
         # graphs that may run at the same time (on different streams) must not share a memory pool
         self.step_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # LLM graphs
         self.tts_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.streams = streams and self.cuda
+        # compile="reduce-overhead" replays torch.compile's own CUDA graphs, which are not made for work handed
+        # between streams (on the H200 the two together tripped a device-side index assert): one stream then
+        self.streams = streams and self.cuda and compile != "reduce-overhead"
         # the TTS is a chain of tiny kernels: a higher priority lets its blocks in between the LLM's large products
         self.llm_stream = torch.cuda.Stream(dev) if self.streams else None
         self.tts_stream = torch.cuda.Stream(dev, priority=-1) if self.streams else None

@@ -36,6 +36,9 @@ class StepGraph:
     ):
         """Runs `fn` `warmup` times on a side stream (lazy init, compilation), calls `before_capture` (e.g. to
         restore state the warm-up advanced), then records it."""
+        # a quiet device, as in `warm_up`: captures made while other streams were busy (a lazy capture during
+        # overlapped work) gave other bf16 bit patterns on the H200 than captures made ahead of time
+        torch.cuda.synchronize()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

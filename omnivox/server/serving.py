@@ -103,7 +103,11 @@ class SpeechService:
             logger.exception("engine start-up failed")
 
     def _warm_up(self, engine: Any) -> None:
-        """One short chat reply and one short read-aloud, to the end: pays for lazy initialisation up front."""
+        """The fast path's graphs (and compiled steps) for every cache bucket, then one short chat reply and one
+        short read-aloud, to the end: pays for capture, compilation and lazy initialisation up front, before any
+        request's streams run concurrently."""
+        if hasattr(engine, "warm_up"):
+            engine.warm_up()
         chat, read = "Hi, how are you?", "Hello there."
         for open_stream in (
             lambda: engine.stream(chat, seed=0, sampling=SamplingParams(max_new_tokens=16),
