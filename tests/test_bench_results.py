@@ -6,7 +6,7 @@ import json
 import pytest
 from rich.console import Console
 
-from omnivox.bench.plot import plot_distributions
+from omnivox.bench.plot import plot_distributions, plot_medians
 from omnivox.bench.report import aggregate_block, compare_table, stage_table, summary_table
 from omnivox.bench.results import SCHEMA, build_results, read_results, sample_from_metrics, write_results
 from omnivox.bench.workloads import STANDARD_WORKLOAD, WorkloadItem, load_workload, split_warmup
@@ -138,6 +138,15 @@ def test_plot_writes_png(tmp_path):
     b = build_results(samples_for([0.1, 0.2, 0.3], [0.5, 0.6, 0.7], 0.8), {"name": "B"})
     path = plot_distributions([a, b], None, tmp_path / "plots" / "dist.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_plot_medians_skips_failed_configs_and_needs_one(tmp_path):
+    ok = {"ttfb_s": {"median": 0.6, "ci95": [0.5, 0.7]}, "rtf": {"median": 0.8, "ci95": [0.7, 0.9]}}
+    fast = {"ttfb_s": {"median": 0.12, "ci95": [0.11, 0.13]}, "rtf": {"median": 0.07, "ci95": [0.06, 0.08]}}
+    path = plot_medians({"reference": ok, "fast": fast, "broken": {"error": "boom"}}, tmp_path / "m.png", "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="at least one"):
+        plot_medians({"broken": {"error": "boom"}}, tmp_path / "none.png", "t")
 
 
 def test_packaged_workload():

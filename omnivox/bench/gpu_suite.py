@@ -58,6 +58,7 @@ SWEEP = [  # one switch at a time from the default, then the seed's final choice
     {"attention": "efficient"}, {"attention": "math"}, {"attention": "cudnn"}, {"attention": "flash"},
     {"compile": "reduce-overhead", "precision": "tf32"}, {"overlap": "off"},
 ]  # fmt: skip
+GOALS = {"ttfb_s": 0.080, "rtf": 0.04}  # issue 4's single-stream goals
 LONG_REPLY = " ".join(
     f"Sentence number {i} talks about the sea, the wind and the small boats that sail home at night." for i in range(12)
 )
@@ -915,6 +916,11 @@ def main(argv: list[str] | None = None) -> int:
             from omnivox.bench.plot import plot_distributions
 
             plot_distributions(all_results, [r["config"]["name"] for r in all_results], args.out / "sweep.png")
+        with contextlib.suppress(Exception):
+            from omnivox.bench.plot import plot_medians
+
+            title = f"{summary['device']}, full-size dummy weights: medians and 95 % CIs"
+            plot_medians(summary["workload"], args.out / "medians.png", title, GOALS)
     if "micro" in parts:
         spec = args.micro_configs
         configs = [{}] + ([] if spec == "default" else parse_sweep(spec))
