@@ -495,7 +495,7 @@ def part_workload(
     tmp: Path,
     out: Path,
     kept: list[dict[str, Any]],
-) -> list[dict[str, Any]]:
+) -> None:
     """Each configuration's raw samples are added to `kept` and written to `out` as soon as it finishes, so a run
     stopped at its time limit still returns every configuration it completed."""
     items = workload_items(max_items)
@@ -542,7 +542,6 @@ def part_workload(
                 }
     del model
     free_memory()
-    return all_results
 
 
 # ---- profile ----------------------------------------------------------------------------------------------------
