@@ -211,13 +211,17 @@ class FastRunner(EagerRunner):
 
     # ---- streams ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _on(self, stream: torch.cuda.Stream | None) -> Iterator[None]:
+    def _on(self, stream: torch.cuda.Stream | None, *reads: torch.Tensor | None) -> Iterator[None]:
         """Runs the block's work on `stream`, after everything the caller's stream already queued (e.g. a slot's
-        reset). No stream (CPU, overlap off): the caller's stream."""
+        reset). `reads` came from other streams: their memory is kept from reuse until `stream` is done with them.
+        No stream (CPU, overlap off): the caller's stream."""
         if stream is None:
             yield
             return
         stream.wait_stream(torch.cuda.current_stream())
+        for tensor in reads:
+            if tensor is not None:
+                tensor.record_stream(stream)
         with torch.cuda.stream(stream):
             yield
 
@@ -225,12 +229,6 @@ class FastRunner(EagerRunner):
         """The caller's stream (where a slot is reset when handed out again) waits for `stream`'s work."""
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
-
-    @staticmethod
-    def _used_on(tensor: torch.Tensor | None, stream: torch.cuda.Stream | None) -> None:
-        """`tensor` came from another stream: keep its memory from being reused before `stream` is done with it."""
-        if tensor is not None and stream is not None:
-            tensor.record_stream(stream)
 
     def _attention(self, eager: bool = False):
         """The SDPA backends to allow. `eager`: a multi-token prefill, whose shapes change with every prompt; with
@@ -585,10 +583,9 @@ class FastRunner(EagerRunner):
         if not self.audio_graphs_on:
             return Ready(lambda: EagerRunner.decode_audio(self, codes))
         length = codes.shape[0]
-        with self._on(self.audio_stream):
+        with self._on(self.audio_stream, codes):
             if self.audio_stream is not None:
                 self.audio_stream.wait_stream(self.tts_stream)
-            self._used_on(codes, self.audio_stream)
             entry = self.audio_graphs.get(length)
             if entry is None:
                 static_codes = codes.clone()
@@ -610,18 +607,15 @@ class FastRunner(EagerRunner):
 
     # ---- TTS inputs from other streams ----------------------------------------------------------------------------
     def project_speaker(self, llm_hidden: torch.Tensor) -> torch.Tensor:
-        with self._on(self.tts_stream):
-            self._used_on(llm_hidden, self.tts_stream)
+        with self._on(self.tts_stream, llm_hidden):
             return super().project_speaker(llm_hidden)
 
     def tts_prefill_text(self, state: TTSState, ids: list[int], begin: int, speaker: torch.Tensor | None) -> None:
-        with self._on(self.tts_stream):
-            self._used_on(speaker, self.tts_stream)
+        with self._on(self.tts_stream, speaker):
             super().tts_prefill_text(state, ids, begin, speaker)
 
     def tts_prefill_audio(self, state: TTSState, codes: torch.Tensor, num_text_tokens: int) -> None:
-        with self._on(self.tts_stream):
-            self._used_on(codes, self.tts_stream)
+        with self._on(self.tts_stream, codes):
             super().tts_prefill_audio(state, codes, num_text_tokens)
 
     # ---- introspection ------------------------------------------------------------------------------------------
