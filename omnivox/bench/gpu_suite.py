@@ -1,7 +1,7 @@
 """The fast path's GPU suite: floors, micro-benchmarks, equivalence, the standard workload and the switch sweep.
 
-    python3 -m omnivox.bench.gpu_suite --out OUT [--parts PART,...]   (floors validate workload sweep micro
-                                                                     profile kprofile cprofile)
+    python3 -m omnivox.bench.gpu_suite --out OUT [--parts PART,...]   (floors validate determinism workload
+                                                                     sweep micro profile kprofile cprofile)
 
 Parts run in that order, one process. Each command should fit one device call (< 9 min): split the parts over
 calls (bench/NOTES-fast-path.md lists a split). Everything runs on full-size dummy weights (seeded random, the
@@ -10,8 +10,10 @@ released shapes), so each step costs what it costs with the real model.
 * floors: bytes a decode step must read, over the measured copy bandwidth.
 * validate: fast vs reference on the same seed (LLM tokens, audio codes, PCM) in fp32 and bf16, incl. segment
   restarts and multi-part read-aloud; `sampling.draw` vs `torch.multinomial` on CUDA.
+* determinism: each request twice on engines with and without streams and lookahead (what changes outputs).
 * workload: the standard workload, reference then fast default, `--trials` trials (omnivox.bench.harness).
-* sweep: the fast default plus one switch at a time (`--sweep`), `--sweep-trials` trials, ratios to the default.
+* sweep: the fast default (the engine's defaults: compile=auto, i.e. compile=default on a GPU) plus one switch
+  at a time (`--sweep`), `--sweep-trials` trials, ratios to the default.
 * micro: ms per LLM token, per TTS step, per DVAE+Vocos window, graph replay times, the reference alongside.
 * profile: a torch.profiler Chrome trace of one fast request; kprofile / cprofile: where a step's time goes.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -31,6 +34,7 @@ import math
 import tarfile
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,7 @@ from omnivox.bench.harness import run_bench
 from omnivox.bench.stats import compare, summarize
 from omnivox.bench.workloads import load_workload, split_warmup
 from omnivox.config import CONFIGS
-from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.engine.engine import Engine, EngineConfig, resolve_compile
 from omnivox.engine.fast_runner import FastRunner
 from omnivox.engine.pipeline import ASSISTANT_HEADER
 from omnivox.engine.runner import EagerRunner
@@ -51,9 +55,10 @@ from omnivox.engine.types import SamplingParams
 from omnivox.models.loader import build_dummy_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
-DEFAULT = {"precision": "bf16", "compile": "none", "attention": "sdpa", "overlap": "on"}  # micro: fused=on|off
+# the engine's own defaults: compile=auto is compile=default on a GPU and none on a CPU (micro: also fused=on|off)
+DEFAULT = {"precision": "bf16", "compile": "auto", "attention": "sdpa", "overlap": "on"}
 SWEEP = [  # one switch at a time from the default, then the seed's final choice
-    {"compile": "default"}, {"compile": "reduce-overhead"}, {"compile": "max-autotune"},
+    {"compile": "none"}, {"compile": "reduce-overhead"}, {"compile": "max-autotune"},
     {"precision": "fp16"}, {"precision": "fp32"}, {"precision": "tf32"},
     {"attention": "efficient"}, {"attention": "math"}, {"attention": "cudnn"}, {"attention": "flash"},
     {"compile": "reduce-overhead", "precision": "tf32"}, {"overlap": "off"},
@@ -244,17 +249,19 @@ def graph_replay_ms(runner, model, reps: int = 50) -> dict[str, float]:
         if slot is None:
             continue
         graph = next(iter(slot.graphs.values()))
-        saved = slot.io["buf"].clone()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(5):
-            graph.graph.replay()
-            slot.io["buf"].copy_(saved)
-        start.record()
-        for _ in range(reps):
-            graph.graph.replay()
-            if name == "tts":
-                slot.io["buf"].copy_(saved)  # keep the position fixed (a 34-element copy)
-        end.record()
+        sync()
+        with torch.cuda.stream(graph.stream):  # a graph replays on the stream it was captured on (graphs.py)
+            saved = slot.io["buf"].clone()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            for _ in range(5):
+                graph.graph.replay()
+                slot.io["buf"].copy_(saved)
+            start.record()
+            for _ in range(reps):
+                graph.graph.replay()
+                if name == "tts":
+                    slot.io["buf"].copy_(saved)  # keep the position fixed (a 34-element copy)
+            end.record()
         sync()
         out[f"{name}_replay_ms"] = start.elapsed_time(end) / reps
         slot.io["buf"].copy_(saved)
@@ -326,6 +333,54 @@ def compare_requests(a: dict, b: dict) -> dict[str, Any]:
     else:
         out["pcm_lengths"] = [len(a["pcm"]), len(b["pcm"])]
     return out
+
+
+def part_determinism(
+    summary: dict, precision: str, kinds: list[str], names: list[str], attention: str, deterministic: bool
+) -> None:
+    """Whether a request's outputs repeat, and whether the overlap changes them: each request twice on engines that
+    differ only in streams (three, or one for all) and lookahead (8 chunks, or none), graphs captured lazily; each
+    run's codes against the first run of the first engine (first differing window row; -1: identical).
+    `deterministic`: under torch.use_deterministic_algorithms(warn_only=True), whose warnings name the ops that
+    have no deterministic kernel."""
+    set_precision_flags(precision)
+    model = build_model(precision)
+    variants = {"sequential": (False, 0), "lookahead": (False, 8), "streams": (True, 0), "overlap": (True, 8)}
+    res: dict[str, Any] = {}
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for kind in kinds:
+            base = None
+            for name in names:
+                streams, lookahead = variants[name]
+                config = EngineConfig(path="fast", max_concurrent_requests=2, compile="none", attention=attention,
+                                      overlap=streams, llm_lookahead=lookahead)  # fmt: skip
+                engine = Engine(model, config)
+                # overlap=False also turns the lookahead off: put it back on the one-stream runner it built
+                engine.config = dataclasses.replace(engine.config, overlap=True)
+                for run in (1, 2):
+                    out = run_request(engine, kind, seed=11, sampling=SamplingParams())
+                    base = base or out
+                    res[f"{kind} {name} run{run}"] = first_difference(base["codes"], out["codes"])
+                del engine
+                free_memory()
+    torch.use_deterministic_algorithms(False)
+    key = f"{precision} attention={attention}" + (" deterministic" if deterministic else "")
+    res["warnings"] = sorted({str(w.message).splitlines()[0][:200] for w in caught if deterministic})
+    summary.setdefault("determinism", {})[key] = res
+    log(f"determinism {key}: {json.dumps(res)}")
+    del model
+    free_memory()
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
+    """First row where two code tensors differ (-1: identical; the shorter length when one is a prefix)."""
+    n = min(len(a), len(b))
+    rows = (a[:n] != b[:n]).any(-1).nonzero()
+    if len(rows):
+        return int(rows[0])
+    return -1 if len(a) == len(b) else n
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
@@ -410,7 +465,8 @@ def part_micro(summary: dict, bandwidth: float, configs: list[dict[str, str]], o
         try:
             t0 = time.perf_counter()
             fused = {"auto": None, "on": True, "off": False}[cfg.get("fused", "auto")]
-            fast = FastRunner(model, llm_slots=1, tts_slots=1, compile=cfg["compile"], attention=cfg["attention"],
+            compile = resolve_compile(cfg["compile"], DEVICE)
+            fast = FastRunner(model, llm_slots=1, tts_slots=1, compile=compile, attention=cfg["attention"],
                               fused=fused)  # fmt: skip
             row["llm_ms"] = time_llm(fast, model)
             row["tts_ms"] = time_tts(fast, model)
@@ -420,7 +476,7 @@ def part_micro(summary: dict, bandwidth: float, configs: list[dict[str, str]], o
             del fast
         except Exception as e:  # a switch that cannot run is a result, not a crash
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        if cfg["compile"] == "none" and cfg["attention"] == "sdpa" and "fused" not in cfg:  # reference, this dtype
+        if {k for k, v in cfg.items() if DEFAULT.get(k) != v} <= {"precision"}:  # once per dtype: the reference
             ref = EagerRunner(model, cache="growing")
             row["ref_llm_ms"] = time_llm(ref, model, n=24, warm=3)
             row["ref_tts_ms"] = time_tts(ref, model, calls=2)
@@ -751,7 +807,8 @@ def part_cprofile(summary: dict, out: Path, cfg: dict[str, str]) -> None:
     cfg = {**DEFAULT, "compile": "default", **cfg}
     set_precision_flags(cfg["precision"])
     model = build_model(cfg["precision"])
-    runner = FastRunner(model, llm_slots=1, tts_slots=1, compile=cfg["compile"], attention=cfg["attention"])
+    compile = resolve_compile(cfg["compile"], DEVICE)
+    runner = FastRunner(model, llm_slots=1, tts_slots=1, compile=compile, attention=cfg["attention"])
     res = profile_steps(runner, out / f"cprofile-{label(cfg).replace('=', '-').replace('+', '_')}.txt")
     summary.setdefault("cprofile", {})[label(cfg)] = res
     log(f"cprofile {label(cfg)}: {json.dumps(res, indent=1)}")
@@ -797,6 +854,10 @@ def final_table(summary: dict) -> str:
             f"[{1e3 * row['ttfb_s']['ci95'][0]:.1f}, {1e3 * row['ttfb_s']['ci95'][1]:.1f}]  RTF p50 "
             f"{row['rtf']['median']:.4f}" + (f"  RTF/default {vs['ratio']:.3f} {vs['verdict']}" if vs else "")
         )
+    for precision, res in summary.get("determinism", {}).items():
+        rows = ", ".join(f"{k} {v}" for k, v in res.items() if k != "warnings")
+        lines.append(f"determ {precision} (first differing row vs the first run, -1 = same): {rows}")
+        lines += [f"       warning: {w}" for w in res.get("warnings", [])]
     v = summary.get("validate", {})
     for precision in ("fp32", "bf16", "fp16", "tf32"):
         if precision in v:
@@ -852,17 +913,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--parts",
         default="floors,validate,micro",
-        help="any of floors,validate,workload,sweep,micro,profile,kprofile,cprofile",
+        help="any of floors,validate,determinism,workload,sweep,micro,profile,kprofile,cprofile",
     )
     p.add_argument("--trials", type=int, default=5, help="workload trials for reference and fast-default")
     p.add_argument("--sweep-trials", type=int, default=3)
     p.add_argument("--items", type=int, default=None, help="use only the first N workload requests")
     p.add_argument("--sweep", default="all", help="'all' or e.g. 'compile=default;precision=fp32'")
-    p.add_argument("--micro-configs", default="default", help="'default', 'all' or a sweep spec ('default' = none)")
+    p.add_argument("--micro-configs", default="default", help="'default' (the engine's defaults), 'all' or a spec")
     p.add_argument("--validate-precisions", default="fp32,bf16")
     p.add_argument("--validate-kinds", default="short,restart,read")
     p.add_argument("--validate-compile", action="store_true", help="validate: also the compile=default fast path")
     p.add_argument("--validate-warm", action="store_true", help="validate: warm_up() the fast engines first")
+    p.add_argument("--determinism-engines", default="sequential,lookahead,streams,overlap")
+    p.add_argument("--determinism-attention", default="sdpa", help="determinism: attention backends, comma list")
+    p.add_argument("--determinism-both", action="store_true", help="determinism: also deterministic algorithms")
     p.add_argument("--workload-configs", default="", help="workload part: fast configs besides the default (spec)")
     p.add_argument("--no-reference", action="store_true", help="workload part: skip the reference path")
     p.add_argument("--profile-config", default="", help="sweep spec of the profiled configuration")
@@ -899,6 +963,14 @@ def main(argv: list[str] | None = None) -> int:
     if "validate" in parts:
         kinds = args.validate_kinds.split(",")
         part_validate(summary, args.validate_precisions.split(","), kinds, args.validate_compile, args.validate_warm)
+        write_summary(args.out, summary)
+    if "determinism" in parts:
+        names = args.determinism_engines.split(",")
+        for precision in args.validate_precisions.split(","):
+            for attention in args.determinism_attention.split(","):
+                for deterministic in (False, True) if args.determinism_both else (False,):
+                    kinds = args.validate_kinds.split(",")
+                    part_determinism(summary, precision, kinds, names, attention, deterministic)
         write_summary(args.out, summary)
     if "workload" in parts:
         configs = [{}] + parse_sweep(args.workload_configs)

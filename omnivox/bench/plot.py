@@ -39,7 +39,8 @@ def plot_distributions(results_list: list[dict[str, Any]], labels: list[str] | N
         if name == "Realtime factor":
             ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="realtime (RTF = 1)")
             ax.legend(loc="best", fontsize="small")
-        ax.set_xticks(positions, labels, rotation=15 if len(labels) > 2 else 0)
+        crowded = len(labels) > 2
+        ax.set_xticks(positions, labels, rotation=25 if crowded else 0, ha="right" if crowded else "center")
         ax.set_ylim(bottom=0)  # ratios read honestly only from a zero baseline
         ax.set_xlabel("configuration")
         ax.set_ylabel(ylabel)

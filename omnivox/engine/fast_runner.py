@@ -19,13 +19,14 @@ What differs from `EagerRunner(cache="static")`, and nothing else does:
   Keys past the bucket are masked out on the reference path anyway, so the result is the same.
 * In bf16/fp16 on a GPU the decode steps run `FusedDecoder` (q/k/v, gate/up and the 4 code heads as one product
   each; fused_linears.py): same math, another summation order. fp32 runs the modules: bit-identical tokens.
-* Prefills (shapes change with every prompt) take the memory-efficient SDPA kernel by default, not cuDNN's, which
-  builds a plan per new shape.
+* Attention on a GPU takes the memory-efficient SDPA kernel by default, never cuDNN's (`_attention` says why).
 * Sampling is `omnivox.engine.sampling`, the same functions as the reference path.
 * Overlap (`streams`, on a GPU): LLM, TTS and DVAE + Vocos work is queued on three CUDA streams, each with its
   own graph memory pool, so a TTS call (`tts_launch`) and a vocoder window (`decode_audio_launch`) compute while
   the host runs LLM steps; their results are taken later (overlap.py). A stream waits for the one whose tensors
   it reads (the vocoder waits for the TTS), and a released slot is handed out only after its stream's work.
+  Without overlap the three are one stream. Every graph is captured on the stream it replays on (graphs.py says
+  why: the cuBLAS workspace).
 * Switches: `compile` (torch.compile of the decode bodies: "default" and "max-autotune" are captured in our
   graphs; "reduce-overhead" lets torch.compile own the graphs), `attention` (the PyTorch SDPA backend), graphs
   on or off. On a CPU there are no graphs: the same step functions run eagerly, one host check per TTS step.
@@ -55,12 +56,13 @@ from omnivox.models.loader import SpeechModel
 COMPILE_MODES = {"none": None, "default": "default", "reduce-overhead": "reduce-overhead",
                  "max-autotune": "max-autotune-no-cudagraphs"}  # fmt: skip
 ATTENTION_BACKENDS = {
-    "sdpa": None,  # PyTorch picks
+    "sdpa": None,  # PyTorch picks on a CPU; on a GPU DETERMINISTIC_GPU_ATTENTION (see `_attention`)
     "flash": [SDPBackend.FLASH_ATTENTION],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [SDPBackend.MATH],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
 }
+DETERMINISTIC_GPU_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 LLM_WINDOW = 32  # repetition-penalty window in the graph (a 3-token call sees at most 9 + 2 ids)
 LLM_BUCKET = 512  # attention reads the LLM cache in multiples of this many positions
 TTS_BUCKET = 256  # ... and the TTS cache in multiples of this
@@ -134,17 +136,15 @@ class FastRunner(EagerRunner):
         # compile="reduce-overhead" replays torch.compile's own CUDA graphs, which are not made for work handed
         # between streams (on the H200 the two together tripped a device-side index assert): one stream then
         self.streams = streams and self.cuda and compile != "reduce-overhead"
-        # the TTS is a chain of tiny kernels: a higher priority lets its blocks in between the LLM's large products
-        self.llm_stream = torch.cuda.Stream(dev) if self.streams else None
-        self.tts_stream = torch.cuda.Stream(dev, priority=-1) if self.streams else None
-        self.audio_stream = torch.cuda.Stream(dev) if self.streams else None
+        self.llm_stream, self.tts_stream, self.audio_stream = self._make_streams()
         # DVAE + Vocos are never compiled, so they keep their graphs under compile="reduce-overhead" too
         self.audio_graphs_on = cuda_graphs and self.cuda
         self.audio_graph_pool = torch.cuda.graph_pool_handle() if self.audio_graphs_on else None
         self.audio_graphs: dict[int, tuple[torch.Tensor, StepGraph, torch.Tensor]] = {}
         self.prefill = PrefillGraphs(  # multi-token LLM forwards, padded to buckets (prefill_graphs.py)
-            self.llm_decoder, model.llm.embed, self.llm_capacity, LLM_BUCKET, dev, self.step_graph_pool, self.use_graphs
-        )
+            self.llm_decoder, model.llm.embed, self.llm_capacity, LLM_BUCKET, dev, self.step_graph_pool,
+            self.llm_stream, self.use_graphs,
+        )  # fmt: skip
         # the generators graphs draw from; requests' generator states are copied in and out around replays
         self.llm_rng = torch.Generator(device=dev) if self.use_graphs else None
         self.tts_rng = torch.Generator(device=dev) if self.use_graphs else None
@@ -161,6 +161,21 @@ class FastRunner(EagerRunner):
                 for slot in (*self.llm_pool.slots, *self.tts_pool.slots):
                     for t in (*slot.cache.ks, *slot.cache.vs):
                         torch._dynamo.mark_static_address(t)
+
+    def _make_streams(self) -> tuple[torch.cuda.Stream | None, ...]:
+        """LLM, TTS and audio streams: three with overlap, else one for all (graphs cannot be captured on the
+        legacy default stream, and each must replay where it was captured); none on a CPU."""
+        if not self.cuda:
+            return None, None, None
+        if not self.streams:
+            work = torch.cuda.Stream(self.device)
+            return work, work, work
+        # the TTS is a chain of tiny kernels: a higher priority lets its blocks in between the LLM's large products
+        streams = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device, priority=-1)
+        streams += (torch.cuda.Stream(self.device),)
+        if len({s.cuda_stream for s in streams}) < 3:  # PyTorch hands out pooled streams round-robin
+            raise RuntimeError("the CUDA stream pool gave the LLM, TTS and audio work the same stream")
+        return streams
 
     # ---- pools --------------------------------------------------------------------------------------------------
     def _host_buffer(self, n: int) -> torch.Tensor:
@@ -214,7 +229,7 @@ class FastRunner(EagerRunner):
     def _on(self, stream: torch.cuda.Stream | None, *reads: torch.Tensor | None) -> Iterator[None]:
         """Runs the block's work on `stream`, after everything the caller's stream already queued (e.g. a slot's
         reset). `reads` came from other streams: their memory is kept from reuse until `stream` is done with them.
-        No stream (CPU, overlap off): the caller's stream."""
+        No stream (a CPU): the caller's stream."""
         if stream is None:
             yield
             return
@@ -225,18 +240,27 @@ class FastRunner(EagerRunner):
         with torch.cuda.stream(stream):
             yield
 
+    def _hand_back(self, stream: torch.cuda.Stream | None, result: torch.Tensor) -> None:
+        """`result` was made on `stream` for the caller, who reads it on its own stream: that one waits, and the
+        memory is kept from reuse until it has read it."""
+        if stream is not None:
+            caller = torch.cuda.current_stream()
+            caller.wait_stream(stream)
+            result.record_stream(caller)
+
     def _after(self, stream: torch.cuda.Stream | None) -> None:
         """The caller's stream (where a slot is reset when handed out again) waits for `stream`'s work."""
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
 
     def _attention(self, eager: bool = False):
-        """The SDPA backends to allow. `eager`: a multi-token prefill, whose shapes change with every prompt; with
-        the default choice it avoids cuDNN attention, which builds a plan for every new shape (each prompt
-        length would pay for one), and takes the memory-efficient kernel."""
+        """The SDPA backends to allow, the same for prefills and steps. The default ("sdpa") on a GPU is the
+        memory-efficient kernel with math as the fallback, never cuDNN's: on the H200 cuDNN attention gave other
+        bf16 results from one run of the same request to the next (bench/RESULTS.md §7), and for prefills it
+        builds a plan per new shape. On a CPU, PyTorch's own choice, as on the reference path."""
         backends = ATTENTION_BACKENDS[self.attention]
-        if backends is None and eager and self.cuda:
-            backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        if backends is None and self.cuda:
+            backends = DETERMINISTIC_GPU_ATTENTION
         return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
     def _keys(self, keys: torch.Tensor, length: int) -> torch.Tensor:
@@ -265,8 +289,9 @@ class FastRunner(EagerRunner):
         def restore() -> None:
             slot.io["buf"].copy_(saved_buf)
 
-        pool = self.step_graph_pool if key[0] == "llm" else self.tts_graph_pool
-        graph = StepGraph(fn, pool, (rng,) if rng is not None else (), before_capture=restore)
+        llm = key[0] == "llm"
+        pool, stream = (self.step_graph_pool, self.llm_stream) if llm else (self.tts_graph_pool, self.tts_stream)
+        graph = StepGraph(fn, pool, stream, (rng,) if rng is not None else (), before_capture=restore)
         if saved_rng is not None:
             rng.set_state(saved_rng)
         slot.graphs[key] = graph
@@ -314,14 +339,17 @@ class FastRunner(EagerRunner):
     def llm_forward(self, session: Session, ids: list[int]) -> torch.Tensor:
         """The base contract, padded to a length bucket: one graph replay per slot, bucket and key bucket
         (prefill_graphs.py; eager on a CPU). Prompts longer than the largest bucket or too close to the capacity
-        run eagerly. A graph replays the SDPA kernel it captured, so graphs may take cuDNN (a plan per bucket)."""
+        run eagerly. Runs on the LLM stream; the caller's stream waits for the result."""
         tb = self.prefill.padded_length(session.length, len(ids))
-        if tb is None:
-            return super().llm_forward(session, ids)
-        slot = self.llm_pool.slot_of(session.cache)
-        with self._attention(eager=not self.prefill.use_graphs):
-            hidden = self.prefill.run(slot, session.length, ids)
-        session.length += len(ids)
+        with self._on(self.llm_stream):
+            if tb is None:
+                hidden = super().llm_forward(session, ids)
+            else:
+                slot = self.llm_pool.slot_of(session.cache)
+                with self._attention():
+                    hidden = self.prefill.run(slot, session.length, ids)
+                session.length += len(ids)
+        self._hand_back(self.llm_stream, hidden)
         return hidden
 
     @torch.inference_mode()
@@ -584,8 +612,7 @@ class FastRunner(EagerRunner):
             return Ready(lambda: EagerRunner.decode_audio(self, codes))
         length = codes.shape[0]
         with self._on(self.audio_stream, codes):
-            if self.audio_stream is not None:
-                self.audio_stream.wait_stream(self.tts_stream)
+            self.audio_stream.wait_stream(self.tts_stream)
             entry = self.audio_graphs.get(length)
             if entry is None:
                 static_codes = codes.clone()
@@ -594,7 +621,7 @@ class FastRunner(EagerRunner):
                     mel = self.model.dvae.decode(static_codes[None])
                     return self.model.vocos.decode(mel.float())[0]
 
-                graph = StepGraph(run, self.audio_graph_pool)
+                graph = StepGraph(run, self.audio_graph_pool, self.audio_stream)
                 host = torch.empty(graph.output.shape, dtype=graph.output.dtype, pin_memory=True)
                 entry = self.audio_graphs[length] = (static_codes, graph, host)
             static_codes, graph, host = entry

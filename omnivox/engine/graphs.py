@@ -2,9 +2,10 @@
 
 A captured graph replays the exact kernels it recorded on the exact buffers it recorded them on, so every buffer a
 step reads or writes (KV cache, inputs, outputs, device-side counters) is allocated once and owned by a `Slot`;
-a graph is captured per slot (and per sampling constant set) the first time that slot runs the step. All graphs of
-a runner share one memory pool: replays are serialised on one stream and each step's outputs are consumed (copied
-out) before the next replay, as in nano-vllm's `capture_cudagraph`.
+a graph is captured per slot (and per sampling constant set) the first time that slot runs the step. The graphs that
+replay on one stream share a memory pool (and are captured on that stream, see `StepGraph`): their replays are
+serialised and each step's outputs are consumed (copied out) before the next replay, as in nano-vllm's
+`capture_cudagraph`.
 
 Random draws inside a graph use a runner-owned CUDA generator registered with every graph
 (`CUDAGraph.register_generator_state`): each replay then advances that generator's Philox offset exactly as the
@@ -24,34 +25,42 @@ from omnivox.errors import EngineBusy
 
 
 class StepGraph:
-    """One captured call of `fn()` (which reads and writes only buffers that outlive the graph)."""
+    """One captured call of `fn()` (which reads and writes only buffers that outlive the graph), to be replayed on
+    the stream it was captured on.
+
+    Why that stream: PyTorch gives cuBLAS one workspace per stream, and a captured product keeps the workspace of
+    the stream it was captured on. Graphs captured on one stream but replayed at the same time on different
+    streams share that scratch memory and can corrupt each other's results. torch.cuda.graph captures every graph
+    on one shared side stream unless told otherwise; on the H200, bf16 codes with and without overlap then parted
+    where the LLM began running beside the TTS (bench/RESULTS.md §7). Captured on its replay stream, a graph shares
+    a workspace only with work that stream runs one item at a time anyway."""
 
     def __init__(
         self,
         fn: Callable[[], Any],
         pool: Any,
+        stream: torch.cuda.Stream,
         generators: tuple[torch.Generator, ...] = (),
         warmup: int = 1,
         before_capture: Callable[[], None] | None = None,
     ):
-        """Runs `fn` `warmup` times on a side stream (lazy init, compilation), calls `before_capture` (e.g. to
-        restore state the warm-up advanced), then records it."""
-        # a quiet device, as in `warm_up`: captures made while other streams were busy (a lazy capture during
-        # overlapped work) gave other bf16 bit patterns on the H200 than captures made ahead of time
-        torch.cuda.synchronize()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        """Runs `fn` `warmup` times on `stream` (lazy init, compilation, the stream's cuBLAS workspace), calls
+        `before_capture` (e.g. to restore state the warm-up advanced), then records it on `stream`, which must
+        not be the legacy default stream (a capture needs another)."""
+        caller = torch.cuda.current_stream()
+        stream.wait_stream(caller)
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        caller.wait_stream(stream)
         if before_capture is not None:
             before_capture()
         self.graph = torch.cuda.CUDAGraph()
         for gen in generators:
             self.graph.register_generator_state(gen)
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.output = fn()
+        self.stream = stream
 
     def replay(self) -> Any:
         self.graph.replay()

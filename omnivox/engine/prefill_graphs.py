@@ -51,8 +51,9 @@ class PrefillGraphs:
 
     `decoder(embeds [1, T, C], positions [T], cache, mask) -> post-norm hidden [1, T, C]` and `embed(ids [1, T])`
     are the model's (the runner's decode forward and `llm.embed`). `key_bucket`: attention reads the cache in
-    multiples of this many positions. `pool`: the graph memory pool the runner's LLM graphs share (replays are
-    serialised with theirs; each call's rows are copied out before it returns)."""
+    multiples of this many positions. `pool`: the graph memory pool the runner's LLM graphs share, and `stream`
+    the stream they all replay on (the caller runs `run` on it; replays are serialised with theirs, and each call's
+    rows are copied out before it returns)."""
 
     def __init__(
         self,
@@ -62,12 +63,13 @@ class PrefillGraphs:
         key_bucket: int,
         device: torch.device,
         pool: Any = None,
+        stream: torch.cuda.Stream | None = None,
         use_graphs: bool = False,
         buckets: tuple[int, ...] = PREFILL_BUCKETS,
     ):
         self.decoder, self.embed = decoder, embed
         self.capacity, self.key_bucket = capacity, key_bucket
-        self.device, self.pool, self.use_graphs = device, pool, use_graphs
+        self.device, self.pool, self.stream, self.use_graphs = device, pool, stream, use_graphs
         self.buckets = tuple(sorted(buckets))
         self.keys = torch.arange(max(capacity, self.buckets[-1]), device=device)
         self.pin = device.type == "cuda"
@@ -103,7 +105,7 @@ class PrefillGraphs:
         graph = slot.graphs.get(key)
         if graph is None:
             self._buffer(slot)
-            graph = slot.graphs[key] = StepGraph(partial(self.forward, slot, tb, length), self.pool)
+            graph = slot.graphs[key] = StepGraph(partial(self.forward, slot, tb, length), self.pool, self.stream)
         return graph
 
     def run(self, slot: Slot, start: int, ids: list[int]) -> torch.Tensor:
