@@ -36,7 +36,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "none", "default", "reduce-overhead", "max-autotune"],
         help="torch.compile of the fast path's decode steps; auto = default on a GPU, none on a CPU",
     )
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "efficient", "math", "cudnn"])
+    p.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=["sdpa", "flash", "efficient", "math", "cudnn"],
+        help="SDPA backend of the fast path; sdpa = memory-efficient (math fallback) on a GPU, PyTorch's pick on a "
+        "CPU; cudnn only when asked (not deterministic run to run in bf16); flash is refused (takes no mask)",
+    )
     p.add_argument(
         "--no-early-first-chunk",
         action="store_true",

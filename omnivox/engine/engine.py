@@ -42,7 +42,7 @@ class EngineConfig:
     # auto: "default" for the fast path on a GPU (validated equal to the plain path, ~2x faster steps, a one-off
     # compile at start-up), "none" elsewhere | none | default | reduce-overhead | max-autotune
     compile: str = "auto"
-    attention: str = "sdpa"  # sdpa | efficient | math | cudnn (flash takes no mask: refused)
+    attention: str = "sdpa"  # sdpa (GPU: efficient, math fallback) | efficient | math | cudnn (flash: refused)
     cuda_graphs: bool = True  # off: the fast path's steps run eagerly (always so on a CPU)
     max_sessions: int = 0  # LLM caches in the fast path's pool (0: max_concurrent_requests)
     # overlap (overlap.py): on a GPU the fast path runs LLM, TTS and vocoder on their own CUDA streams, the LLM up
