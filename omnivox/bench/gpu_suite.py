@@ -407,7 +407,7 @@ def part_validate(summary: dict, precisions: list[str], kinds: list[str], compil
         others = {"sequential": sequential}
         if compiled:
             others["compiled"] = Engine(model, EngineConfig(path="fast", max_concurrent_requests=2, compile="default"))
-        if warm:  # capture every graph before any stream runs concurrently (as a served engine does)
+        if warm:  # capture every graph before the first request (as a served engine does)
             for engine in (fast, *others.values()):
                 engine.runner.warm_up()
         for greedy in (False, True):
@@ -965,11 +965,10 @@ def main(argv: list[str] | None = None) -> int:
         part_validate(summary, args.validate_precisions.split(","), kinds, args.validate_compile, args.validate_warm)
         write_summary(args.out, summary)
     if "determinism" in parts:
-        names = args.determinism_engines.split(",")
+        names, kinds = args.determinism_engines.split(","), args.validate_kinds.split(",")
         for precision in args.validate_precisions.split(","):
             for attention in args.determinism_attention.split(","):
                 for deterministic in (False, True) if args.determinism_both else (False,):
-                    kinds = args.validate_kinds.split(",")
                     part_determinism(summary, precision, kinds, names, attention, deterministic)
         write_summary(args.out, summary)
     if "workload" in parts:

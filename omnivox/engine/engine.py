@@ -247,8 +247,8 @@ class Engine:
 
     def warm_up(self) -> None:
         """Captures (and compiles) the fast path's step graphs for every cache bucket now rather than inside the
-        first requests that need them, and before any request's streams run concurrently; no-op for the eager
-        paths. Servers and benchmarks call it once before taking requests."""
+        first requests that need them (tens of ms each); no-op for the eager paths. Servers and benchmarks call it
+        once before taking requests."""
         capture = getattr(self.runner, "warm_up", None)
         if capture is not None:
             with self._lock:

@@ -244,9 +244,8 @@ class FastRunner(EagerRunner):
         """`result` was made on `stream` for the caller, who reads it on its own stream: that one waits, and the
         memory is kept from reuse until it has read it."""
         if stream is not None:
-            caller = torch.cuda.current_stream()
-            caller.wait_stream(stream)
-            result.record_stream(caller)
+            self._after(stream)
+            result.record_stream(torch.cuda.current_stream())
 
     def _after(self, stream: torch.cuda.Stream | None) -> None:
         """The caller's stream (where a slot is reset when handed out again) waits for `stream`'s work."""

@@ -104,8 +104,7 @@ class SpeechService:
 
     def _warm_up(self, engine: Any) -> None:
         """The fast path's graphs (and compiled steps) for every cache bucket, then one short chat reply and one
-        short read-aloud, to the end: pays for capture, compilation and lazy initialisation up front, before any
-        request's streams run concurrently."""
+        short read-aloud, to the end: pays for capture, compilation and lazy initialisation up front."""
         if hasattr(engine, "warm_up"):
             engine.warm_up()
         chat, read = "Hi, how are you?", "Hello there."
