@@ -26,53 +26,51 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", "--dtype", dest="dtype", default=None, help="bf16 | fp16 | fp32 | tf32")
     p.add_argument(
         "--path",
-        default="reference",
-        choices=["reference", "static", "fast"],
-        help="reference: eager + growing caches (the original's cost); fast: static caches + CUDA graphs",
-    )
-    p.add_argument(
-        "--compile",
-        default="auto",
-        choices=["auto", "none", "default", "reduce-overhead", "max-autotune"],
-        help="torch.compile of the fast path's decode steps; auto = default on a GPU, none on a CPU",
+        default="fast",
+        choices=["fast", "reference"],
+        help="fast: batched steps over static cache rows, CUDA graphs on a GPU; reference: the same loop with eager "
+        "steps one row at a time (the oracle)",
     )
     p.add_argument(
         "--attention",
         default="sdpa",
-        choices=["sdpa", "flash", "efficient", "math", "cudnn"],
-        help="SDPA backend of the fast path; sdpa = memory-efficient (math fallback) on a GPU, PyTorch's pick on a "
-        "CPU; cudnn only when asked (not deterministic run to run in bf16); flash is refused (takes no mask)",
+        choices=["sdpa", "efficient", "math", "cudnn"],
+        help="SDPA backend on a GPU; sdpa = memory-efficient with math fallback; cudnn only when asked (not "
+        "deterministic run to run in bf16); flash is not offered (it takes no mask)",
     )
     p.add_argument(
         "--no-early-first-chunk",
         action="store_true",
         help="release the first audio only after the second TTS call (the official framing)",
     )
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run the fast path's steps eagerly on a GPU")
     p.add_argument(
-        "--no-overlap",
-        action="store_true",
-        help="fast path on a GPU: run LLM, TTS and vocoder one after another on one stream (same outputs, slower)",
+        "--max-streams",
+        "--max-concurrent-requests",
+        dest="max_streams",
+        type=int,
+        default=0,
+        help="stream slots (requests served at once; more get 429): 0 = as many as free GPU memory holds, at most "
+        "256 (8 on a CPU)",
     )
-    p.add_argument("--max-concurrent-requests", type=int, default=8)
+    p.add_argument("--max-sessions", type=int, default=8, help="conversations kept open between turns")
+    p.add_argument("--max-session-tokens", type=int, default=4096, help="LLM positions per conversation")
+    p.add_argument("--llm-lookahead", type=int, default=8, help="LLM chunks a reply may make ahead of its speech")
 
 
 def engine_config(args: argparse.Namespace):
     from omnivox.engine.engine import EngineConfig
 
-    fields = {
-        "path": args.path,
-        "early_first_chunk": not args.no_early_first_chunk,
-        "max_concurrent_requests": args.max_concurrent_requests,
-        "overlap": not args.no_overlap,
-    }
-    known = EngineConfig.__dataclass_fields__
-    for name in ("compile", "attention"):
-        value = getattr(args, name)
-        if name in known:
-            fields[name] = value
-        elif value not in ("none", "sdpa"):
-            raise OmnivoxError(f"--{name} {value} needs the fast path, which this build does not have")
-    return EngineConfig(**fields)
+    return EngineConfig(
+        path=args.path,
+        attention=args.attention,
+        early_first_chunk=not args.no_early_first_chunk,
+        cuda_graphs=not args.no_cuda_graphs,
+        max_concurrent_requests=args.max_streams,
+        max_sessions=args.max_sessions,
+        max_session_tokens=args.max_session_tokens,
+        llm_lookahead=args.llm_lookahead,
+    )
 
 
 def load_engine(args: argparse.Namespace):
@@ -207,9 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "device": args.device,
         "dtype": str(engine.model.dtype),
         "path": args.path,
-        "compile": getattr(engine.runner, "compile_mode", "none"),  # what "auto" resolved to
         "attention": args.attention,
-        "overlap": not args.no_overlap,
+        "stream_slots": engine.stream_slots,
         "early_first_chunk": not args.no_early_first_chunk,
         "workload": args.workload or "standard",
         "model_load_s": engine.model_load_s,

@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from omnivox.config import LLMConfig
-from omnivox.engine.kv_cache import GrowingKVCache, StaticKVCache
+from omnivox.models.kv_cache import KVPool, KVView
 from omnivox.models.layers import rotary_tables
 from omnivox.models.qwen2 import Qwen2LM
 
@@ -76,11 +76,12 @@ def causal_rows(positions: torch.Tensor, capacity: int) -> torch.Tensor:
     return (keys[None, :] <= positions[:, None])[None, None]
 
 
-def make_cache(kind: str, cfg: LLMConfig, dtype: torch.dtype, batch: int = 1) -> GrowingKVCache | StaticKVCache:
+def make_cache(kind: str, cfg: LLMConfig, dtype: torch.dtype, batch: int = 1) -> KVView:
+    """"pool": rows 0..batch-1 of a pool; "rows": the same rows seen from the middle of a larger pool."""
     args = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    if kind == "static":
-        return StaticKVCache(*args, capacity=CAPACITY, dtype=dtype, device="cpu", batch=batch)
-    return GrowingKVCache(*args, dtype=dtype, device="cpu", batch=batch)
+    if kind == "pool":
+        return KVPool(*args, capacity=CAPACITY, dtype=dtype, device="cpu", slots=batch).view(0, batch)
+    return KVPool(*args, capacity=CAPACITY, dtype=dtype, device="cpu", slots=batch + 3).view(2, batch)
 
 
 def prompt_ids(batch: int = 1, seed: int = 1) -> torch.Tensor:
@@ -162,7 +163,7 @@ def test_prompt_logits_fp32_batch2(attn):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("cache_kind", ["growing", "static"])
+@pytest.mark.parametrize("cache_kind", ["pool", "rows"])
 @torch.no_grad()
 def test_greedy_decode_fp32_matches_transformers(cache_kind, tie):
     cfg = tiny_config(tie)
@@ -177,7 +178,7 @@ def test_greedy_decode_fp32_matches_transformers(cache_kind, tie):
     torch.testing.assert_close(ours_last, their_last, **tol, msg=lambda m: f"fp32 logits after 32 steps, 1e-5: {m}")
 
 
-@pytest.mark.parametrize("cache_kind", ["growing", "static"])
+@pytest.mark.parametrize("cache_kind", ["pool", "rows"])
 @torch.no_grad()
 def test_bf16_teacher_forced_decode_close_to_transformers(cache_kind):
     """bf16 argmax can flip on near ties, so both sides are fed the oracle's fp32 greedy tokens instead."""

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from omnivox.config import tiny_config
+from omnivox.engine import request as request_module
 from omnivox.engine.crossfade import OVERLAP, Framer, blend
 from omnivox.engine.engine import Engine, EngineConfig
-from omnivox.engine.runner import EagerRunner, tts_audio_mask
+from omnivox.engine.masks import tts_audio_mask
 from omnivox.engine.types import SAMPLES_PER_AUDIO_TOKEN, SamplingParams
 from omnivox.errors import ContextTooLong, EngineBusy, InvalidRequest
 from omnivox.models.loader import build_dummy_model
@@ -32,26 +33,33 @@ def engine(model):
     return Engine(model)
 
 
-class SpyRunner(EagerRunner):
-    """Records what the pipeline asks for (the schedule), then runs it."""
+class Spy:
+    """Records the schedule a request asks for: TTS text/audio prefills as the executor runs them, and each TTS call
+    (25 steps at most) as the request state ends it."""
 
-    def __init__(self, model, **kw):
-        super().__init__(model, **kw)
+    def __init__(self, engine, monkeypatch):
         self.calls: list[tuple] = []
+        tts = engine.tts
+        prefill_text, prefill_audio = tts.prefill_text, tts.prefill_audio
 
-    def tts_prefill_text(self, state, ids, begin, speaker):
-        self.calls.append(("prefill", begin, begin + len(ids), speaker is not None))
-        return super().tts_prefill_text(state, ids, begin, speaker)
+        def spy_text(row, ids, begin, speaker):
+            self.calls.append(("prefill", begin, begin + len(ids), speaker is not None))
+            return prefill_text(row, ids, begin, speaker)
 
-    def tts_prefill_audio(self, state, codes, num_text_tokens):
-        self.calls.append(("prefill_audio", codes.shape[0], num_text_tokens))
-        return super().tts_prefill_audio(state, codes, num_text_tokens)
+        def spy_audio(row, codes, num_text_tokens):
+            self.calls.append(("prefill_audio", len(codes), num_text_tokens))
+            return prefill_audio(row, codes, num_text_tokens)
 
-    def tts_generate(self, state, max_steps, num_text_tokens, sampling, generator, eos_after=None):
-        before = state.num_codes
-        kept = super().tts_generate(state, max_steps, num_text_tokens, sampling, generator, eos_after)
-        self.calls.append(("generate", max_steps, num_text_tokens, before, kept, state.finished))
-        return kept
+        original_call = request_module.Reply._tts_call
+
+        def spy_call(reply, seg, num_text_tokens):
+            before = seg.num_codes
+            yield from original_call(reply, seg, num_text_tokens)
+            self.calls.append(("generate", 25, num_text_tokens, before, seg.num_codes - before, seg.finished))
+
+        monkeypatch.setattr(tts, "prefill_text", spy_text)
+        monkeypatch.setattr(tts, "prefill_audio", spy_audio)
+        monkeypatch.setattr(request_module.Reply, "_tts_call", spy_call)
 
 
 def speak(engine, text="Hello!", seed=0, reply=REPLY, seconds=4.0, **kw):
@@ -134,8 +142,10 @@ def test_crossfade_weights():
 
 
 def test_mask_schedule():
-    dev = torch.device("cpu")
-    row = lambda p, L, audio_end=None: tts_audio_mask(p, L, 400, audio_end or p + 1, dev)[0, 0, 0]  # noqa: E731
+    def row(p, num_text, audio_end=None):
+        t = lambda v: torch.tensor([v])  # noqa: E731
+        return tts_audio_mask(t(p), t(num_text), t(audio_end or p + 1), 400)[0, 0, 0]
+
     first = row(302, 40)
     assert first[:12].all() and not first[12:].any(), "first audio query: [Stts] [spk] + 10 text, not even itself"
     assert row(302 + 48, 40)[:12].all() and not row(302 + 48, 40)[12:303].any()
@@ -147,9 +157,9 @@ def test_mask_schedule():
     assert block[303:352].all(), "restart block: one row for all 50 queries, so the block is non-causal"
 
 
-def test_call_sizes_and_prefill_slices(model):
-    runner = SpyRunner(model)
-    engine = Engine(model, runner=runner)
+def test_call_sizes_and_prefill_slices(model, monkeypatch):
+    engine = Engine(model)
+    runner = Spy(engine, monkeypatch)
     speak(engine, seconds=6.0)
     prefills = [c for c in runner.calls if c[0] == "prefill"]
     generates = [c for c in runner.calls if c[0] == "generate"]
@@ -165,9 +175,9 @@ def test_call_sizes_and_prefill_slices(model):
         assert g[2] >= 10 * (m + 1)
 
 
-def test_segment_restart_on_long_reply(model):
-    runner = SpyRunner(model)
-    engine = Engine(model, runner=runner)
+def test_segment_restart_on_long_reply(model, monkeypatch):
+    engine = Engine(model)
+    runner = Spy(engine, monkeypatch)
     chunks, metrics = speak(engine, reply=LONG_REPLY, seconds=60.0)
     restarts = [c for c in runner.calls if c[0] == "prefill_audio"]
     assert restarts, "a reply over 120 BERT tokens with sentence ends must restart the TTS segment"
@@ -176,7 +186,7 @@ def test_segment_restart_on_long_reply(model):
     assert restart_prefill[1:] == (0, 7, True), "[Stts][spk_emb] + 5 text tokens"
     assert chunks[-1].is_last
     assert metrics.audio_s > 10
-    assert engine.live_requests == 0
+    assert engine.wait_idle() and engine.live_requests == 0
 
 
 def test_multi_turn_keeps_the_llm_cache(engine):
@@ -199,7 +209,7 @@ def test_read_aloud_uses_the_default_voice(engine):
     chunks = list(stream)
     assert sum(len(c.pcm) for c in chunks) == round(3.0 * 46.875) * SAMPLES_PER_AUDIO_TOKEN
     assert stream.metrics.llm_tokens == 0
-    assert engine.live_requests == 0
+    assert engine.wait_idle() and engine.live_requests == 0
 
 
 def test_fake_clock_ttfb_and_rtf(model):
@@ -217,6 +227,7 @@ def test_cancel_frees_the_request(engine):
     next(stream)
     assert engine.live_requests == 1 and engine.stats()["cache_bytes"] > 0
     stream.close()
+    assert engine.wait_idle(), "a cancelled request leaves the loop within one iteration"
     assert engine.live_requests == 0 and engine.stats()["cache_bytes"] == 0
     assert stream.metrics.finish_reason == "cancelled"
     assert list(stream) == []
@@ -242,5 +253,6 @@ def test_admission_limit(model):
     with pytest.raises(EngineBusy):
         engine.stream("two", forced_reply="b", forced_audio_seconds=1.0)
     first.close()
+    assert engine.wait_idle()
     list(engine.stream("three", forced_reply="c", forced_audio_seconds=1.0))
-    assert engine.live_requests == 0
+    assert engine.wait_idle() and engine.live_requests == 0

@@ -14,8 +14,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from omnivox.config import TTSConfig
-from omnivox.engine.kv_cache import GrowingKVCache, StaticKVCache
 from omnivox.models.chattts import ConditionalChatTTS, fold_weight_norm
+from omnivox.models.kv_cache import KVPool
 from omnivox.models.layers import attend
 
 SEQ_LEN = 24
@@ -116,7 +116,7 @@ def test_backbone_custom_mask_matches_llama(dtype):
     torch.testing.assert_close(hidden, expected, **tol, msg=lambda m: f"{dtype} hidden, {tol}: {m}")
 
 
-@pytest.mark.parametrize("cache_kind", ["growing", "static"])
+@pytest.mark.parametrize("cache_kind", ["full", "window"])
 @torch.no_grad()
 def test_incremental_with_cache_matches_whole_sequence(cache_kind):
     """Prefill then one query at a time with the mask built at capacity equals the oracle's whole-sequence rows."""
@@ -124,10 +124,8 @@ def test_incremental_with_cache_matches_whole_sequence(cache_kind):
     cfg = ours.cfg
     embeds, mask = random_embeds(), at_capacity(streaming_like_mask())
     args = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim)
-    if cache_kind == "static":
-        cache = StaticKVCache(*args, capacity=CAPACITY, dtype=torch.float32, device="cpu")
-    else:
-        cache = GrowingKVCache(*args, dtype=torch.float32, device="cpu")
+    width = CAPACITY if cache_kind == "full" else SEQ_LEN  # the keys attention reads: all, or a narrower window
+    cache = KVPool(*args, capacity=CAPACITY, dtype=torch.float32, device="cpu", slots=2).view(1, 1, width)
     chunks = [(0, PREFILL_LEN)] + [(t, t + 1) for t in range(PREFILL_LEN, SEQ_LEN)]
     hidden = torch.cat([ours(embeds[:, a:b], torch.arange(a, b), cache, mask[:, :, a:b]) for a, b in chunks], dim=1)
     expected = theirs(

@@ -1,62 +1,67 @@
-"""The public engine: load a model once, then stream spoken replies.
+"""The public engine: load a model once, then stream spoken replies from one batched loop.
 
-`Engine.stream(text)` prefills the prompt (default-voice system prompt + user turn) and returns a `SpeechStream`
-that yields `AudioChunk`s as the official streaming algorithm produces them. `read_aloud(text)` drives the TTS
-directly with the cached default speaker vector. Requests are independent: each owns its caches, which are
-dropped the moment its stream ends or is closed.
+`Engine.stream(text)` validates a request, admits it (or raises `EngineBusy`) and returns a `SpeechStream` that
+yields `AudioChunk`s as the loop produces them. The loop (omnivox/engine/scheduler.py) runs on its own thread,
+started with the first request and stopped once idle; every live request's work runs there in batches. Callers
+on any thread (or an asyncio loop: `SpeechStream.next_async`) read chunks as they come.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
-from omnivox.engine.pipeline import ASSISTANT_HEADER, Forcing, Piece, ReplyGenerator
-from omnivox.engine.profiler import StageTimer
-from omnivox.engine.runner import EagerRunner
+from omnivox.engine.graphs import GraphCache
+from omnivox.engine.llm_executor import LLMExecutor
+from omnivox.engine.masks import causal_mask
+from omnivox.engine.prefix_cache import PrefixCache
+from omnivox.engine.request import ASSISTANT_HEADER, Forcing, Piece, Reply
+from omnivox.engine.scheduler import Live, Scheduler, SchedulerConfig, Side
 from omnivox.engine.session import Session
-from omnivox.engine.types import AUDIO_TOKENS_PER_SECOND, AudioChunk, RequestMetrics, SamplingParams
+from omnivox.engine.tts_executor import TTSExecutor
+from omnivox.engine.types import AUDIO_TOKENS_PER_SECOND, SAMPLE_RATE, AudioChunk, RequestMetrics, SamplingParams
+from omnivox.engine.vocoder import VocoderExecutor
+from omnivox.engine.work import LLMPrefill
 from omnivox.errors import ContextTooLong, EngineBusy, InvalidRequest
+from omnivox.models.kv_cache import KVPool
 from omnivox.models.loader import SpeechModel
 
 DEFAULT_SYSTEM_PROMPT = "Use the <reserved_53> voice.As an assistant, you will speak using this voice style."
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+ATTENTION = ("sdpa", "efficient", "math", "cudnn")
+CPU_STREAM_SLOTS = 8
+MAX_AUTO_STREAM_SLOTS = 256
+IDLE_STOP_S = 1.0  # the loop thread ends after this long without work (a new request starts it again)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Runtime knobs (the model's own sizes come from its checkpoint)."""
 
-    max_concurrent_requests: int = 8
+    # stream slots: requests served at once (each holds a TTS cache row; a chat request also an LLM row). 0: as many
+    # as free GPU memory holds (at most 256), 8 on a CPU. Beyond them a request gets EngineBusy (HTTP 429).
+    max_concurrent_requests: int = 0
+    max_sessions: int = 8  # conversations kept open between turns (each holds an LLM cache row)
     max_session_tokens: int = 4096  # LLM positions per session: prompt, history and replies
     max_text_chars: int = 4000
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     early_first_chunk: bool = True
-    path: str = "reference"  # "reference": eager + growing caches; "static": eager + static caches; "fast"
-    # the fast path's switches (omnivox/engine/fast_runner.py)
-    # auto: "default" for the fast path on a GPU (validated equal to the plain path, ~2x faster steps, a one-off
-    # compile at start-up), "none" elsewhere | none | default | reduce-overhead | max-autotune
-    compile: str = "auto"
-    attention: str = "sdpa"  # sdpa (GPU: efficient, math fallback) | efficient | math | cudnn (flash: refused)
-    cuda_graphs: bool = True  # off: the fast path's steps run eagerly (always so on a CPU)
-    max_sessions: int = 0  # LLM caches in the fast path's pool (0: max_concurrent_requests)
-    # overlap (overlap.py): on a GPU the fast path runs LLM, TTS and vocoder on their own CUDA streams, the LLM up
-    # to `llm_lookahead` 3-token chunks ahead of the TTS; outputs are those of the sequential algorithm either way
-    overlap: bool = True
-    llm_lookahead: int = 8
-
-
-def resolve_compile(compile: str, device: torch.device, cuda_graphs: bool = True) -> str:
-    """`auto` -> torch.compile's default mode inside our CUDA graphs on a GPU, none on a CPU (where compiling only
-    costs start-up time); any other mode as given."""
-    if compile != "auto":
-        return compile
-    return "default" if device.type == "cuda" and cuda_graphs else "none"
+    # "fast": batched steps over static cache rows, replayed as CUDA graphs on a GPU; "reference": the same loop
+    # with eager steps run one row at a time (the oracle every speed-up is measured and checked against)
+    path: str = "fast"
+    cuda_graphs: bool = True
+    attention: str = "sdpa"  # sdpa (GPU: efficient, math fallback) | efficient | math | cudnn
+    llm_lookahead: int = 8  # LLM chunks a reply may make ahead of its speech, once its first audio is out
+    tts_capacity: int = 2560  # TTS positions per segment: 302 condition slots + up to 2048 audio tokens + scratch
+    memory_fraction: float = 0.85  # share of free GPU memory the automatic slot count may use for caches
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -81,145 +86,200 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-class SpeechStream:
-    """Iterator of AudioChunks for one request. `close()` cancels it and frees its caches at once."""
+def attention_backends(choice: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA kernels the loop may use. On a GPU `sdpa` means memory-efficient with math as the fallback:
+    cuDNN attention gave other bf16 outputs from run to run on the H200, and flash takes no mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def __init__(
-        self,
-        engine: Engine,
-        generator: ReplyGenerator,
-        pieces: Iterator[Piece],
-        timer: StageTimer,
-        owned_session: Session | None = None,
-    ):
+    if choice not in ATTENTION:
+        raise InvalidRequest(f"unknown attention {choice!r}: use one of {', '.join(ATTENTION)}")
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    kernels = {
+        "sdpa": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "math": [SDPBackend.MATH],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    }[choice]
+    return sdpa_kernel(kernels)
+
+
+_END = object()
+
+
+class SpeechStream:
+    """AudioChunks of one request, as the engine loop makes them. `close()` cancels it; its rows are freed within
+    one loop iteration."""
+
+    def __init__(self, engine: Engine, metrics: RequestMetrics, clock: Callable[[], float], early_first_chunk: bool):
         self.engine = engine
-        self._owned_session = owned_session  # a per-request session, released with the stream
-        self.metrics = timer.metrics
-        self._generator = generator
-        self._pieces = pieces
-        self._timer = timer
+        self.metrics = metrics
+        self._clock = clock
+        self._start = clock()
+        self._early = early_first_chunk
+        self._queue: deque = deque()
+        self._cv = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
         self._index = 0
         self._audio_pieces = 0
-        self._done = False
+        self._done = False  # the loop has ended the request
+        self._closed = False
+        self.cancelled = False
+        self.live: Live | None = None
+
+    # ---- producer side (the engine loop) ------------------------------------------------------------------------
+    def _emit(self, item: object) -> None:
+        """A Piece, an exception (the request failed) or None (the request ended)."""
+        if isinstance(item, Piece):
+            item = self._chunk(item)
+        elif item is None:
+            item = _END
+        if item is _END or isinstance(item, BaseException):
+            self._done = True
+            self.metrics.total_s = self._clock() - self._start
+            self.engine._ended(self)
+        with self._cv:
+            self._queue.append(item)
+            self._cv.notify_all()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._event.set)
+
+    def _chunk(self, piece: Piece) -> AudioChunk:
+        now = self._clock() - self._start
+        m, seconds = self.metrics, len(piece.pcm) / SAMPLE_RATE
+        if m.audio_s == 0.0 and seconds > 0:
+            m.ttfb_s = now
+        if len(piece.pcm):
+            self._audio_pieces += 1
+            # early framing: the official first chunk comes out with our second piece (or the last, if sooner)
+            unset = m.ttfb_official_s != m.ttfb_official_s  # NaN
+            if self._audio_pieces == (2 if self._early else 1) or (piece.final and unset):
+                m.ttfb_official_s = now
+        m.audio_s += seconds
+        m.total_s = now
+        chunk = AudioChunk(pcm=piece.pcm, text=piece.text, index=self._index, audio_start_s=m.audio_s - seconds,
+                           ready_s=now, is_last=piece.final)
+        self._index += 1
+        return chunk
+
+    # ---- consumer side ------------------------------------------------------------------------------------------
+    def _take(self, item: object) -> AudioChunk:
+        if item is _END:
+            self._closed = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._closed = True
+            raise item
+        return item
 
     def __iter__(self) -> SpeechStream:
         return self
 
     def __next__(self) -> AudioChunk:
-        if self._done:
+        if self._closed:
             raise StopIteration
-        try:
-            piece = next(self._pieces)
-        except StopIteration:
-            self._finish("eos")
-            raise
-        except BaseException:
-            self._finish("error")
-            raise
-        ready = self._timer.mark_audio_ready(len(piece.pcm) / 24000)
-        if len(piece.pcm):
-            self._audio_pieces += 1
-            # early framing: the official first chunk comes out with our second piece (or the last, if sooner)
-            if self._audio_pieces == (2 if self.engine.config.early_first_chunk else 1) or (
-                piece.final and self.metrics.ttfb_official_s != self.metrics.ttfb_official_s
-            ):
-                self.metrics.ttfb_official_s = ready
-        chunk = AudioChunk(
-            pcm=piece.pcm,
-            text=piece.text,
-            index=self._index,
-            audio_start_s=self.metrics.audio_s - len(piece.pcm) / 24000,
-            ready_s=ready,
-            is_last=piece.final,
-        )
-        self._index += 1
-        if piece.final:
-            self._finish("eos")
-        return chunk
+        with self._cv:
+            while not self._queue:
+                self._cv.wait()
+            item = self._queue.popleft()
+        return self._take(item)
+
+    async def next_async(self) -> AudioChunk | None:
+        """The next chunk, awaited without a thread; None at the end."""
+        if self._loop is None:
+            self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+            self._event.set()
+        while True:
+            if self._closed:
+                return None
+            with self._cv:
+                item = self._queue.popleft() if self._queue else _EMPTY
+            if item is not _EMPTY:
+                try:
+                    return self._take(item)
+                except StopIteration:
+                    return None
+            await self._event.wait()
+            self._event.clear()
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     @property
     def cache_bytes(self) -> int:
-        return self._generator.cache_bytes() if not self._done else 0
+        return 0 if self._done else self.engine._request_cache_bytes(self)
 
     def close(self) -> None:
         """Cancel: generation stops at the current step and the request's caches are released."""
         if not self._done:
-            self._generator.cancelled = True
-            self._finish("cancelled")
-
-    def _finish(self, reason: str) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._pieces.close()  # GeneratorExit inside the pipeline: its caches go with its frame
-        self._pieces = iter(())
-        if self._owned_session is not None:
-            self.engine.close_session(self._owned_session)
-        self.metrics.total_s = self._timer.elapsed()
-        if not self.metrics.finish_reason:
-            self.metrics.finish_reason = reason
-        self.engine._release(self)
+            self.engine._cancel(self)
+        self._closed = True
 
     def __del__(self) -> None:
         if not getattr(self, "_done", True):
             self.close()
 
 
-class Engine:
-    """Owns the model and the runner; hands out SpeechStreams."""
+_EMPTY = object()
 
-    def __init__(
-        self,
-        model: SpeechModel,
-        config: EngineConfig | None = None,
-        runner=None,
-        clock: Callable[[], float] = time.perf_counter,
-        model_load_s: float = 0.0,
-    ):
+
+class Engine:
+    """Owns the model, the executors and the loop; hands out SpeechStreams."""
+
+    def __init__(self, model: SpeechModel, config: EngineConfig | None = None,
+                 clock: Callable[[], float] = time.perf_counter, model_load_s: float = 0.0):
         self.model = model
-        self.config = config or EngineConfig()
-        if self.config.llm_lookahead < 0:
-            raise InvalidRequest(f"llm_lookahead is {self.config.llm_lookahead}: use 0 (none) or more chunks")
+        self.config = config = config or EngineConfig()
+        if config.llm_lookahead < 0:
+            raise InvalidRequest(f"llm_lookahead is {config.llm_lookahead}: use 0 (none) or more chunks")
+        if config.path not in ("fast", "reference"):
+            raise InvalidRequest(f"unknown path {config.path!r}: use 'fast' or 'reference'")
         self.device = model.device
         self.clock = clock
         self.model_load_s = model_load_s
-        if runner is None and self.config.path == "fast":
-            runner = self._fast_runner(model, self.config)
-        cache = "static" if self.config.path == "static" else "growing"
-        self.runner = runner or EagerRunner(model, cache=cache, llm_capacity=self.config.max_session_tokens)
         self.sample_rate = model.config.vocos.sample_rate
-        self._live: set[SpeechStream] = set()
-        self._lock = threading.RLock()
+        self._attention = config.attention
+        attention_backends(config.attention, self.device)  # validates the name
+        self.stream_slots = config.max_concurrent_requests or self._slots_from_memory()
+        reference = config.path == "reference"
+        self.cuda_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        graphs = GraphCache(self.device, enabled=config.cuda_graphs and not reference, stream=self.cuda_stream)
+        self.llm = LLMExecutor(model, self.stream_slots + config.max_sessions, config.max_session_tokens + 1, graphs,
+                               one_row_at_a_time=reference)
+        self.tts = TTSExecutor(model, self.stream_slots, config.tts_capacity, graphs, one_row_at_a_time=reference)
+        self.vocoder = VocoderExecutor(model)
+        self.graphs = graphs
+        self._prefix: PrefixCache | None = None
         self._default_speaker: torch.Tensor | None = None
+        self.scheduler = Scheduler(self.llm, self.tts, self.vocoder, None, SchedulerConfig(), clock)
+        self._cv = threading.Condition()
+        self._commands: deque[Callable[[], None]] = deque()
+        self._streams: set[SpeechStream] = set()
+        self._sessions_open = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
-    @staticmethod
-    def _fast_runner(model: SpeechModel, config: EngineConfig):
-        from omnivox.engine.fast_runner import FastRunner
-
-        return FastRunner(
-            model,
-            llm_capacity=config.max_session_tokens,
-            llm_slots=config.max_sessions or config.max_concurrent_requests,
-            tts_slots=config.max_concurrent_requests,
-            compile=resolve_compile(config.compile, model.device, config.cuda_graphs),
-            attention=config.attention,
-            cuda_graphs=config.cuda_graphs,
-            streams=config.overlap,
-        )
+    def _slots_from_memory(self) -> int:
+        if self.device.type != "cuda":
+            return CPU_STREAM_SLOTS
+        llm, tts = self.model.config.llm, self.model.config.tts
+        item = torch.finfo(self.model.dtype).bits // 8
+        positions = self.config.max_session_tokens + 1
+        llm_row = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * positions
+        tts_row = 2 * tts.num_hidden_layers * tts.num_attention_heads * tts.head_dim * self.config.tts_capacity
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = free * self.config.memory_fraction - self.config.max_sessions * llm_row * item
+        slots = int(budget // ((llm_row + tts_row) * item))
+        if slots < 1:
+            raise InvalidRequest("the GPU has no room for one stream's caches: lower --max-session-tokens")
+        return min(slots, MAX_AUTO_STREAM_SLOTS)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: str | None = None,
-        *,
-        device: str = "cpu",
-        dtype: str | torch.dtype | None = None,
-        dummy_weights: bool = False,
-        dummy_size: str = "full",
-        seed: int = 0,
-        progress: bool = True,
-        config: EngineConfig | None = None,
-    ) -> Engine:
+    def from_pretrained(cls, model: str | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                        dummy_weights: bool = False, dummy_size: str = "full", seed: int = 0, progress: bool = True,
+                        config: EngineConfig | None = None) -> Engine:
         """`model`: a MiniCPM-o 2.6 snapshot directory or hub id; None = the embedded tiny random-weight model."""
         from omnivox.config import CONFIGS
         from omnivox.models.loader import build_dummy_model, load_speech_model
@@ -240,61 +300,172 @@ class Engine:
             torch.cuda.synchronize(dev)
         return cls(speech_model, config=config, model_load_s=time.perf_counter() - t0)
 
+    def with_config(self, **changes) -> Engine:
+        """A second engine over the same weights with other runtime knobs (e.g. the other path, for comparisons)."""
+        return Engine(self.model, replace(self.config, **changes), clock=self.clock, model_load_s=self.model_load_s)
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        stream = torch.cuda.stream(self.cuda_stream) if self.cuda_stream is not None else contextlib.nullcontext()
+        with torch.inference_mode(), stream, attention_backends(self._attention, self.device):
+            yield
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        with self._cv:
+            self._commands.append(command)
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="omnivox-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        idle_since = None
+        with self._on_device():
+            while True:
+                self.scheduler.reap()  # cancelled requests give their rows back before new ones take any
+                with self._cv:
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for command in commands:
+                    command()
+                if self.scheduler.step():
+                    idle_since = None
+                    continue
+                with self._cv:
+                    if self._commands:
+                        continue
+                    if self._stopping or (idle_since is not None and self.clock() - idle_since > IDLE_STOP_S):
+                        self._thread = None
+                        return
+                    idle_since = idle_since or self.clock()
+                    self._cv.wait(timeout=0.1)
+
+    def shutdown(self) -> None:
+        """Cancels every live request and stops the loop thread."""
+        for stream in list(self._streams):
+            stream.close()
+        with self._cv:
+            self._stopping = True
+            thread = self._thread
+            self._cv.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+    def warm_up(self) -> None:
+        """Computes the shared prompt cache and the default voice, and captures every step graph (each batch size
+        and key width), so that no request pays for them."""
+        with self._cv, self._on_device():
+            self._shared_prompt()
+            self.default_speaker()
+            self.llm.warm_up()
+            self.tts.warm_up()
+            if self.cuda_stream is not None:
+                self.cuda_stream.synchronize()
+
     # ---- admission and bookkeeping ------------------------------------------------------------------------------
     @property
     def live_requests(self) -> int:
-        return len(self._live)
+        return len(self._streams)
 
-    def warm_up(self) -> None:
-        """Captures (and compiles) the fast path's step graphs for every cache bucket now rather than inside the
-        first requests that need them (tens of ms each); no-op for the eager paths. Servers and benchmarks call it
-        once before taking requests."""
-        capture = getattr(self.runner, "warm_up", None)
-        if capture is not None:
-            with self._lock:
-                capture()
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """Waits until no request is live and no cache row is held by one (sessions' rows excepted)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self._streams and not self.scheduler.live and not self._commands:
+                return True
+            time.sleep(0.005)
+        return False
 
     def stats(self) -> dict:
-        with self._lock:
-            live = list(self._live)
+        with self._cv:
+            live = len(self._streams)
+            sessions = self._sessions_open
         return {
-            "live_requests": len(live),
-            "cache_bytes": sum(s.cache_bytes for s in live),
-            "max_concurrent_requests": self.config.max_concurrent_requests,
+            "live_requests": live,
+            "stream_slots": self.stream_slots,
+            "stream_slots_free": self.stream_slots - live,
+            "sessions_open": sessions,
+            "max_sessions": self.config.max_sessions,
+            "session_slots_free": self.config.max_sessions - sessions,
+            "max_concurrent_requests": self.stream_slots,
+            "cache_bytes": self.llm.slots.num_used * self.llm.pool.slot_bytes
+            + self.tts.slots.num_used * self.tts.pool.slot_bytes,
+            "cache_bytes_allocated": self.llm.pool.nbytes + self.tts.pool.nbytes,
+            "llm_rows_used": self.llm.slots.num_used,
+            "tts_rows_used": self.tts.slots.num_used,
+            "graphs": len(self.graphs),
+            "iterations": self.scheduler.iterations,
             "device": str(self.device),
             "path": self.config.path,
             "dummy_weights": self.model.source == "dummy",
         }
 
-    def _check_admission(self) -> None:
-        if len(self._live) >= self.config.max_concurrent_requests:
-            raise EngineBusy(
-                f"{len(self._live)} requests are already being served (limit "
-                f"{self.config.max_concurrent_requests}); retry shortly",
-                retry_after_s=1.0,
-            )
+    @property
+    def on_batch(self) -> Callable[[str, int], None] | None:
+        """Called with (stage, rows) after each batch the loop runs: llm, tts, vocoder, prefill."""
+        return self.scheduler.on_batch
+
+    @on_batch.setter
+    def on_batch(self, observer: Callable[[str, int], None] | None) -> None:
+        self.scheduler.on_batch = observer
+
+    def loop_stats(self) -> dict[str, dict[str, float]]:
+        """The loop's queue depths and the live streams' buffered audio (read without stopping the loop)."""
+        try:
+            return self.scheduler.stats(self.clock())
+        except (RuntimeError, ValueError):  # the live list changed while it was read: report nothing this time
+            return {"waiting": {}, "buffered_s": {}}
 
     def _admit(self, stream: SpeechStream) -> None:
-        with self._lock:
-            try:
-                self._check_admission()
-            except EngineBusy:
-                stream.close()
-                raise
-            self._live.add(stream)
+        with self._cv:
+            if len(self._streams) >= self.stream_slots:
+                raise EngineBusy(f"all {self.stream_slots} stream slots are in use; retry shortly", retry_after_s=1.0)
+            self._streams.add(stream)
 
-    def _release(self, stream: SpeechStream) -> None:
-        with self._lock:
-            self._live.discard(stream)
+    def _ended(self, stream: SpeechStream) -> None:
+        with self._cv:
+            self._streams.discard(stream)
+
+    def _cancel(self, stream: SpeechStream) -> None:
+        stream.cancelled = True
+        live = stream.live
+        if live is not None:
+            live.cancelled = True
+        with self._cv:
+            self._cv.notify_all()
+
+    def _request_cache_bytes(self, stream: SpeechStream) -> int:
+        live = stream.live
+        if live is None:
+            return 0
+        llm = self.llm.pool.slot_bytes if live.session is not None and live.session.owned_by_request else 0
+        return llm + self.tts.pool.slot_bytes
 
     def new_session(self) -> Session:
         """A conversation whose LLM cache is kept between turns; `close_session` when done with it."""
-        return Session(cache=self.runner.new_llm_cache(), capacity=self.runner.llm_capacity)
+        with self._cv:
+            if self._sessions_open >= self.config.max_sessions:
+                raise EngineBusy(f"all {self.config.max_sessions} sessions are open; close one or retry later",
+                                 retry_after_s=1.0)
+            self._sessions_open += 1
+        return Session(slot=None, capacity=self.llm.usable_positions)
 
     def close_session(self, session: Session) -> None:
-        if session.cache is not None:
-            self.runner.release_llm_cache(session.cache)
-            session.cache = None
+        """Gives the session's cache row back (at once if idle; when its request ends otherwise)."""
+        if session.closed:
+            return
+        session.closed = True
+        if not session.owned_by_request:
+            with self._cv:
+                self._sessions_open -= 1
+        self._submit(lambda: self._release_session(session))
+
+    def _release_session(self, session: Session) -> None:
+        if session.slot is not None and not session.busy:
+            self.llm.slots.release(session.slot)
+            session.slot = None
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def _check_text(self, text: str) -> str:
@@ -306,19 +477,19 @@ class Engine:
             )
         return text
 
-    def _generators(self, seed: int | None) -> tuple[torch.Generator, torch.Generator]:
-        """Seeded (LLM, TTS) random streams on the device; no seed = fresh entropy."""
+    def _seeds(self, seed: int | None) -> tuple[int, int]:
+        """(LLM, TTS) random keys; no seed = fresh entropy."""
         base = seed if seed is not None else int.from_bytes(os.urandom(7), "little")
-        llm, tts = torch.Generator(device=self.device), torch.Generator(device=self.device)
-        llm.manual_seed(2 * base)
-        tts.manual_seed(2 * base + 1)
-        return llm, tts
+        return (2 * base) & (2**62 - 1), (2 * base + 1) & (2**62 - 1)
+
+    def _system_turn(self) -> str:
+        return f"<|im_start|>user\n{self.config.system_prompt}<|im_end|>\n"
 
     def _prompt_ids(self, session: Session | None, text: str, history: list[tuple[str, str]] | None) -> list[list[int]]:
-        """The prefills for this turn, each one LLM forward (fact sheet 3.3). `session` None: a new conversation."""
+        """The prefills for this turn (fact sheet 3.3). `session` None or new: a new conversation."""
         tok = self.model.tokenizer
         if session is None or not session.system_prompted:
-            turns = f"<|im_start|>user\n{self.config.system_prompt}<|im_end|>\n"
+            turns = self._system_turn()
             for role, content in history or []:
                 if role not in ("user", "assistant", "system"):
                     raise InvalidRequest(f"unknown role {role!r} in history: use user, assistant or system")
@@ -329,63 +500,85 @@ class Engine:
         prefix = "<|im_end|>\n" if session.last_reply_terminated else "<|tts_eos|><|im_end|>\n"
         return [tok.encode(f"{prefix}<|im_start|>user\n{text}")]
 
-    def stream(
-        self,
-        text: str,
-        *,
-        history: list[tuple[str, str]] | None = None,
-        session: Session | None = None,
-        seed: int | None = None,
-        sampling: SamplingParams | None = None,
-        forced_reply: str | None = None,
-        forced_audio_seconds: float | None = None,
-        request_id: str = "",
-    ) -> SpeechStream:
-        """Speak the model's reply to `text`. With `forced_reply`/`forced_audio_seconds` (dummy weights) the reply
+    def _shared_prompt(self) -> PrefixCache:
+        if self._prefix is None:
+            self._prefix = PrefixCache(self.model, self.model.tokenizer.encode(self._system_turn()))
+            self.scheduler.prefix = self._prefix
+        return self._prefix
+
+    def _check_sampling(self, sampling: SamplingParams) -> SamplingParams:
+        if sampling.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens must be at least 1")
+        if not sampling.greedy and (sampling.temperature <= 0 or not 0 < sampling.top_p <= 1):
+            raise InvalidRequest("temperature must be > 0 and top_p in (0, 1] (or use greedy)")
+        return sampling
+
+    def stream(self, text: str, *, history: list[tuple[str, str]] | None = None, session: Session | None = None,
+               seed: int | None = None, sampling: SamplingParams | None = None, forced_reply: str | None = None,
+               forced_audio_seconds: float | None = None, request_id: str = "") -> SpeechStream:
+        """Speak the model's reply to `text`. With `forced_reply`/`forced_audio_seconds` (random weights) the reply
         tokens are teacher-forced and the end of speech is forced after that much audio. Everything is validated
         before any memory is taken."""
         self._check_text(text)
-        sampling = sampling or SamplingParams()
-        if session is not None and session.cache is None:
+        sampling = self._check_sampling(sampling or SamplingParams())
+        if session is not None and session.closed:
             raise InvalidRequest("this session was closed: start a new one with engine.new_session()")
+        if session is not None and session.busy:
+            raise InvalidRequest("this session is already speaking a reply: wait for it or close it")
         prefills = self._prompt_ids(session, text, history)
         prompt_len = sum(map(len, prefills))
         history_len = session.length if session is not None else 0
-        needed = history_len + prompt_len + len(self.model.tokenizer.encode(ASSISTANT_HEADER)) + sampling.max_new_tokens
-        if needed > self.runner.llm_capacity:
+        header = len(self.model.tokenizer.encode(ASSISTANT_HEADER))
+        needed = history_len + prompt_len + header + sampling.max_new_tokens
+        if needed > self.llm.usable_positions:
             raise ContextTooLong(
                 f"this turn needs {needed} LLM positions (history {history_len}, prompt {prompt_len}, reply up to "
-                f"{sampling.max_new_tokens}) but a session holds {self.runner.llm_capacity}: shorten the text or "
+                f"{sampling.max_new_tokens}) but a session holds {self.llm.usable_positions}: shorten the text or "
                 "start a new session"
             )
         forcing = self._forcing(forced_reply, forced_audio_seconds)
-        self._check_admission()
-        owned = session is None
-        session = session or self.new_session()
         metrics = RequestMetrics(request_id=request_id, prompt_tokens=prompt_len)
-        timer = StageTimer(metrics, self.device, self.clock)
-        reply = ReplyGenerator(
-            self.runner,
-            session,
-            sampling,
-            self._generators(seed),
-            timer,
-            forcing,
-            self.config.early_first_chunk,
-            lookahead=self.config.llm_lookahead if self.config.overlap else 0,
-        )
-
-        def pieces() -> Iterator[Piece]:
-            with timer.stage("prefill"):
-                for ids in prefills:
-                    self.runner.llm_forward(session, ids)
-                session.system_prompted = True
-            session.turns += 1
-            yield from reply
-
-        stream = SpeechStream(self, reply, pieces(), timer, owned_session=session if owned else None)
+        stream = SpeechStream(self, metrics, self.clock, self.config.early_first_chunk)
         self._admit(stream)
+        owned = session is None
+        if owned:
+            session = Session(slot=None, capacity=self.llm.usable_positions, owned_by_request=True)
+        session.busy = True
+        reply = Reply(self.model, session, sampling, metrics, forcing, self.config.early_first_chunk)
+
+        def llm_side():
+            for ids in prefills:
+                yield LLMPrefill(ids)
+            session.system_prompted = True
+            session.turns += 1
+            yield from reply.llm()
+
+        def start() -> None:
+            if session.slot is None:
+                session.slot = self.llm.slots.acquire()
+            self._shared_prompt()
+            self._start(stream, reply, Side(reply.speech()), Side(llm_side()), session, sampling, seed)
+
+        self._submit(start)
         return stream
+
+    def _start(self, stream: SpeechStream, reply: Reply, speech: Side, llm: Side | None, session: Session | None,
+               sampling: SamplingParams, seed: int | None) -> None:
+        llm_seed, tts_seed = self._seeds(seed)
+
+        def emit(item: object) -> None:
+            ended = not isinstance(item, Piece)
+            if ended and session is not None and (session.owned_by_request or session.closed):
+                session.closed = True
+                self._release_session(session)
+            stream._emit(item)
+
+        live = Live(reply=reply, speech=speech, llm=llm, session=session, sampling=sampling, metrics=stream.metrics,
+                    llm_seed=llm_seed, tts_seed=tts_seed, emit=emit, arrived=self.clock(),
+                    lookahead=self.config.llm_lookahead)
+        stream.live = live
+        live.cancelled = stream.cancelled  # closed before the loop took it: it ends at the next reap
+        self.scheduler.add(live)
 
     def _forcing(self, forced_reply: str | None, forced_audio_seconds: float | None) -> Forcing | None:
         if forced_reply is None and forced_audio_seconds is None:
@@ -402,42 +595,36 @@ class Engine:
     def default_speaker(self) -> torch.Tensor:
         """The default voice's speaker vector: the `<|spk|>` state after the default system prompt, computed once."""
         if self._default_speaker is None:
-            session = self.new_session()
-            try:
-                for ids in self._prompt_ids(session, "", None):
-                    self.runner.llm_forward(session, ids)
-                header = self.model.tokenizer.encode(ASSISTANT_HEADER)
-                hidden = self.runner.llm_forward(session, header)
-                spk = hidden[header.index(self.model.tokenizer.special.spk)]
-                self._default_speaker = self.runner.project_speaker(spk)
-            finally:
-                self.close_session(session)
+            tok = self.model.tokenizer
+            ids = tok.encode(self._system_turn()) + tok.encode("<|im_start|>user\n")
+            header = tok.encode(ASSISTANT_HEADER)
+            c = self.model.config.llm
+            pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, len(ids) + len(header),
+                          self.model.dtype, self.device)
+            with torch.inference_mode():
+                hidden = None
+                for start, part in ((0, ids), (len(ids), header)):
+                    positions = torch.arange(start, start + len(part), device=self.device)[None]
+                    ids_t = torch.tensor([part], dtype=torch.long, device=self.device)
+                    hidden = self.model.llm(ids_t, positions, pool.view(0, 1), causal_mask(positions, pool.capacity))
+                spk = hidden[0, header.index(tok.special.spk)]
+                self._default_speaker = self.tts.project_speaker(spk)
         return self._default_speaker
 
-    def read_aloud(
-        self,
-        text: str,
-        *,
-        seed: int | None = None,
-        sampling: SamplingParams | None = None,
-        forced_audio_seconds: float | None = None,
-        request_id: str = "",
-    ) -> SpeechStream:
+    def read_aloud(self, text: str, *, seed: int | None = None, sampling: SamplingParams | None = None,
+                   forced_audio_seconds: float | None = None, request_id: str = "") -> SpeechStream:
         """Speak `text` itself with the default voice (TTS only, no LLM reply)."""
         self._check_text(text)
-        sampling = sampling or SamplingParams()
-        self._check_admission()
-        speaker = self.default_speaker()
+        sampling = self._check_sampling(sampling or SamplingParams())
         forcing = self._forcing(None, forced_audio_seconds) if forced_audio_seconds is not None else None
         metrics = RequestMetrics(request_id=request_id)
-        timer = StageTimer(metrics, self.device, self.clock)
-        reply = ReplyGenerator(
-            self.runner, None, sampling, self._generators(seed), timer, forcing, self.config.early_first_chunk
-        )
-        stream = SpeechStream(self, reply, reply.read_aloud(text, speaker), timer)
+        stream = SpeechStream(self, metrics, self.clock, self.config.early_first_chunk)
         self._admit(stream)
-        return stream
+        reply = Reply(self.model, None, sampling, metrics, forcing, self.config.early_first_chunk)
 
-    def with_config(self, **changes) -> Engine:
-        """A second engine over the same weights with other runtime knobs (e.g. the other path, for comparisons)."""
-        return Engine(self.model, replace(self.config, **changes), clock=self.clock, model_load_s=self.model_load_s)
+        def start() -> None:
+            speaker = self.default_speaker()
+            self._start(stream, reply, Side(reply.read_aloud(text, speaker)), None, None, sampling, seed)
+
+        self._submit(start)
+        return stream

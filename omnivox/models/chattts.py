@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnivox.config import TTSConfig
-from omnivox.engine.kv_cache import KVCache
+from omnivox.models.kv_cache import KVView
 from omnivox.models.layers import DecoderStack
 
 
@@ -80,10 +80,10 @@ class ConditionalChatTTS(nn.Module):
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache | None,
+        cache: KVView | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """embeds: [B, T, C]; positions: long [T] (slot index). Returns post-norm hidden [B, T, C]."""
+        """embeds: [B, T, C]; positions: long [T] or [B, T] (slot index). Returns post-norm hidden [B, T, C]."""
         return self.model(embeds, positions, cache, mask)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

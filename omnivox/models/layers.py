@@ -4,8 +4,9 @@ Both are pre-norm decoders with RMSNorm, rotary attention and a SiLU-gated MLP; 
 theta, GQA and whether q/k/v carry a bias. Every op mirrors transformers' Qwen2/Llama code so outputs match the
 official implementation: fp32 RMSNorm, fp32 rotary tables cast to the activation dtype, explicit softmax scale.
 
-Attention never owns state: the engine hands in a KV cache (`cache.update(layer, positions, k, v)`) and a boolean
-mask `[B or 1, 1, Tq, Tk_max]` built at the cache's capacity; each layer slices it to the keys it gets back.
+Attention never owns state: the engine hands in a KV cache view (`cache.update(layer, positions, k, v)`,
+omnivox/models/kv_cache.py) and a boolean mask `[B or 1, 1, Tq, Tk_max]`, sliced to the keys the view returns.
+Positions are [T] (every row at the same positions) or [B, T] (each batch row at its own positions).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnivox.engine.kv_cache import KVCache
+from omnivox.models.kv_cache import KVView
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [T, head_dim] in the activation dtype
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [T, D] or [B, 1, T, D] in the activation dtype
 
 
 class RMSNorm(nn.Module):
@@ -57,7 +58,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D], shared by every batch row and head."""
+    """x: [B, H, T, D]; cos/sin: [T, D] (shared by every row) or [B, 1, T, D] (per row), shared by the heads."""
     cos, sin = rope
     return (x * cos) + (rotate_half(x) * sin)
 
@@ -99,7 +100,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         rope: Rope,
-        cache: KVCache | None,
+        cache: KVView | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         batch, q_len, _ = x.shape
@@ -153,7 +154,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         rope: Rope,
-        cache: KVCache | None,
+        cache: KVView | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, mask)
@@ -202,11 +203,12 @@ class DecoderStack(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache | None,
+        cache: KVView | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: [B, T, C] embeddings; positions: long [T]; returns post-norm hidden [B, T, C]."""
-        rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))  # [T, D] each
+        """x: [B, T, C] embeddings; positions: long [T] or [B, T]; returns post-norm hidden [B, T, C]."""
+        cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)  # [(B,) T, D]
+        rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         for layer in self.layers:
             x = layer(x, positions, rope, cache, mask)
         return self.norm(x)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnivox.config import LLMConfig
-from omnivox.engine.kv_cache import KVCache
+from omnivox.models.kv_cache import KVView
 from omnivox.models.layers import DecoderStack
 
 
@@ -51,11 +51,12 @@ class Qwen2LM(nn.Module):
         self,
         ids: torch.Tensor | None,
         positions: torch.Tensor,
-        cache: KVCache | None,
+        cache: KVView | None,
         mask: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ids: long [B, T] (or `embeds` [B, T, C] instead); positions: long [T]. Returns post-norm hidden [B, T, C]."""
+        """ids: long [B, T] (or `embeds` [B, T, C] instead); positions: long [T] or [B, T].
+        Returns post-norm hidden [B, T, C]."""
         x = self.embed(ids) if embeds is None else embeds
         return self.model(x, positions, cache, mask)
 

@@ -8,6 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from omnivox.engine.types import RequestMetrics
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+BATCH_STAGES = ("llm", "tts", "vocoder", "prefill")
 TTFB_BUCKETS_S = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -34,10 +36,17 @@ class ServerMetrics:
             ["endpoint", "finish_reason"], registry=r,
         )
         self.active = Gauge("omnivox_streams_active", "Engine streams open now", registry=r)
-        self.queued = Gauge(
-            "omnivox_streams_queued", "Engine calls waiting for the engine thread (at most one per open stream)",
-            registry=r,
-        )
+        self.batch_size = {
+            stage: Histogram(f"omnivox_{stage}_batch_size", f"Rows in each {stage} batch the engine loop ran",
+                             buckets=BATCH_BUCKETS, registry=r)
+            for stage in BATCH_STAGES
+        }
+        self.waiting = Gauge("omnivox_scheduler_waiting", "Live requests waiting on each kind of work", ["work"],
+                             registry=r)
+        self.buffered = Gauge("omnivox_stream_buffered_seconds",
+                              "Audio delivered but not yet played, over the live streams that have audio",
+                              ["stat"], registry=r)
+        self._engine = None
         self.underruns = Counter(
             "omnivox_underruns",
             "Chunks that were ready only after the audio sent before them had finished playing", ["endpoint"],
@@ -55,5 +64,16 @@ class ServerMetrics:
         if metrics.finish_reason in ("eos", "length") and metrics.audio_s > 0:
             self.rtf.labels(endpoint).observe(metrics.rtf)
 
+    def bind_engine(self, engine) -> None:
+        """Observe the engine loop: each batch's size as it runs, queue depths and buffers when scraped."""
+        self._engine = engine
+        engine.on_batch = lambda stage, size: self.batch_size[stage].observe(size) if stage in self.batch_size else None
+
     def render(self) -> bytes:
+        if self._engine is not None:
+            loop = self._engine.loop_stats()
+            for work, count in loop["waiting"].items():
+                self.waiting.labels(work).set(count)
+            for stat, value in loop["buffered_s"].items():
+                self.buffered.labels(stat).set(value)
         return generate_latest(self.registry)

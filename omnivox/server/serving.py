@@ -1,13 +1,12 @@
 """The server's work behind the thin routes: engine lifetime, request checks, request → engine stream.
 
-`SpeechService` owns the engine (built and warmed up once, on the engine worker thread), the checks that depend on
+`SpeechService` owns the engine (built and warmed up once, off the event loop), the checks that depend on
 the server's configuration (served model name, input length) and the translation of OpenAI-shaped requests into
-`engine.stream` / `engine.read_aloud` calls. Every engine call goes through the one `EngineWorker`.
+`engine.stream` / `engine.read_aloud` calls, which only queue work for the engine's loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import secrets
@@ -15,7 +14,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +41,7 @@ from omnivox.server.protocol import (
     WsSpeak,
     describe_error,
 )
-from omnivox.server.stream import FINISH_REASONS, EngineWorker, ManagedStream
+from omnivox.server.stream import FINISH_REASONS, ManagedStream
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +72,6 @@ class SpeechService:
     def __init__(self, source: EngineSource, config: ServerConfig, metrics: ServerMetrics):
         self.config = config
         self.metrics = metrics
-        self.worker = EngineWorker(metrics.queued)
         self.engine: Any = None
         self.status = "loading"  # loading -> warming_up -> ready | failed
         self.failure: str | None = None
@@ -89,12 +86,14 @@ class SpeechService:
         """Build (if given a factory) and warm up the engine on the engine thread; then report ready."""
         try:
             source = self._source
-            engine = source if hasattr(source, "stream") else await self.worker.run(source)
+            engine = source if hasattr(source, "stream") else await anyio.to_thread.run_sync(source)
             self.status = "warming_up"
             if self.config.warmup:
                 t0 = time.perf_counter()
-                await self.worker.run(self._warm_up, engine)
+                await anyio.to_thread.run_sync(self._warm_up, engine)
                 logger.info("engine warmed up in %.2f s", time.perf_counter() - t0)
+            if hasattr(engine, "loop_stats"):
+                self.metrics.bind_engine(engine)
             self.engine = engine
             self.status = "ready"
         except Exception as exc:  # reported by /readyz and every request; the process stays up to say why
@@ -121,7 +120,8 @@ class SpeechService:
                 stream.close()
 
     async def stop(self) -> None:
-        await anyio.to_thread.run_sync(self.worker.shutdown)
+        if self.engine is not None:
+            await anyio.to_thread.run_sync(self.engine.shutdown)
 
     def ready_engine(self) -> Any:
         if self.status != "ready":
@@ -226,18 +226,8 @@ class SpeechService:
     # ------------------------------------------------------------------------------------------ opening streams
 
     async def _open(self, endpoint: str, request_id: str, seed: int, call: Callable[[Any], Any]) -> ManagedStream:
-        engine = self.ready_engine()
-        future = self.worker.submit(call, engine)
-        try:
-            stream = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:  # the client left while the stream was being opened: close it once it is
-            future.add_done_callback(self._close_orphan)
-            raise
-        return ManagedStream(stream, self.worker, self.metrics, endpoint, request_id, seed)
-
-    def _close_orphan(self, future: Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self.worker.submit(future.result().close)
+        stream = call(self.ready_engine())  # validates and admits, or raises; generation runs in the engine loop
+        return ManagedStream(stream, self.metrics, endpoint, request_id, seed)
 
     async def open_chat(self, request: ChatCompletionRequest) -> ManagedStream:
         self.check_model(request.model)
@@ -257,7 +247,7 @@ class SpeechService:
 
     async def new_session(self) -> Any:
         engine = self.ready_engine()
-        return await self.worker.run(engine.new_session)
+        return engine.new_session()
 
     async def open_ws(self, speak: WsSpeak, session: Any) -> ManagedStream:
         text = self.check_text(speak.text, "text")

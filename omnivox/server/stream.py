@@ -1,10 +1,8 @@
-"""Engine streams driven from asyncio, and their wire encodings (SSE, raw WAV/PCM, WebSocket frames).
+"""Engine streams read from asyncio, and their wire encodings (SSE, raw WAV/PCM, WebSocket frames).
 
-One worker thread makes every engine call. A stream asks for its next chunk by queueing one `next()` on that thread
-and waiting; with several streams open, their calls alternate, so concurrent requests interleave at chunk
-granularity and the engine is never entered by two threads. `close()` (cancel, disconnect, normal end) is queued on
-the same thread, so it runs right after the chunk in flight: generation stops within one chunk and the request's
-caches are freed there.
+The engine runs every live request in its own batched loop (omnivox/engine/scheduler.py); a stream here awaits its
+next chunk without a thread (`SpeechStream.next_async`). `close()` (cancel, disconnect, normal end) marks the
+request cancelled: the loop stops it and frees its cache rows within one iteration.
 
 Once a streaming 200 has gone out, a failure is sent in-band as a last event (SSE and WebSocket); a raw audio body
 has no room for one, so it is cut off without its final chunk and the client sees an incomplete transfer.
@@ -12,17 +10,13 @@ has no room for one, so it is cut off without its final chunk and the client see
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import anyio
-from prometheus_client import Gauge
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -42,66 +36,15 @@ from omnivox.server.protocol import (
 )
 
 
-class EngineWorker:
-    """The one thread that calls the engine. Calls run in submission order, one at a time."""
-
-    def __init__(self, queued: Gauge | None = None):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omnivox-engine")
-        self._queued = queued
-        self._shut_down = False
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        """Queue `fn(*args, **kwargs)` on the engine thread (usable from any thread). After shutdown nothing else
-        runs on the engine, so a late call (a close at exit) runs right here."""
-        if self._shut_down:
-            future: Future = Future()
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except Exception as exc:
-                future.set_exception(exc)
-            return future
-        if self._queued is not None:
-            self._queued.inc()
-        dequeued = threading.Event()
-
-        def leave_queue() -> None:
-            if not dequeued.is_set():
-                dequeued.set()
-                if self._queued is not None:
-                    self._queued.dec()
-
-        def job() -> Any:
-            leave_queue()
-            return fn(*args, **kwargs)
-
-        future = self._pool.submit(job)
-        future.add_done_callback(lambda f: leave_queue())  # a call cancelled before it started
-        return future
-
-    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a call on the engine thread and await it; cancelling the await drops the call if not yet started."""
-        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
-
-    def shutdown(self) -> None:
-        self._shut_down = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _next_chunk(stream: Any) -> AudioChunk | None:
-    return next(stream, None)
-
-
 class ManagedStream:
-    """An engine `SpeechStream` iterated from asyncio through the engine worker; `aclose()` always runs once.
+    """An engine `SpeechStream` iterated from asyncio; `aclose()` always runs once.
 
     It also counts server-side underruns: a chunk ready only after the audio sent before it would have finished
     playing, with playback starting when the first chunk was sent.
     """
 
-    def __init__(self, stream: Any, worker: EngineWorker, metrics: ServerMetrics, endpoint: str, request_id: str,
-                 seed: int):
+    def __init__(self, stream: Any, metrics: ServerMetrics, endpoint: str, request_id: str, seed: int):
         self._stream = stream
-        self._worker = worker
         self._metrics = metrics
         self.endpoint = endpoint
         self.request_id = request_id
@@ -111,16 +54,16 @@ class ManagedStream:
         self.num_samples = 0
         self._first_sent: float | None = None
         self._exhausted = False
-        self._close_future: Future | None = None
+        self._closed = False
         metrics.active.inc()
 
     def __aiter__(self) -> ManagedStream:
         return self
 
     async def __anext__(self) -> AudioChunk:
-        if self._exhausted or self._close_future is not None:
+        if self._exhausted or self._closed:
             raise StopAsyncIteration
-        chunk = await self._worker.run(_next_chunk, self._stream)
+        chunk = await self._stream.next_async()
         if chunk is None:
             self._exhausted = True
             raise StopAsyncIteration
@@ -137,22 +80,16 @@ class ManagedStream:
         """Complete once the stream is exhausted or closed."""
         return self._stream.metrics
 
-    def close_soon(self) -> Future:
-        """Queue the engine-side close (idempotent); it runs after the chunk in flight."""
-        if self._close_future is None:
-            self._close_future = self._worker.submit(self._stream.close)
-            self._close_future.add_done_callback(self._account)
-        return self._close_future
+    def close_soon(self) -> None:
+        """Cancel the engine request if it is still running (idempotent); the engine frees its rows at once."""
+        if not self._closed:
+            self._closed = True
+            self._stream.close()
+            self._metrics.active.dec()
+            self._metrics.observe_stream(self.endpoint, self._stream.metrics, self.underruns)
 
     async def aclose(self) -> None:
-        """Close and wait for it, even inside a cancelled scope; the close runs even if this await is interrupted."""
-        future = self.close_soon()
-        with anyio.CancelScope(shield=True):
-            await asyncio.wrap_future(future)
-
-    def _account(self, _: Future) -> None:
-        self._metrics.active.dec()
-        self._metrics.observe_stream(self.endpoint, self._stream.metrics, self.underruns)
+        self.close_soon()
 
     def metrics_dict(self) -> dict[str, Any]:
         d = self._stream.metrics.to_dict()

@@ -1,0 +1,196 @@
+"""Batched-engine measurements: step time against batch size, batched-vs-reference equivalence, one stream.
+
+    python -m omnivox.bench.batch_bench --dummy-weights --device cuda --out OUT [--parts steps,equivalence,single]
+
+* steps: one LLM decode step, one TTS step and one vocoder batch (29-token windows) at each batch size, timed over
+  the executors' captured graphs (device-synchronised medians). A figure here is per step, not per stream.
+* equivalence: the same requests through the fast path (all at once, batched) and the reference path (eager, one
+  row at a time); reports how many replies are identical and, where they part, at which audio token. Run it in
+  fp32 (the exactness claim) and in bf16 (agreement rate).
+* single: one stream at a time over the standard workload (TTFB / RTF medians), for the single-stream regression.
+Writes `batch_bench.json` under --out and prints a table per part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from omnivox.bench.workloads import STANDARD_WORKLOAD, load_workload, split_warmup
+from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.engine.llm_executor import LLMRow, LLMSampling
+from omnivox.engine.tts_executor import TTSRow, TTSSampling
+from omnivox.engine.types import SamplingParams
+
+console = Console()
+
+
+def _sync(engine: Engine) -> None:
+    if engine.cuda_stream is not None:
+        engine.cuda_stream.synchronize()
+
+
+def _time(engine: Engine, fn, repeats: int) -> float:
+    """Median seconds of `fn()` (after one untimed call)."""
+    fn()
+    _sync(engine)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(engine)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) -> list[dict]:
+    """Step times with `b` active rows, every row at `position` (keys read: the bucket that holds it)."""
+    rows_out = []
+    num_vq = engine.model.config.tts.num_vq
+    with engine._on_device():
+        for b in batches:
+            llm_handles = [engine.llm.slots.acquire(active=True) for _ in range(b)]
+            tts_handles = [engine.tts.slots.acquire(active=True) for _ in range(b)]
+            try:
+                ls = LLMSampling(0.7, 100, 0.8, 1.05, False, 1, 0)
+                llm_rows = [LLMRow(h.row, 100 + i, position, [1, 2, 3], ls) for i, h in enumerate(llm_handles)]
+                ts = TTSSampling((0.1, 0.3, 0.1, 0.3), 0.7, 20, False, 1, 0)
+                codes = np.ones(num_vq, np.int64)
+                tts_rows = [TTSRow(h.row, 302 + position // 4, codes, 40, False, False, ts) for h in tts_handles]
+                windows = [np.ones((29, num_vq), np.int64) for _ in range(b)]
+                llm_s = _time(engine, lambda rows=llm_rows: engine.llm.decode(rows), repeats)
+                tts_s = _time(engine, lambda rows=tts_rows: engine.tts.step(rows), repeats)
+                voc_s = _time(engine, lambda w=windows: engine.vocoder.decode(w), max(repeats // 4, 3))
+            finally:
+                for h in llm_handles:
+                    engine.llm.slots.release(h)
+                for h in tts_handles:
+                    engine.tts.slots.release(h)
+            row = {"batch": b, "llm_ms": 1e3 * llm_s, "tts_ms": 1e3 * tts_s, "vocoder_ms": 1e3 * voc_s,
+                   # realtime streams one GPU could feed from the TTS step alone (46.875 steps per audio second)
+                   "tts_stream_bound": b / (46.875 * tts_s)}
+            rows_out.append(row)
+            console.print(row)
+    table = Table(title=f"step time vs batch size (positions ~{position})")
+    for col in ("batch", "LLM ms", "TTS ms", "vocoder ms (29 tok)", "TTS-bound streams"):
+        table.add_column(col, justify="right")
+    for r in rows_out:
+        table.add_row(str(r["batch"]), f"{r['llm_ms']:.2f}", f"{r['tts_ms']:.2f}", f"{r['vocoder_ms']:.2f}",
+                      f"{r['tts_stream_bound']:.0f}")
+    console.print(table)
+    return rows_out
+
+
+def _drain_all(streams) -> list[np.ndarray]:
+    out: list = [None] * len(streams)
+
+    def drain(i: int, s) -> None:
+        out[i] = np.concatenate([c.pcm for c in s] or [np.zeros(0, np.float32)])
+
+    threads = [threading.Thread(target=drain, args=(i, s)) for i, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def part_equivalence(engine: Engine, requests: int, seconds: float) -> dict:
+    """Fast path, all requests at once, vs the reference path one by one; greedy and seeded."""
+    items = split_warmup(load_workload(STANDARD_WORKLOAD))[1]
+    reference = engine.with_config(path="reference")
+    report = {}
+    for mode, sampling in (("greedy", SamplingParams(greedy=True)), ("seeded", SamplingParams())):
+        def open_all(eng: Engine, mode=mode, sampling=sampling):
+            return [eng.stream(items[i % len(items)].prompt, seed=i, sampling=sampling,
+                               forced_reply=items[i % len(items)].reply, forced_audio_seconds=seconds)
+                    for i in range(requests)]
+        batched = _drain_all(open_all(engine))
+        alone = [_drain_all([s])[0] for s in open_all(reference)]
+        parted = []
+        for a, b in zip(batched, alone, strict=True):
+            n = min(len(a), len(b))
+            diff = np.nonzero(a[:n] != b[:n])[0]
+            if len(diff) == 0 and len(a) == len(b):
+                parted.append(None)
+            else:
+                parted.append(int(diff[0]) // 512 if len(diff) else n // 512)
+        same = sum(p is None for p in parted)
+        report[mode] = {"requests": requests, "identical": same, "first_differing_audio_token": parted}
+        console.print(f"{mode}: {same}/{requests} replies bit-identical batched vs reference; parted at {parted}")
+    reference.shutdown()
+    return report
+
+
+def part_single(engine: Engine, trials: int) -> dict:
+    """One stream at a time over the standard workload."""
+    warm, items = split_warmup(load_workload(STANDARD_WORKLOAD))
+    list(engine.stream(warm.prompt, seed=0, forced_reply=warm.reply, forced_audio_seconds=warm.audio_seconds))
+    ttfb, rtf = [], []
+    for t in range(trials):
+        for i, it in enumerate(items):
+            s = engine.stream(it.prompt, seed=100 * t + i, forced_reply=it.reply, forced_audio_seconds=it.audio_seconds)
+            for _ in s:
+                pass
+            ttfb.append(s.metrics.ttfb_s)
+            rtf.append(s.metrics.rtf)
+    result = {"n": len(ttfb), "ttfb_p50_ms": 1e3 * statistics.median(ttfb), "rtf_p50": statistics.median(rtf),
+              "ttfb_ms": [1e3 * x for x in ttfb], "rtf": rtf}
+    console.print(f"single stream: n={result['n']} TTFB p50 {result['ttfb_p50_ms']:.1f} ms, RTF p50 "
+                  f"{result['rtf_p50']:.4f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--parts", default="steps,equivalence,single")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dummy-weights", action="store_true")
+    p.add_argument("--precision", default=None)
+    p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    p.add_argument("--position", type=int, default=400, help="LLM position of every row in the step part")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--requests", type=int, default=8, help="requests in the equivalence part")
+    p.add_argument("--seconds", type=float, default=2.0, help="forced audio length in the equivalence part")
+    p.add_argument("--trials", type=int, default=3, help="passes over the workload in the single part")
+    p.add_argument("--max-session-tokens", type=int, default=2048)
+    args = p.parse_args(argv)
+    parts = args.parts.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    slots = max(batches) if "steps" in parts else 16
+    config = EngineConfig(max_concurrent_requests=slots, max_session_tokens=args.max_session_tokens, max_sessions=0)
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(None, device=args.device, dtype=args.precision, dummy_weights=args.dummy_weights,
+                                    config=config)
+    console.print(f"engine built in {time.perf_counter() - t0:.1f} s: {engine.stream_slots} stream slots, "
+                  f"{engine.model.dtype}, {engine.device}")
+    results: dict = {"device": str(engine.device), "dtype": str(engine.model.dtype), "torch": torch.__version__,
+                     "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None}
+    if "steps" in parts:
+        results["steps"] = part_steps(engine, batches, args.position, args.repeats)
+    if "equivalence" in parts:
+        results["equivalence"] = part_equivalence(engine, args.requests, args.seconds)
+    if "single" in parts:
+        t0 = time.perf_counter()
+        engine.warm_up()
+        console.print(f"warm-up (graphs for every bucket) {time.perf_counter() - t0:.1f} s")
+        results["single"] = part_single(engine, args.trials)
+    engine.shutdown()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch_bench.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

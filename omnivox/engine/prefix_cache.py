@@ -1,0 +1,33 @@
+"""The shared system prompt's LLM cache, computed once and copied into each new conversation's row.
+
+Every conversation starts with the same default-voice system prompt, so its keys and values are the same for all
+of them: a new session copies them (a few MB) instead of running the prompt through 28 layers again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnivox.engine.masks import causal_mask
+from omnivox.models.kv_cache import KVPool
+
+
+class PrefixCache:
+    def __init__(self, model, ids: list[int]):
+        c = model.config.llm
+        self.ids = list(ids)
+        self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max(len(ids), 1), model.dtype,
+                           model.device)
+        if ids:
+            with torch.inference_mode():
+                positions = torch.arange(len(ids), device=model.device)[None]
+                ids_t = torch.tensor([ids], dtype=torch.long, device=model.device)
+                model.llm(ids_t, positions, self.pool.view(0, 1), causal_mask(positions, len(ids)))
+
+    def copy_into(self, pool: KVPool, row: int, ids: list[int]) -> int:
+        """Copies the prefix into `row` if `ids` start with it; returns how many positions that covers (0 if not)."""
+        n = len(self.ids)
+        if n == 0 or ids[:n] != self.ids:
+            return 0
+        pool.copy_prefix(self.pool, 0, row, n)
+        return n

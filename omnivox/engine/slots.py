@@ -1,0 +1,73 @@
+"""Slot tables: which row of a cache pool each holder owns, with the rows in use kept at the front.
+
+A batched step runs on rows 0..B-1 of a pool (a view, no gather: omnivox/models/kv_cache.py), so the rows that take
+part must be contiguous. The table keeps them so: rows are ordered [active | idle | free]; a holder that becomes
+active, idle or free is swapped to the edge of its region (the pool swaps the two rows' caches). Holders keep a
+handle whose `row` follows these moves. Swaps happen when a request starts or ends, never inside a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class SlotHandle:
+    row: int
+    active: bool = False
+
+
+class SlotTable:
+    def __init__(self, size: int, swap: Callable[[int, int], None]):
+        self.size = size
+        self._swap_rows = swap
+        self._holders: list[SlotHandle | None] = [None] * size
+        self.num_active = 0
+        self.num_used = 0
+
+    @property
+    def num_free(self) -> int:
+        return self.size - self.num_used
+
+    def acquire(self, active: bool = False) -> SlotHandle | None:
+        """A free row (None when there is none), idle unless `active`."""
+        if self.num_used == self.size:
+            return None
+        handle = SlotHandle(self.num_used)
+        self._holders[handle.row] = handle
+        self.num_used += 1
+        if active:
+            self.activate(handle)
+        return handle
+
+    def activate(self, handle: SlotHandle) -> None:
+        if not handle.active:
+            self._move(handle, self.num_active)
+            handle.active = True
+            self.num_active += 1
+
+    def deactivate(self, handle: SlotHandle) -> None:
+        if handle.active:
+            self._move(handle, self.num_active - 1)
+            handle.active = False
+            self.num_active -= 1
+
+    def release(self, handle: SlotHandle) -> None:
+        if self._holders[handle.row] is not handle:
+            return  # released twice: harmless
+        self.deactivate(handle)
+        self._move(handle, self.num_used - 1)
+        self._holders[handle.row] = None
+        self.num_used -= 1
+
+    def _move(self, handle: SlotHandle, row: int) -> None:
+        """Swap `handle`'s row with `row` (and whoever holds it)."""
+        if handle.row == row:
+            return
+        other = self._holders[row]
+        self._swap_rows(handle.row, row)
+        self._holders[handle.row], self._holders[row] = other, handle
+        if other is not None:
+            other.row = handle.row
+        handle.row = row

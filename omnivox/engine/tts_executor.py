@@ -1,0 +1,152 @@
+"""The TTS executor: a pool of segment cache rows, text and audio prefills at one row, and batched audio steps.
+
+A step feeds each active row its last audio token (or `[Ptts]` on a segment's first step) at its own slot, builds
+each row's audio mask on the device, and samples each row's 4 codes with its own parameters and random key, so it
+replays as one CUDA graph per (batch size, key width). Rows without a step write to the scratch slot (the last
+one) and are dropped, as in the LLM executor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omnivox.engine.graphs import GraphCache, batch_bucket, length_bucket, length_buckets
+from omnivox.engine.masks import causal_mask, tts_audio_mask
+from omnivox.engine.sampling import sample_tts
+from omnivox.engine.slots import SlotTable
+from omnivox.models.kv_cache import KVPool
+
+
+@dataclass
+class TTSSampling:
+    temperature: tuple[float, ...]  # one per codebook
+    top_p: float
+    top_k: int
+    greedy: bool
+    seed: int
+    counter: int
+
+
+@dataclass
+class TTSRow:
+    row: int
+    position: int
+    prev_codes: np.ndarray | None  # None: the segment's first audio step
+    num_text_tokens: int
+    ban_eos: bool
+    force_eos: bool
+    sampling: TTSSampling
+
+
+class TTSExecutor:
+    def __init__(self, model, slots: int, capacity: int, graphs: GraphCache, one_row_at_a_time: bool = False):
+        c = model.config.tts
+        self.model, self.tts, self.device = model, model.tts, model.device
+        self.capacity = min(capacity, c.max_position_embeddings)
+        self.scratch = self.capacity - 1
+        self.num_vq, self.eos_code = c.num_vq, c.eos_code
+        self.audio_bos, self.spk_emb = c.audio_bos_token_id, c.spk_emb_token_id
+        self.condition_slots = c.condition_len - 1
+        self.pool = KVPool(c.num_hidden_layers, c.num_attention_heads, c.head_dim, self.capacity, model.dtype,
+                           model.device, slots)
+        self.slots = SlotTable(slots, self.pool.swap_slots)
+        self.graphs = graphs
+        self.widths = length_buckets(self.capacity, 512)
+        self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1
+
+    @torch.inference_mode()
+    def project_speaker(self, llm_hidden: torch.Tensor) -> torch.Tensor:
+        return self.tts.project_speaker(llm_hidden[None])[0]
+
+    @torch.inference_mode()
+    def prefill_text(self, row: int, ids: list[int], begin: int, speaker: torch.Tensor | None) -> None:
+        """Writes text slots begin..begin+len(ids)-1; text attends only to earlier text (plain causal mask)."""
+        ids_t = torch.tensor([ids], dtype=torch.long, device=self.device)
+        embeds = self.tts.embed_text(ids_t)
+        if speaker is not None:
+            embeds = torch.where((ids_t == self.spk_emb)[..., None], speaker.to(embeds.dtype), embeds)
+        positions = torch.arange(begin, begin + len(ids), device=self.device)[None]
+        width = length_bucket(begin + len(ids), self.widths)
+        self.tts(embeds, positions, self.pool.view(row, 1, width), causal_mask(positions, width))
+
+    @torch.inference_mode()
+    def prefill_audio(self, row: int, codes: np.ndarray, num_text_tokens: int) -> None:
+        """Segment restart: `[Ptts]` + codes[:-1] at 302.. with ONE mask row for the whole block (so the block is
+        non-causal, as in the official `prefill_audio_ids`)."""
+        codes_t = torch.from_numpy(np.asarray(codes)).to(self.device)
+        bos = self.tts.embed_text(torch.tensor([[self.audio_bos]], device=self.device))
+        embeds = torch.cat([bos, self.tts.embed_codes(codes_t[None, :-1])], dim=1)
+        n, start = embeds.shape[1], self.condition_slots
+        width = length_bucket(start + n, self.widths)
+        one = torch.tensor([start], device=self.device)
+        mask = tts_audio_mask(one, torch.tensor([num_text_tokens], device=self.device), one + n, width)
+        positions = torch.arange(start, start + n, device=self.device)[None]
+        self.tts(embeds, positions, self.pool.view(row, 1, width), mask)
+
+    @torch.inference_mode()
+    def step(self, rows: list[TTSRow]) -> list[np.ndarray]:
+        """One audio token for each of `rows` (active rows of the pool); returns each row's codes [num_vq]."""
+        if self.one_row_at_a_time:
+            return [self._step_rows(r.row, 1, [r])[0] for r in rows]
+        return self._step_rows(0, batch_bucket(self.slots.num_active, self.slots.size), rows)
+
+    def _step_rows(self, first: int, batch: int, rows: list[TTSRow]) -> list[np.ndarray]:
+        """One step over pool rows first..first+batch-1, of which `rows` take part."""
+        width = length_bucket(max(r.position for r in rows) + 1, self.widths)
+        host = self._blank(batch)
+        for r in rows:
+            i, s = r.row - first, r.sampling
+            host["positions"][i] = r.position
+            host["first_step"][i] = r.prev_codes is None
+            if r.prev_codes is not None:
+                host["prev_codes"][i] = r.prev_codes
+            host["num_text"][i] = r.num_text_tokens
+            host["ban_eos"][i], host["force_eos"][i] = r.ban_eos, r.force_eos
+            host["temperature"][i] = s.temperature
+            host["top_p"][i], host["top_k"][i], host["greedy"][i] = s.top_p, s.top_k, s.greedy
+            host["seeds"][i], host["counters"][i] = s.seed, s.counter
+        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in host.items()}
+        out = self.graphs.run(("tts", first, batch, width), lambda **kw: self._step(first, width, **kw), inputs)
+        codes = out.cpu().numpy()
+        return [codes[r.row - first] for r in rows]
+
+    def warm_up(self) -> None:
+        """Captures every (batch size, key width) step graph now; scratch rows only."""
+        if not self.graphs.enabled:
+            return
+        for batch in sorted({batch_bucket(n, self.slots.size) for n in range(1, self.slots.size + 1)}):
+            for width in self.widths:
+                inputs = {k: torch.from_numpy(v).to(self.device) for k, v in self._blank(batch).items()}
+                self.graphs.run(("tts", 0, batch, width), lambda w=width, **kw: self._step(0, w, **kw), inputs)
+
+    def _blank(self, batch: int) -> dict[str, np.ndarray]:
+        """Inputs of a step in which no row takes part (every row at the scratch slot)."""
+        return {
+            "positions": np.full(batch, self.scratch, np.int64),
+            "first_step": np.zeros(batch, bool),
+            "prev_codes": np.zeros((batch, self.num_vq), np.int64),
+            "num_text": np.zeros(batch, np.int64),
+            "ban_eos": np.zeros(batch, bool),
+            "force_eos": np.zeros(batch, bool),
+            "temperature": np.ones((batch, self.num_vq), np.float32),
+            "top_p": np.ones(batch, np.float32),
+            "top_k": np.ones(batch, np.int64),
+            "greedy": np.ones(batch, bool),
+            "seeds": np.zeros(batch, np.int64),
+            "counters": np.zeros(batch, np.int64),
+        }
+
+    def _step(self, first, width, positions, first_step, prev_codes, num_text, ban_eos, force_eos, temperature,
+              top_p, top_k, greedy, seeds, counters) -> torch.Tensor:
+        batch = positions.shape[0]
+        bos = self.tts.embed_text(torch.full((batch, 1), self.audio_bos, device=positions.device))
+        embeds = torch.where(first_step[:, None, None], bos, self.tts.embed_codes(prev_codes[:, None]))  # [B, 1, C]
+        mask = tts_audio_mask(positions, num_text, positions + 1, width)
+        hidden = self.tts(embeds, positions[:, None], self.pool.view(first, batch, width), mask)
+        logits = self.tts.compute_logits(hidden)[:, -1]  # [B, num_vq, num_codes]
+        return sample_tts(logits, temperature=temperature, top_p=top_p, top_k=top_k, first_audio_step=first_step,
+                          ban_eos=ban_eos, force_eos=force_eos, greedy=greedy, eos_id=self.eos_code, seeds=seeds,
+                          counters=counters)
