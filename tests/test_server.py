@@ -83,7 +83,8 @@ def test_health_ready_models_metrics_page(server):
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     for name in ("omnivox_ttfb_seconds", "omnivox_rtf", "omnivox_audio_seconds_total", "omnivox_streams_active",
-                 "omnivox_streams_queued", "omnivox_underruns", "omnivox_errors"):
+                 "omnivox_tts_batch_size", "omnivox_llm_batch_size", "omnivox_vocoder_batch_size",
+                 "omnivox_scheduler_waiting", "omnivox_stream_buffered_seconds", "omnivox_underruns", "omnivox_errors"):
         assert name in metrics.text, name
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -288,9 +289,9 @@ def test_bad_json_unknown_model_unknown_route(server):
 
 
 def test_busy_engine_answers_429(server):
-    engine, worker = server.service.engine, server.service.worker
-    limit = engine.config.max_concurrent_requests
-    held = [worker.submit(engine.read_aloud, "hold a slot").result() for _ in range(limit)]
+    engine = server.service.engine
+    limit = engine.stream_slots
+    held = [engine.read_aloud("hold a slot") for _ in range(limit)]
     try:
         for path, body in (("/v1/audio/speech", {"input": "one too many"}),
                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **CHAT_AUDIO})):
@@ -303,7 +304,7 @@ def test_busy_engine_answers_429(server):
             assert event["type"] == "error" and event["error"]["code"] == "engine_busy"
     finally:
         for stream in held:
-            worker.submit(stream.close).result()
+            stream.close()
     assert httpx.post(server.url + "/v1/audio/speech", json={"input": "room again"}).status_code == 200
     assert server.wait_idle()["live_requests"] == 0
 
@@ -429,8 +430,12 @@ def _cancelled_total(server) -> float:
 
 
 @pytest.mark.parametrize("endpoint", ["speech", "chat", "websocket"])
-def test_disconnect_stops_generation_and_frees(server, endpoint):
+def test_disconnect_stops_generation_and_frees(server, endpoint, monkeypatch):
     engine = server.service.engine
+    # the engine does not wait for the client, so the scripted chat reply is made long enough to be cut off
+    monkeypatch.setattr(server.service, "_chat_forcing",
+                        lambda text: {"forced_reply": "A long story. " * 20, "forced_audio_seconds": 30.0})
+    monkeypatch.setattr(server.service, "_read_forcing", lambda text: {"forced_audio_seconds": 30.0})
     before = _cancelled_total(server)
     if endpoint == "websocket":
         with connect(server.ws_url) as ws:
@@ -444,7 +449,8 @@ def test_disconnect_stops_generation_and_frees(server, endpoint):
                       else ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a story."}],
                                                      "stream": True, **CHAT_AUDIO}))
         with httpx.Client() as client, client.stream("POST", server.url + path, json=body) as response:
-            next(response.iter_raw())
+            body_chunks = response.iter_raw()  # kept: a dropped iterator closes the response at once
+            next(body_chunks)
             assert engine.live_requests == 1
         # leaving the block closes the connection mid-body
     stats = server.wait_idle()
@@ -453,21 +459,17 @@ def test_disconnect_stops_generation_and_frees(server, endpoint):
 
 
 def break_after_first_chunk(monkeypatch, engine, method: str) -> None:
-    """Make engine.<method> streams fail (a RuntimeError, as a lost device raises) after their first chunk."""
-    real = getattr(engine, method)
+    """Make the engine fail (a RuntimeError, as a lost device raises) after the first chunk of `method`'s streams:
+    the vocoder raises from its second window on."""
+    real, calls = engine.vocoder.decode, []
 
-    def failing(*args, **kwargs):
-        stream = real(*args, **kwargs)
-        pieces = stream._pieces
-
-        def broken():
-            yield next(pieces)
+    def failing(windows):
+        calls.append(len(windows))
+        if len(calls) > 1:
             raise RuntimeError("device lost")
+        return real(windows)
 
-        stream._pieces = broken()
-        return stream
-
-    monkeypatch.setattr(engine, method, failing)
+    monkeypatch.setattr(engine.vocoder, "decode", failing)
 
 
 def test_generation_failure_mid_stream_is_in_band(server, monkeypatch):
@@ -479,6 +481,7 @@ def test_generation_failure_mid_stream_is_in_band(server, monkeypatch):
     assert payloads[-1] == "[DONE]" and payloads[-2]["error"]["type"] == "server_error"
     assert "internal" in payloads[-2]["error"]["message"]
 
+    monkeypatch.undo()
     break_after_first_chunk(monkeypatch, server.service.engine, "read_aloud")
     with connect(server.ws_url) as ws:
         ws.send(json.dumps({"type": "speak", "text": "This will break.", "mode": "read"}))

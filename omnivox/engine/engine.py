@@ -13,6 +13,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -213,7 +214,10 @@ class SpeechStream:
 
     def close(self) -> None:
         """Cancel: generation stops at the current step and the request's caches are released."""
-        if not self._done:
+        if not self._done and not self.cancelled:
+            if not self.metrics.finish_reason:
+                self.metrics.finish_reason = "cancelled"
+            self.metrics.total_s = self._clock() - self._start
             self.engine._cancel(self)
         self._closed = True
 
@@ -256,7 +260,8 @@ class Engine:
         self.scheduler = Scheduler(self.llm, self.tts, self.vocoder, None, SchedulerConfig(), clock)
         self._cv = threading.Condition()
         self._commands: deque[Callable[[], None]] = deque()
-        self._streams: set[SpeechStream] = set()
+        # admission counts live streams; a stream its caller dropped without close() leaves the set and is cancelled
+        self._streams: weakref.WeakSet[SpeechStream] = weakref.WeakSet()
         self._sessions_open = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -429,11 +434,14 @@ class Engine:
             self._streams.discard(stream)
 
     def _cancel(self, stream: SpeechStream) -> None:
+        """The stream's slot is free for admission at once: the loop ends cancelled requests (giving their rows
+        back) before it starts new ones."""
         stream.cancelled = True
         live = stream.live
         if live is not None:
             live.cancelled = True
         with self._cv:
+            self._streams.discard(stream)
             self._cv.notify_all()
 
     def _request_cache_bytes(self, stream: SpeechStream) -> int:
@@ -565,13 +573,16 @@ class Engine:
     def _start(self, stream: SpeechStream, reply: Reply, speech: Side, llm: Side | None, session: Session | None,
                sampling: SamplingParams, seed: int | None) -> None:
         llm_seed, tts_seed = self._seeds(seed)
+        ref = weakref.ref(stream)  # the loop must not keep a stream alive that its caller dropped
 
         def emit(item: object) -> None:
             ended = not isinstance(item, Piece)
             if ended and session is not None and (session.owned_by_request or session.closed):
                 session.closed = True
                 self._release_session(session)
-            stream._emit(item)
+            target = ref()
+            if target is not None:
+                target._emit(item)
 
         live = Live(reply=reply, speech=speech, llm=llm, session=session, sampling=sampling, metrics=stream.metrics,
                     llm_seed=llm_seed, tts_seed=tts_seed, emit=emit, arrived=self.clock(),

@@ -5,9 +5,10 @@ keys and its playback clock. `advance` runs each coroutine until it asks for dev
 then runs, in order: vocoder windows (audio leaves first), one TTS step for every row that wants one, an LLM decode
 step when a stream needs text (or the LLM has idled for a few iterations), and prefills within a token budget.
 
-Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills so that streams
-without audio get theirs first and the rest go by how little they have buffered; while any stream is about to
-underrun, prefills are held to one per iteration; a stream more than `ahead_limit_s` ahead waits (its rows idle).
+Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
+to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
+is about to underrun, prefills are held to one per iteration (they delay every stream's next step); a stream more
+than `ahead_limit_s` ahead waits (its rows idle).
 """
 
 from __future__ import annotations
@@ -177,9 +178,12 @@ class Scheduler:
         llm_rows = [r for r in go if r.llm is not None and r.llm.waiting_on(LLMDecode) and len(r.llm.item.ids) == 1]
         needed = any(r.llm_waited_for for r in llm_rows)
         llm = llm_rows if needed or (llm_rows and self._llm_idle >= cfg.llm_idle_iterations) else []
+        def urgent(r: Live) -> bool:
+            return r.first_audio_at is not None and r.buffered_s(now) < cfg.underrun_reserve_s
+
         prefills = [r for r in go if _prefill_work(r) is not None]
-        prefills.sort(key=lambda r: (r.first_audio_at is not None, r.buffered_s(now), r.order))
-        if any(r.first_audio_at is not None and r.buffered_s(now) < cfg.underrun_reserve_s for r in self.live):
+        prefills.sort(key=lambda r: (not urgent(r), r.first_audio_at is not None, r.buffered_s(now), r.order))
+        if any(urgent(r) for r in self.live):
             prefills = prefills[:1]
         return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
 
@@ -238,6 +242,7 @@ class Scheduler:
                 self.tts.slots.release(live.tts_slot)
             live.tts_slot = self.tts.slots.acquire(active=True)
             assert live.tts_slot is not None, "admission keeps a TTS row for every live request"
+            self.tts.clear_condition_slots(live.tts_slot.row)
             live.speech.resolve(None)
 
     def _deliver(self, live: Live, piece: Piece) -> None:

@@ -58,6 +58,12 @@ class TTSExecutor:
         self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1
 
     @torch.inference_mode()
+    def clear_condition_slots(self, row: int) -> None:
+        """A new segment starts from zeros in its text slots, as the official fresh cache does: the first call after
+        a restart may attend text slots the restart prefill did not write (fact sheet 4.13)."""
+        self.pool.zero_slot(row, self.condition_slots + 1)
+
+    @torch.inference_mode()
     def project_speaker(self, llm_hidden: torch.Tensor) -> torch.Tensor:
         return self.tts.project_speaker(llm_hidden[None])[0]
 

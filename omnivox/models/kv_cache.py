@@ -66,6 +66,12 @@ class KVPool:
         for buf in (*self.k, *self.v):
             buf[dst, :, :end] = buf[src, :, :end]
 
+    def zero_slot(self, slot: int, length: int | None = None) -> None:
+        """Zeroes slot `slot`'s first `length` positions (all by default)."""
+        end = self.capacity if length is None else length
+        for buf in (*self.k, *self.v):
+            buf[slot, :, :end].zero_()
+
     def swap_slots(self, a: int, b: int) -> None:
         for buf in (*self.k, *self.v):
             tmp = buf[a].clone()

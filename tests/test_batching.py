@@ -1,0 +1,340 @@
+"""Continuous batching on the tiny model (CPU, fp32): batch invariance, the reference path as oracle, mixed work in
+flight together, rows given back on cancel, admission at capacity, a soak, and slot compaction under churn.
+
+Tokens, text and the audio codes of every vocoder window must be identical; PCM agrees to float rounding only
+(VOCODER_ATOL): the vocoder runs windows of several requests as one batch, and DVAE/Vocos convolutions round
+differently at another batch size (about 1e-7 on CPU).
+
+The free-sampling requests use seeds whose random-weight TTS happens to end soon (it ends at a drawn EOS), so the
+tests stay short; forced replies end where they are told to.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from omnivox.config import tiny_config
+from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.engine.slots import SlotTable
+from omnivox.engine.types import SAMPLES_PER_AUDIO_TOKEN, SamplingParams
+from omnivox.errors import EngineBusy
+from omnivox.models.kv_cache import KVPool
+from omnivox.models.loader import build_dummy_model
+
+VOCODER_ATOL = 1e-6
+
+FREE = SamplingParams(max_new_tokens=4)
+MATE = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.2,
+                      tts_temperature=(0.2, 0.2, 0.2, 0.2))
+GREEDY = SamplingParams(greedy=True)
+SENTENCES = [f"This is sentence number {i} of a long answer that keeps going for quite a while." for i in range(9)]
+RESTART_REPLY = " ".join(SENTENCES)  # just over 120 BERT tokens: one segment restart
+
+
+def samples(seconds: float) -> int:
+    return round(seconds * 46.875) * SAMPLES_PER_AUDIO_TOKEN
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
+
+
+def mixed(engine: Engine) -> list:
+    """Eight requests of every kind: free chats (other seeds and parameters), forced chats of other lengths and
+    seeds, a greedy one, and read-aloud."""
+    starts = [
+        lambda i: engine.stream("Hello!", seed=4, sampling=FREE, request_id=i),  # watched for invariance
+        lambda i: engine.stream("Tell me.", seed=11, sampling=MATE, request_id=i),
+        lambda i: engine.stream("Tell me.", seed=10, sampling=MATE, request_id=i),
+        lambda i: engine.stream("Hi", seed=1, forced_reply="Glad to hear that.", forced_audio_seconds=0.5,
+                                request_id=i),
+        lambda i: engine.stream("How are you?", seed=2, forced_reply="Fine, thanks. And you?",
+                                forced_audio_seconds=1.0, request_id=i),
+        lambda i: engine.stream("Hi", sampling=GREEDY, forced_reply="Hello.", forced_audio_seconds=0.8, request_id=i),
+        lambda i: engine.read_aloud("Read this sentence aloud.", seed=3, forced_audio_seconds=0.7, request_id=i),
+        lambda i: engine.read_aloud("Another, longer sentence to read.", seed=5, forced_audio_seconds=1.2,
+                                    request_id=i),
+    ]
+    return [lambda start=start, i=i: start(f"r{i}") for i, start in enumerate(starts)]
+
+
+def record_codes(engine: Engine) -> dict[str, list[np.ndarray]]:
+    """The audio codes of every vocoder window, by request id, as the loop hands them to the vocoder."""
+    windows: dict[str, list[np.ndarray]] = defaultdict(list)
+    run = engine.scheduler._run_vocoder
+
+    def spy(lives):
+        for live in lives:
+            windows[live.metrics.request_id].append(np.array(live.speech.item.codes))
+        run(lives)
+
+    engine.scheduler._run_vocoder = spy
+    return windows
+
+
+def drain(streams, windows: dict | None = None) -> list[tuple]:
+    """Reads every stream to its end: (PCM, chunk texts, token counts, vocoder windows) each."""
+    out = []
+    for stream in streams:
+        chunks = list(stream)
+        assert chunks and chunks[-1].is_last
+        m = stream.metrics
+        counts = dict(llm_tokens=m.llm_tokens, tts_steps=m.tts_steps, tts_calls=m.tts_calls, text=m.reply_text,
+                      finish=m.finish_reason)
+        codes = (windows or {}).get(m.request_id, [])
+        out.append((np.concatenate([c.pcm for c in chunks]), [c.text for c in chunks], counts, codes))
+    return out
+
+
+def assert_same(a, b, what: str) -> None:
+    assert a[2] == b[2], f"{what}: token counts and text differ"
+    assert a[1] == b[1], f"{what}: chunk texts differ"
+    assert len(a[3]) == len(b[3]) and all(np.array_equal(x, y) for x, y in zip(a[3], b[3], strict=True)), \
+        f"{what}: audio codes differ"
+    assert a[0].shape == b[0].shape, f"{what}: audio length differs"
+    np.testing.assert_allclose(a[0], b[0], rtol=0, atol=VOCODER_ATOL, err_msg=f"{what}: PCM differs")
+
+
+def assert_clean(engine: Engine) -> None:
+    assert engine.wait_idle(30.0)
+    stats = engine.stats()
+    assert stats["live_requests"] == 0 and stats["stream_slots_free"] == stats["stream_slots"]
+    assert stats["llm_rows_used"] == 0 and stats["tts_rows_used"] == 0 and stats["cache_bytes"] == 0
+    assert engine.scheduler.live == []
+
+
+@pytest.fixture(scope="module")
+def batched(model):
+    """The eight mixed requests in flight together on the fast path, and the largest batch each stage ran."""
+    engine = Engine(model)
+    sizes: dict[str, int] = {}
+    engine.on_batch = lambda stage, rows: sizes.__setitem__(stage, max(rows, sizes.get(stage, 0)))
+    windows = record_codes(engine)
+    results = drain([start() for start in mixed(engine)], windows)
+    assert_clean(engine)
+    return results, sizes
+
+
+# ---- batch invariance and the reference path --------------------------------------------------------------------
+def test_a_request_alone_and_in_a_batch_of_eight_is_the_same(model, batched):
+    results, sizes = batched
+    assert sizes["tts"] >= 4 and sizes["llm"] >= 2 and sizes["vocoder"] >= 2, f"no real batching: {sizes}"
+    engine = Engine(model)
+    starts, windows = mixed(engine), record_codes(engine)
+    for index in (0, 1, 3, 6):  # free chat, free chat with other parameters, forced chat, read-aloud
+        alone = drain([starts[index]()], windows)[0]
+        assert_same(alone, results[index], f"request {index}")
+    assert results[0][2]["llm_tokens"] == FREE.max_new_tokens and results[0][2]["finish"] == "length"
+    assert not np.array_equal(results[1][0][: len(results[2][0])], results[2][0]), "other seeds, other audio"
+
+
+def test_the_reference_path_gives_the_same_audio(model, batched):
+    """Greedy and seeded requests, several in flight, run one row at a time with eager steps: the same output."""
+    results, _ = batched
+    reference = Engine(model, EngineConfig(path="reference"))
+    windows = record_codes(reference)
+    ours_all = drain([start() for start in mixed(reference)], windows)
+    for index, (ours, theirs) in enumerate(zip(ours_all, results, strict=True)):
+        assert_same(ours, theirs, f"request {index}")
+    assert_clean(reference)
+
+
+# ---- everything in flight together ------------------------------------------------------------------------------
+def session_turns(engine: Engine, windows: dict, before_second=None):
+    session = engine.new_session()
+    first = drain([engine.stream("Hi!", session=session, seed=6, forced_reply="Hello.", forced_audio_seconds=0.5,
+                                 request_id="turn1")], windows)
+    if before_second is not None:
+        before_second()
+    second = drain([engine.stream("And now?", session=session, seed=7, forced_reply="Sure.",
+                                  forced_audio_seconds=0.5, request_id="turn2")], windows)
+    return session, first[0], second[0]
+
+
+def test_chat_read_aloud_multi_turn_restart_and_cancel_together(model, monkeypatch):
+    engine = Engine(model)
+    restarts = []
+    prefill_audio = engine.tts.prefill_audio
+
+    def spy(row, codes, num_text_tokens):
+        restarts.append(len(codes))
+        return prefill_audio(row, codes, num_text_tokens)
+
+    monkeypatch.setattr(engine.tts, "prefill_audio", spy)
+    windows = record_codes(engine)
+    long = engine.stream("Tell me everything.", seed=0, forced_reply=RESTART_REPLY, forced_audio_seconds=8.0)
+    chat = engine.stream("Hi", seed=1, forced_reply="Glad to hear that.", forced_audio_seconds=1.0)
+    aloud = engine.read_aloud("Read this sentence aloud.", seed=3, forced_audio_seconds=0.7)
+    victim = engine.stream("Cancel me", seed=2, forced_reply="This will not finish.", forced_audio_seconds=6.0)
+    next(victim)
+    victim.close()
+
+    def cancelled_victim_let_go():
+        deadline = time.monotonic() + 10
+        while not victim.done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert victim.done and victim.metrics.finish_reason == "cancelled"
+        assert victim.live.tts_slot is None and victim.live.session.slot is None, "its rows are given back"
+        assert victim.cache_bytes == 0 and list(victim) == []
+
+    session, first, second = session_turns(engine, windows, cancelled_victim_let_go)
+    assert session.turns == 2 and first[2]["text"] == "Hello." and second[2]["text"] == "Sure."
+    (long_pcm, _, long_m, _), (chat_pcm, _, chat_m, _), (aloud_pcm, *_) = drain([long, chat, aloud])
+    assert restarts and all(n == 50 for n in restarts), "the long reply restarted its TTS segment"
+    # each restart re-decodes 4 audio tokens already played (fact sheet 4.13: ~2048 duplicated samples)
+    assert long_m["text"] == RESTART_REPLY
+    assert len(long_pcm) == samples(8.0) + len(restarts) * 4 * SAMPLES_PER_AUDIO_TOKEN
+    assert chat_m["text"] == "Glad to hear that." and len(chat_pcm) == samples(1.0)
+    assert len(aloud_pcm) == samples(0.7)
+    assert engine.wait_idle(30.0) and engine.stats()["llm_rows_used"] == 1, "the open session keeps its row"
+    engine.close_session(session)
+    deadline = time.monotonic() + 10
+    while engine.stats()["llm_rows_used"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert_clean(engine)
+    # the session's turns, with other requests starting and ending around its idle row, equal the turns alone
+    alone = Engine(model)
+    _, alone_first, alone_second = session_turns(alone, record_codes(alone))
+    assert_same(first, alone_first, "first turn")
+    assert_same(second, alone_second, "second turn")
+
+
+# ---- rows, admission, soak --------------------------------------------------------------------------------------
+def test_cancel_gives_every_row_back(model):
+    engine = Engine(model)
+    streams = [engine.stream("One", seed=0, forced_reply="A long reply.", forced_audio_seconds=4.0),
+               engine.read_aloud("Read this aloud.", seed=1, forced_audio_seconds=4.0),
+               engine.stream("Three", seed=2, forced_reply="Another reply.", forced_audio_seconds=4.0)]
+    for s in streams:
+        next(s)
+    stats = engine.stats()
+    assert stats["tts_rows_used"] == 3 and stats["llm_rows_used"] == 2 and stats["cache_bytes"] > 0
+    assert sum(s.cache_bytes for s in streams) == stats["cache_bytes"]
+    for s in streams:
+        s.close()
+    assert_clean(engine)
+    assert [s.metrics.finish_reason for s in streams] == ["cancelled"] * 3
+    assert engine.stats()["live_requests"] == 0
+
+
+def test_engine_busy_at_capacity_then_admits_again(model):
+    engine = Engine(model, EngineConfig(max_concurrent_requests=2, max_sessions=1))
+    a = engine.stream("One", seed=0, forced_reply="First.", forced_audio_seconds=3.0)
+    b = engine.read_aloud("Two", seed=1, forced_audio_seconds=3.0)
+    assert engine.stats()["stream_slots_free"] == 0
+    with pytest.raises(EngineBusy, match="2 stream slots") as busy:
+        engine.stream("Three", forced_reply="x", forced_audio_seconds=0.5)
+    assert busy.value.retry_after_s > 0
+    with pytest.raises(EngineBusy):
+        engine.read_aloud("Four", forced_audio_seconds=0.5)
+    session = engine.new_session()
+    with pytest.raises(EngineBusy, match="sessions"):
+        engine.new_session()
+    engine.close_session(session)
+    engine.close_session(engine.new_session())  # the closed session's place is free again
+    a.close()
+    deadline = time.monotonic() + 10
+    while engine.live_requests > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    c = engine.stream("Five", seed=2, forced_reply="Yes.", forced_audio_seconds=0.5)
+    assert sum(len(ch.pcm) for ch in c) == samples(0.5)
+    b.close()
+    assert_clean(engine)
+
+
+def test_soak_with_random_cancels_ends_clean(model):
+    engine = Engine(model)
+    rng = random.Random(0)
+    inflight: list[tuple] = []
+    finished = busy = 0
+
+    def settle(entry) -> None:
+        nonlocal finished
+        stream, fate, seconds = entry
+        if fate == "read":
+            chunks = list(stream)
+            assert chunks[-1].is_last and sum(len(c.pcm) for c in chunks) == samples(seconds)
+            assert stream.metrics.finish_reason == "eos"
+        else:
+            if fate == "one_chunk":
+                next(stream, None)
+            stream.close()
+            list(stream)
+        finished += 1
+
+    for i in range(40):
+        seconds = rng.choice((0.3, 0.4, 0.6))
+        fate = rng.choice(("read", "read", "close_now", "one_chunk"))
+        for _attempt in range(10):
+            try:
+                if rng.random() < 0.3:
+                    stream = engine.read_aloud(f"Read number {i}.", seed=i, forced_audio_seconds=seconds)
+                else:
+                    stream = engine.stream(f"Question {i}?", seed=i, forced_reply=f"Answer {i}.",
+                                           forced_audio_seconds=seconds)
+                break
+            except EngineBusy:  # cancelled requests not reaped yet: finish the oldest and try again
+                busy += 1
+                settle(inflight.pop(0))
+        else:
+            pytest.fail("the engine stayed busy with nothing in flight")
+        if fate == "close_now":
+            stream.close()
+        inflight.append((stream, fate, seconds))
+        if len(inflight) >= 6:
+            settle(inflight.pop(0))
+    while inflight:
+        settle(inflight.pop(0))
+    assert finished == 40
+    assert_clean(engine)
+
+
+# ---- slot compaction --------------------------------------------------------------------------------------------
+def test_slot_table_keeps_active_rows_in_front_and_caches_follow_their_handles():
+    pool = KVPool(num_layers=2, num_kv_heads=1, head_dim=2, capacity=3, dtype=torch.float32, device="cpu", slots=6)
+    table = SlotTable(6, pool.swap_slots)
+    rng = random.Random(1)
+    owned: dict[int, object] = {}  # value written into the row -> handle
+    next_value = 1.0
+
+    def check() -> None:
+        handles = list(owned.items())
+        active = sorted(h.row for _, h in handles if h.active)
+        idle = sorted(h.row for _, h in handles if not h.active)
+        assert active == list(range(table.num_active)), "active rows are 0..num_active-1"
+        assert idle == list(range(table.num_active, table.num_used)), "idle rows follow, then the free ones"
+        for value, h in handles:
+            for buf in (*pool.k, *pool.v):
+                assert bool((buf[h.row] == value).all()), "a row's cache moves with its handle"
+
+    for _ in range(400):
+        op = rng.choice(("acquire", "acquire_active", "activate", "deactivate", "release"))
+        if op.startswith("acquire"):
+            h = table.acquire(active=op == "acquire_active")
+            if h is None:
+                assert table.num_free == 0
+                continue
+            for buf in (*pool.k, *pool.v):
+                buf[h.row] = next_value
+            owned[next_value] = h
+            next_value += 1.0
+        elif owned:
+            value = rng.choice(list(owned))
+            h = owned[value]
+            if op == "activate":
+                table.activate(h)
+            elif op == "deactivate":
+                table.deactivate(h)
+            else:
+                table.release(h)
+                table.release(h)  # twice: harmless
+                del owned[value]
+        check()
+    assert table.num_used == len(owned)

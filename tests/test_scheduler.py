@@ -1,0 +1,250 @@
+"""The scheduler's priorities with a fake clock: which live requests' work runs in an iteration (`Scheduler.plan`).
+
+Most tests build `Live` requests whose coroutines are parked on a chosen piece of work, so `plan(now)` (a pure
+function of the requests and the clock) can be asked directly. The last tests drive a real request on the tiny
+model, one loop iteration at a time on the test thread, with a clock the test moves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from omnivox.config import tiny_config
+from omnivox.engine.engine import Engine
+from omnivox.engine.request import Piece
+from omnivox.engine.scheduler import Live, Scheduler, SchedulerConfig, Side
+from omnivox.engine.types import SAMPLE_RATE, RequestMetrics, SamplingParams
+from omnivox.engine.work import (
+    NEXT_CHUNK,
+    LLMDecode,
+    LLMPrefill,
+    TTSPrefillAudio,
+    TTSPrefillText,
+    TTSStep,
+    Vocode,
+)
+from omnivox.models.loader import build_dummy_model
+
+CONFIG = SchedulerConfig()
+
+
+def parked(item: object) -> Side:
+    """A coroutine side waiting on `item` (its result not in yet)."""
+    side = Side(iter(()))
+    side.item, side.ready = item, False
+    return side
+
+
+def live(speech: object = NEXT_CHUNK, llm: object | None = None, *, buffered: float | None = None,
+         now: float = 100.0, read_aloud: bool = False) -> Live:
+    """A request whose speech waits on `speech` and whose LLM waits on `llm`; `buffered`: seconds of audio ahead of
+    the listener at `now` (None: no audio yet)."""
+    r = Live(reply=None, speech=parked(speech), llm=None if read_aloud else parked(llm), session=None,
+             sampling=SamplingParams(), metrics=RequestMetrics(), llm_seed=0, tts_seed=1, emit=lambda item: None,
+             arrived=0.0, lookahead=8)
+    if buffered is not None:
+        r.first_audio_at, r.audio_s = now - 10.0, 10.0 + buffered
+    return r
+
+
+def scheduler(*lives: Live, **config) -> Scheduler:
+    s = Scheduler(None, None, None, None, SchedulerConfig(**config), clock=lambda: 0.0)
+    s.live.extend(lives)
+    return s
+
+
+def tts_step() -> TTSStep:
+    return TTSStep(position=310, prev_codes=np.zeros(4, np.int64), num_text_tokens=20, ban_eos=False,
+                   force_eos=False)
+
+
+def prefill_text() -> TTSPrefillText:
+    return TTSPrefillText([1, 2, 3], 12)
+
+
+def decode_one() -> LLMDecode:
+    return LLMDecode([5], [5])
+
+
+# ---- the playback clock -----------------------------------------------------------------------------------------
+def test_buffered_audio_is_first_audio_time_plus_audio_minus_now():
+    r = live()
+    assert r.buffered_s(5.0) == 0.0, "no audio yet: nothing buffered"
+    r.first_audio_at, r.audio_s = 10.0, 3.0
+    assert r.buffered_s(10.0) == pytest.approx(3.0)
+    assert r.buffered_s(11.5) == pytest.approx(1.5)
+    assert r.buffered_s(14.0) == pytest.approx(-1.0), "past its audio: the listener has run dry (negative)"
+
+
+def test_delivery_starts_the_clock_and_adds_each_piece():
+    now = [7.0]
+    emitted = []
+    s = Scheduler(None, None, None, None, CONFIG, clock=lambda: now[0])
+    r = live()
+    r.emit = emitted.append
+    s._deliver(r, Piece(np.zeros(0, np.float32), "text only"))
+    assert r.first_audio_at is None, "a piece without samples does not start the playback clock"
+    s._deliver(r, Piece(np.zeros(SAMPLE_RATE, np.float32), "one second"))
+    now[0] = 7.25
+    s._deliver(r, Piece(np.zeros(SAMPLE_RATE // 2, np.float32), "half"))
+    assert r.first_audio_at == 7.0 and r.audio_s == pytest.approx(1.5)
+    assert r.buffered_s(7.25) == pytest.approx(1.25)
+    assert [p.text for p in emitted] == ["text only", "one second", "half"]
+
+
+# ---- prefill order ------------------------------------------------------------------------------------------------
+def test_new_stream_prefills_before_filler_prefills():
+    fillers = [live(prefill_text(), buffered=b) for b in (2.0, 5.0)]
+    filler_llm = live(llm=LLMPrefill([1, 2, 3]), buffered=1.0)
+    new = live(llm=LLMPrefill([4, 5, 6]))  # arrived last, no audio yet
+    new_tts = live(prefill_text())
+    plan = scheduler(*fillers, filler_llm, new, new_tts).plan(100.0)
+    assert plan["prefill"][:2] == [new, new_tts], "streams without audio first, in arrival order"
+    assert plan["prefill"][2:] == [filler_llm, fillers[0], fillers[1]], "then the least buffered"
+
+
+def test_header_decode_counts_as_a_prefill_and_single_tokens_as_decode():
+    header = live(llm=LLMDecode([1, 2, 3, 4], [1, 2, 3, 4], hidden_at=2))
+    plan = scheduler(header).plan(100.0)
+    assert plan["prefill"] == [header] and plan["llm"] == []
+
+
+def test_streams_ordered_by_least_buffered():
+    lives = [live(TTSPrefillAudio(np.zeros((50, 4), np.int64), 5), buffered=b) for b in (3.0, 0.9, 2.0, 1.2)]
+    plan = scheduler(*lives).plan(100.0)
+    assert [r.buffered_s(100.0) for r in plan["prefill"]] == pytest.approx([0.9, 1.2, 2.0, 3.0])
+
+
+def test_about_to_underrun_holds_prefills_to_one_per_iteration():
+    fillers = [live(prefill_text(), buffered=b) for b in (2.0, 4.0, 6.0)]
+    dry = live(prefill_text(), buffered=CONFIG.underrun_reserve_s / 2)
+    stepping = [live(tts_step(), buffered=b) for b in (0.0, 1.0)]
+    s = scheduler(*fillers, dry, *stepping)
+    plan = s.plan(100.0)
+    assert plan["prefill"] == [dry], "one prefill only: the stream about to run dry"
+    assert plan["tts"] == stepping, "TTS steps are not held back"
+    # once the clock moves on, a stream that has already run dry also holds prefills back
+    s2 = scheduler(*fillers, live(tts_step(), buffered=CONFIG.underrun_reserve_s + 0.1))
+    assert len(s2.plan(100.0)["prefill"]) == 3
+    assert len(s2.plan(100.2)["prefill"]) == 1
+
+
+def test_a_stream_far_ahead_is_left_out_of_every_kind_of_work():
+    ahead = CONFIG.ahead_limit_s + 1.0
+    kinds = {
+        "vocode": lambda b: live(Vocode(np.zeros((29, 4), np.int64)), buffered=b),
+        "tts": lambda b: live(tts_step(), buffered=b),
+        "prefill": lambda b: live(prefill_text(), buffered=b),
+        "llm": lambda b: live(NEXT_CHUNK, decode_one(), buffered=b),
+    }
+    for kind, make in kinds.items():
+        far, near = make(ahead), make(5.0)
+        plan = scheduler(far, near).plan(100.0)
+        assert plan[kind] == [near], f"{kind}: the stream {ahead} s ahead waits"
+        later = ahead - CONFIG.ahead_limit_s + 0.5
+        assert far in scheduler(far, near).plan(100.0 + later)[kind], f"{kind}: it runs again once played down"
+
+
+# ---- LLM decode -------------------------------------------------------------------------------------------------
+def test_llm_decode_runs_when_a_stream_waits_for_text():
+    waiting = live(NEXT_CHUNK, decode_one(), buffered=1.0)  # speech stalled on the next chunk
+    lookahead = live(tts_step(), decode_one(), buffered=1.0)  # LLM running ahead of its speech
+    plan = scheduler(waiting, lookahead).plan(100.0)
+    assert plan["llm"] == [waiting, lookahead], "every pending decode row rides along with the needed one"
+    waiting.chunks.append(object())  # a chunk is already there: the speech is not stalled on the LLM
+    assert scheduler(waiting, lookahead).plan(100.0)["llm"] == []
+
+
+def test_llm_look_ahead_runs_only_every_idle_iterations():
+    ahead = [live(tts_step(), decode_one(), buffered=1.0) for _ in range(2)]
+    s = scheduler(*ahead)
+    runs = []
+    for _ in range(3 * (CONFIG.llm_idle_iterations + 1)):
+        plan = s.plan(100.0)
+        runs.append(bool(plan["llm"]))
+        if plan["llm"]:
+            s._llm_idle = 0  # what running the step does
+        else:
+            s._run_llm([])  # an iteration without a decode
+    period = [False] * CONFIG.llm_idle_iterations + [True]
+    assert runs == period * 3
+
+
+def test_read_aloud_has_no_llm_work():
+    r = live(prefill_text(), read_aloud=True)
+    plan = scheduler(r).plan(100.0)
+    assert plan["prefill"] == [r] and plan["llm"] == []
+
+
+# ---- a real request on the tiny model, driven one iteration at a time --------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    return build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
+
+
+class Driven:
+    """An engine whose loop the test runs: commands and iterations on the test thread, with a clock it sets."""
+
+    def __init__(self, model, monkeypatch, **config):
+        self.now = 0.0
+        self.engine = Engine(model, clock=lambda: self.now)
+        self.engine.scheduler.config = SchedulerConfig(**config)
+        self.commands = []
+        monkeypatch.setattr(self.engine, "_submit", self.commands.append)
+
+    def iterate(self, n: int = 1) -> None:
+        with self.engine._on_device():
+            for _ in range(n):
+                for command in self.commands:
+                    command()
+                self.commands.clear()
+                self.engine.scheduler.step()
+
+
+def test_a_stream_ahead_of_its_listener_waits_for_the_clock(model, monkeypatch):
+    loop = Driven(model, monkeypatch, ahead_limit_s=0.3)
+    stream = loop.engine.stream("Hi", seed=0, forced_reply="Hello there, friend.", forced_audio_seconds=1.5)
+    live_ = None
+    for _ in range(400):
+        loop.iterate()
+        live_ = stream.live
+        if live_.audio_s > 0.3:
+            break
+    delivered = live_.audio_s
+    assert 0.3 < delivered < 1.0, "the clock stands still: audio stops soon after the limit"
+    steps = live_.tts_counter
+    loop.iterate(20)
+    assert live_.audio_s == delivered and live_.tts_counter == steps, "far ahead: no work at all for it"
+    loop.now += 60.0  # the listener catches up (and more): it runs to its end
+    for _ in range(2000):
+        if stream.done:
+            break
+        loop.iterate()
+    chunks = list(stream)
+    assert chunks[-1].is_last
+    assert sum(len(c.pcm) for c in chunks) == round(1.5 * 46.875) * 512
+    assert loop.engine.scheduler.live == [] and loop.engine.stats()["tts_rows_used"] == 0
+
+
+def test_a_new_stream_gets_its_first_audio_while_an_older_one_is_paused(model, monkeypatch):
+    loop = Driven(model, monkeypatch, ahead_limit_s=0.3)
+    old = loop.engine.stream("Hi", seed=0, forced_reply="Hello there, friend.", forced_audio_seconds=1.5)
+    for _ in range(400):
+        loop.iterate()
+        if old.live.audio_s > 0.3:
+            break
+    paused_at = old.live.audio_s
+    new = loop.engine.stream("Again", seed=1, forced_reply="Hi.", forced_audio_seconds=0.5)
+    for _ in range(400):
+        loop.iterate()
+        if new.live is not None and new.live.first_audio_at is not None:
+            break
+    assert new.live.first_audio_at is not None, "the new stream's first audio comes while the old one waits"
+    assert old.live.audio_s == paused_at
+    new.close()
+    old.close()
+    loop.iterate(2)
+    assert loop.engine.scheduler.live == [] and loop.engine.stats()["tts_rows_used"] == 0
+    assert loop.engine.stats()["llm_rows_used"] == 0
