@@ -615,7 +615,7 @@ class Engine:
         """The default voice's speaker vector: the `<|spk|>` state after the default system prompt, computed once."""
         if self._default_speaker is None:
             tok = self.model.tokenizer
-            ids = tok.encode(self._system_turn()) + tok.encode("<|im_start|>user\n")
+            ids = self._system_ids() + tok.encode("<|im_start|>user\n")
             header = tok.encode(ASSISTANT_HEADER)
             c = self.model.config.llm
             pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, len(ids) + len(header),
