@@ -96,6 +96,7 @@ def one_request(url: str, ws_url: str, index: int) -> str:
                                           "stream_format": "sse" if kind == "speech_sse" else "audio"}
     with httpx.Client(timeout=60) as client, client.stream("POST", url + path, json=body) as response:
         if response.status_code == 429:
+            response.read()
             assert response.headers["retry-after"] and response.json()["error"]["code"] == "engine_busy"
             return "busy"
         assert response.status_code == 200, response.read()
