@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from omnivox.engine.system_prompts import DEFAULT_PRESET, SYSTEM_PROMPTS, resolve_system_prompt
 from omnivox.errors import OmnivoxError
 
 console = Console()
@@ -30,6 +31,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["fast", "reference"],
         help="fast: batched steps over static cache rows, CUDA graphs on a GPU; reference: the same loop with eager "
         "steps one row at a time (the oracle)",
+    )
+    p.add_argument(
+        "--system-prompt",
+        default=DEFAULT_PRESET,
+        metavar="PRESET_OR_TEXT",
+        help=f"the system prompt (voice style): a preset, {', '.join(SYSTEM_PROMPTS)} (no system turn), or the "
+        f"prompt's own text (default {DEFAULT_PRESET}: the official revision this project's equivalence tests use)",
     )
     p.add_argument(
         "--attention",
@@ -63,6 +71,7 @@ def engine_config(args: argparse.Namespace):
 
     return EngineConfig(
         path=args.path,
+        system_prompt=resolve_system_prompt(args.system_prompt),
         attention=args.attention,
         early_first_chunk=not args.no_early_first_chunk,
         cuda_graphs=not args.no_cuda_graphs,
@@ -251,6 +260,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_config=engine_config(args),
         served_model_name=args.served_model_name,
         max_input_chars=args.max_input_chars,
+        max_ws_sessions=args.max_ws_sessions,
+        max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
     return 0
 
@@ -301,11 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.set_defaults(func=cmd_make_checkpoint)
 
+    from omnivox.server.serving import ServerConfig
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP + WebSocket server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", help="the model name clients send (default: minicpm-o-2.6)")
+    p.add_argument("--served-model-name", default=ServerConfig.served_model_name,
+                   help="the model id clients send and /v1/models lists (default: %(default)s)")
     p.add_argument("--max-input-chars", type=int, default=4000)
+    p.add_argument("--max-ws-sessions", type=int, default=ServerConfig.max_ws_sessions,
+                   help="WebSocket chat sessions open at once; each holds a full-length LLM cache (default: "
+                   "%(default)s; the engine keeps at least as many sessions, see --max-sessions)")
+    p.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
+                   help="largest request body or WebSocket message; larger bodies get 413 (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=ServerConfig.body_timeout_s, metavar="SECONDS",
+                   help="a request body must keep arriving (each read within this); stalled uploads get 408 "
+                   "(default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=ServerConfig.max_connections,
+                   help="open connections plus requests in progress; beyond it new requests get 503 (default: "
+                   "%(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout_s, metavar="SECONDS",
+                   help="on SIGTERM: stop taking requests, let streams finish for this long, then end the rest with "
+                   "an error event (default: %(default)s)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 

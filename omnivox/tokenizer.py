@@ -2,7 +2,8 @@
 
 * `LLMTokenizer`: Qwen2 byte-level BPE with the MiniCPM-o 2.6 special tokens (`tokenizer.json` at the snapshot
   root). Special tokens written in the text (`<|im_start|>`, `<reserved_53>`) become their ids; no BOS/EOS is
-  ever added; decoding keeps special tokens (the engine splits `<|tts_eos|>` off itself).
+  ever added; decoding keeps special tokens (the engine splits `<|tts_eos|>` off itself). `encode_plain` is for
+  text from users: there a typed `<|im_end|>` is just characters, so only the engine's template makes turns.
 * `TTSTokenizer`: the ChatTTS BERT WordPiece tokenizer (`assets/chattts_tokenizer/tokenizer.json`). The TTS reads
   the reply text re-tokenized with it; its token count L decides when the TTS may start and how far each audio
   token may look (10 BERT tokens per 50 audio tokens, see the fact sheet section 4.6).
@@ -140,6 +141,22 @@ class LLMTokenizer(_WrappedTokenizer):
         self.special = LLMSpecialIds(**{name: self.token_id(s) for name, s in LLM_SPECIAL_STRINGS.items()})
         if vocab_size is not None and max(self.tokenizer.get_vocab(with_added_tokens=True).values()) >= vocab_size:
             raise CheckpointError(f"{source}: token ids reach beyond the LLM vocab_size {vocab_size}")
+        self._plain = _without_added_tokens(tokenizer)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """`text` as ordinary text: added/special token strings in it are spelled out with regular tokens (a user
+        who types `<|im_end|>` cannot end their turn). Ordinary text encodes exactly as with `encode`."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+
+def _without_added_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` that never matches an added token in input text (decoding is unchanged)."""
+    plain = Tokenizer.from_str(tokenizer.to_str())
+    added = plain.get_added_tokens_decoder().values()
+    # all of them special (some, e.g. <tool_call>, are not), and special tokens are not matched while encoding
+    plain.add_special_tokens([AddedToken(t.content, special=True, normalized=False) for t in added])
+    plain.encode_special_tokens = True
+    return plain
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,10 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from omnivox.engine.engine import Engine
-from omnivox.server.app import build_app
+from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.server.app import build_app, build_server, uvicorn_config
 from omnivox.server.serving import ServerConfig, SpeechService
 
 # With random weights the server scripts every reply (ServerConfig.dummy_weights): audio lengths are known.
@@ -22,13 +21,12 @@ TEST_CONFIG = ServerConfig(dummy_weights=True, max_input_chars=400)
 
 
 class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1:<free port> from a background thread."""
+    """uvicorn serving `app` on 127.0.0.1:<free port> from a background thread, with `omnivox serve`'s limits and
+    draining shutdown (`should_exit` is what SIGTERM sets)."""
 
     def __init__(self, app: Any):
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5,
-                                ws_ping_interval=None)
-        self.server = uvicorn.Server(config)
+        self.server = build_server(uvicorn_config(app, "127.0.0.1", 0, "warning", ws_ping_interval=None))
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -45,7 +43,7 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=15)
+        self.thread.join(timeout=30)
 
     @property
     def service(self) -> SpeechService:
@@ -69,7 +67,8 @@ def wait_idle(engine: Engine, timeout_s: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         stats = engine.stats()
-        if (stats["live_requests"] == 0 and stats["cache_bytes"] == 0) or time.monotonic() > deadline:
+        idle = stats["live_requests"] == 0 and stats["cache_bytes"] == 0 and stats["sessions_open"] == 0
+        if idle or time.monotonic() > deadline:
             return stats
         time.sleep(0.01)
 
@@ -83,6 +82,25 @@ def server_engine() -> Engine:
 @pytest.fixture(scope="session")
 def server(server_engine: Engine) -> Iterator[LiveServer]:
     with LiveServer(build_app(server_engine, TEST_CONFIG)) as live:
+        live.wait_ready()
+        yield live
+
+
+# The fast path (on a CPU: static caches and slot pools, steps without graphs) with few slots, so that a leaked
+# session shows within a handful of requests: 3 streams, 3 engine sessions, 2 WebSocket chat sessions.
+FAST_CONFIG = EngineConfig(path="fast", max_concurrent_requests=3, max_sessions=3)
+FAST_SERVER_CONFIG = ServerConfig(dummy_weights=True, max_input_chars=400, max_ws_sessions=2)
+
+
+@pytest.fixture(scope="session")
+def fast_engine() -> Engine:
+    """The embedded tiny model on the fast path (as `omnivox serve` runs it by default)."""
+    return Engine.from_pretrained(None, device="cpu", progress=False, config=FAST_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def fast_server(fast_engine: Engine) -> Iterator[LiveServer]:
+    with LiveServer(build_app(fast_engine, FAST_SERVER_CONFIG)) as live:
         live.wait_ready()
         yield live
 

@@ -1,5 +1,7 @@
 """Soak: 200 requests over every endpoint from 6 concurrent clients, a quarter of them abandoned mid-reply.
-It must end with no live request, no cache held and the server's gauges back at zero."""
+It must end with no live request, no cache held and the server's gauges back at zero. A second, shorter soak runs
+the fast path (slot pools, as `omnivox serve` runs by default) with WebSocket chat sessions: it must end with zero
+sessions and every session slot free."""
 
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def one_request(url: str, ws_url: str, index: int) -> str:
                     continue
                 event = json.loads(message)
                 if event["type"] == "error":
-                    assert event["error"]["code"] == "engine_busy", event
+                    assert event["error"]["code"] in ("engine_busy", "too_many_sessions"), event
                     return "busy"
                 if event["type"] == "done":
                     assert event["finish_reason"] == "eos", event
@@ -94,6 +96,7 @@ def one_request(url: str, ws_url: str, index: int) -> str:
                                           "stream_format": "sse" if kind == "speech_sse" else "audio"}
     with httpx.Client(timeout=60) as client, client.stream("POST", url + path, json=body) as response:
         if response.status_code == 429:
+            response.read()
             assert response.headers["retry-after"] and response.json()["error"]["code"] == "engine_busy"
             return "busy"
         assert response.status_code == 200, response.read()
@@ -138,3 +141,21 @@ def test_soak_mixed_endpoints_with_disconnects(server):
     ended = _metric(metrics, "omnivox_requests_total") - before
     assert ended == counts["ok"] + counts["disconnected"], (ended, counts)
     print(f"soak: {counts} in {elapsed:.1f} s")
+
+
+def test_soak_fast_path_with_websocket_chat_sessions(fast_server):
+    requests, clients = 28, 3  # 3 clients on 3 streams and 2 WebSocket chat sessions: some 429s, no leak
+    slots = fast_server.service.engine.stats()["max_sessions"]
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = list(pool.map(lambda i: one_request(fast_server.url, fast_server.ws_url, i), range(requests)))
+    counts = {k: outcomes.count(k) for k in ("ok", "disconnected", "busy")}
+    assert sum(counts.values()) == requests and counts["ok"] >= requests // 3, counts
+    stats = fast_server.wait_idle(timeout_s=15)
+    assert stats["live_requests"] == 0 and stats["cache_bytes"] == 0, stats
+    assert stats["sessions_open"] == 0 and stats["session_slots_free"] == slots, stats
+    metrics = httpx.get(fast_server.url + "/metrics").text
+    assert _metric(metrics, "omnivox_sessions_open") == 0
+    assert _metric(metrics, "omnivox_session_slots_free") == slots
+    assert _metric(metrics, "omnivox_ws_sessions") == 0
+    assert _metric(metrics, "omnivox_streams_active") == 0
+    print(f"fast soak: {counts}")

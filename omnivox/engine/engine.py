@@ -27,6 +27,8 @@ from omnivox.engine.prefix_cache import PrefixCache
 from omnivox.engine.request import ASSISTANT_HEADER, Forcing, Piece, Reply
 from omnivox.engine.scheduler import Live, Scheduler, SchedulerConfig, Side
 from omnivox.engine.session import Session
+from omnivox.engine.system_prompts import DEFAULT_PRESET, SYSTEM_PROMPTS
+from omnivox.engine.text import detect_language, normalize_for_tts
 from omnivox.engine.tts_executor import TTSExecutor
 from omnivox.engine.types import AUDIO_TOKENS_PER_SECOND, SAMPLE_RATE, AudioChunk, RequestMetrics, SamplingParams
 from omnivox.engine.vocoder import VocoderExecutor
@@ -35,7 +37,7 @@ from omnivox.errors import ContextTooLong, EngineBusy, InvalidRequest
 from omnivox.models.kv_cache import KVPool
 from omnivox.models.loader import SpeechModel
 
-DEFAULT_SYSTEM_PROMPT = "Use the <reserved_53> voice.As an assistant, you will speak using this voice style."
+DEFAULT_SYSTEM_PROMPT = SYSTEM_PROMPTS[DEFAULT_PRESET]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 ATTENTION = ("sdpa", "efficient", "math", "cudnn")
 CPU_STREAM_SLOTS = 8
@@ -53,7 +55,7 @@ class EngineConfig:
     max_sessions: int = 8  # conversations kept open between turns (each holds an LLM cache row)
     max_session_tokens: int = 4096  # LLM positions per session: prompt, history and replies
     max_text_chars: int = 4000
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # "" = no system turn (system_prompts.py has the presets)
     early_first_chunk: bool = True
     # "fast": batched steps over static cache rows, replayed as CUDA graphs on a GPU; "reference": the same loop
     # with eager steps run one row at a time (the oracle every speed-up is measured and checked against)
@@ -479,6 +481,13 @@ class Engine:
     def _check_text(self, text: str) -> str:
         if not isinstance(text, str) or not text.strip():
             raise InvalidRequest("text is empty: give at least one non-space character to speak about")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidRequest(
+                    f"text holds an invalid character at index {e.start} (a lone UTF-16 surrogate): send valid Unicode"
+                ) from None
         if len(text) > self.config.max_text_chars:
             raise ContextTooLong(
                 f"text is {len(text)} characters; the limit is {self.config.max_text_chars}: shorten it"
@@ -490,27 +499,37 @@ class Engine:
         base = seed if seed is not None else int.from_bytes(os.urandom(7), "little")
         return (2 * base) & (2**62 - 1), (2 * base + 1) & (2**62 - 1)
 
-    def _system_turn(self) -> str:
-        return f"<|im_start|>user\n{self.config.system_prompt}<|im_end|>\n"
+    def _system_ids(self) -> list[int]:
+        """The system turn (empty with no system prompt); the operator's text, so its special tokens are real."""
+        if not self.config.system_prompt:
+            return []
+        tok = self.model.tokenizer
+        return tok.encode(f"<|im_start|>user\n{self.config.system_prompt}<|im_end|>\n")
 
     def _prompt_ids(self, session: Session | None, text: str, history: list[tuple[str, str]] | None) -> list[list[int]]:
-        """The prefills for this turn (fact sheet 3.3). `session` None or new: a new conversation."""
+        """The prefills for this turn (fact sheet 3.3). `session` None or new: a new conversation.
+
+        Only the template adds special tokens: user and history text is encoded as plain text, so a typed
+        `<|im_end|>` cannot close a turn."""
         tok = self.model.tokenizer
+        im_start, im_end, newline = tok.special.im_start, tok.special.im_end, tok.encode("\n")
+        user_turn = [im_start, *tok.encode_plain(f"user\n{text}")]
         if session is None or not session.system_prompted:
-            turns = self._system_turn()
+            turns = self._system_ids()
             for role, content in history or []:
                 if role not in ("user", "assistant", "system"):
                     raise InvalidRequest(f"unknown role {role!r} in history: use user, assistant or system")
-                turns += f"<|im_start|>{role}\n{content}<|im_end|>\n"
-            return [tok.encode(turns), tok.encode(f"<|im_start|>user\n{text}")]
+                self._check_text(content)
+                turns += [im_start, *tok.encode_plain(f"{role}\n{content}"), im_end, *newline]
+            return [turns, user_turn] if turns else [user_turn]
         if history:
             raise InvalidRequest("history is only accepted for a new session; the session already holds it")
-        prefix = "<|im_end|>\n" if session.last_reply_terminated else "<|tts_eos|><|im_end|>\n"
-        return [tok.encode(f"{prefix}<|im_start|>user\n{text}")]
+        prefix = [im_end, *newline] if session.last_reply_terminated else [tok.special.tts_eos, im_end, *newline]
+        return [prefix + user_turn]
 
     def _shared_prompt(self) -> PrefixCache:
         if self._prefix is None:
-            self._prefix = PrefixCache(self.model, self.model.tokenizer.encode(self._system_turn()))
+            self._prefix = PrefixCache(self.model, self._system_ids())
             self.scheduler.prefix = self._prefix
         return self._prefix
 
@@ -607,7 +626,7 @@ class Engine:
         """The default voice's speaker vector: the `<|spk|>` state after the default system prompt, computed once."""
         if self._default_speaker is None:
             tok = self.model.tokenizer
-            ids = tok.encode(self._system_turn()) + tok.encode("<|im_start|>user\n")
+            ids = self._system_ids() + tok.encode("<|im_start|>user\n")
             header = tok.encode(ASSISTANT_HEADER)
             c = self.model.config.llm
             pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, len(ids) + len(header),
@@ -626,6 +645,12 @@ class Engine:
                    forced_audio_seconds: float | None = None, request_id: str = "") -> SpeechStream:
         """Speak `text` itself with the default voice (TTS only, no LLM reply)."""
         self._check_text(text)
+        tts_text = normalize_for_tts(text, detect_language(text))
+        if not self.model.tts_tokenizer.encode(tts_text):
+            raise InvalidRequest(
+                "text has nothing to speak: it holds only characters the speech tokenizer drops (zero-width, "
+                "control or private-use characters); send words"
+            )
         sampling = self._check_sampling(sampling or SamplingParams())
         forcing = self._forcing(None, forced_audio_seconds) if forced_audio_seconds is not None else None
         metrics = RequestMetrics(request_id=request_id)

@@ -53,10 +53,19 @@ class ServerMetrics:
             registry=r,
         )
         self.errors = Counter("omnivox_errors", "Errors returned, by kind", ["kind"], registry=r)
+        # sessions: one per stream without a conversation of its own, one per WebSocket chat connection; a leak
+        # shows as sessions_open above streams_active + ws_sessions while idle
+        self.sessions_open = Gauge("omnivox_sessions_open", "Engine sessions (LLM caches) held now", registry=r)
+        self.session_slots_free = Gauge(
+            "omnivox_session_slots_free", "Engine session slots (LLM caches) free now", registry=r
+        )
+        self.ws_sessions = Gauge(
+            "omnivox_ws_sessions", "WebSocket chat sessions open now (capped by --max-ws-sessions)", registry=r
+        )
 
-    def observe_stream(self, endpoint: str, metrics: RequestMetrics, underruns: int) -> None:
+    def observe_stream(self, endpoint: str, metrics: RequestMetrics, underruns: int, audio_sent_s: float) -> None:
         self.requests.labels(endpoint, metrics.finish_reason or "unknown").inc()
-        self.audio_seconds.labels(endpoint).inc(metrics.audio_s)
+        self.audio_seconds.labels(endpoint).inc(audio_sent_s)
         if underruns:
             self.underruns.labels(endpoint).inc(underruns)
         if not math.isnan(metrics.ttfb_s):

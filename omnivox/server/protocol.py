@@ -254,7 +254,7 @@ class ChatCompletionChunk(BaseModel):
 
 class SpeechRequest(OpenAIModel):
     model: str | None = None
-    input: str
+    input: str = Field(json_schema_extra={"minLength": 1})  # "" and blank text: 400 from serving.check_text
     voice: str = "default"
     response_format: str = "wav"
     stream_format: str = "audio"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Request, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
 from omnivox.engine.types import SAMPLE_RATE
 from omnivox.server.protocol import (
@@ -55,9 +55,13 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({**body, "engine": service.stats()})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
 async def metrics(request: Request) -> Response:
-    m = _service(request).metrics
+    service = _service(request)
+    service.refresh_gauges()
+    m = service.metrics
     return Response(m.render(), media_type=m.content_type)
 
 

@@ -7,13 +7,15 @@ the server's configuration (served model name, input length) and the translation
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ import numpy as np
 from omnivox.audio import float_to_pcm16, wav_header
 from omnivox.bench.workloads import load_workload
 from omnivox.engine.types import SAMPLE_RATE, SamplingParams
-from omnivox.errors import EngineNotReady
+from omnivox.errors import EngineBusy, EngineNotReady
 from omnivox.server.metrics import ServerMetrics
 from omnivox.server.protocol import (
     ChatAudio,
@@ -63,6 +65,25 @@ class ServerConfig:
     # does it: a prompt of the standard workload gets its scripted reply and length, any other prompt
     # DUMMY_REPLY; read-aloud text is spoken for words / 2.5 seconds (150 words per minute).
     dummy_weights: bool = False
+    # limits (README "Limits and shutdown"): each WebSocket chat session holds a full-length LLM cache until its
+    # connection ends
+    max_ws_sessions: int = 8
+    max_body_bytes: int = 4 * 1024 * 1024  # request bodies and WebSocket messages; larger: 413
+    body_timeout_s: float = 30.0  # each read of a request body must arrive within this; slower: 408
+    max_connections: int = 256  # open connections + requests in progress; over it: 503
+    shutdown_timeout_s: float = 30.0  # on SIGTERM streams may finish for this long, then end with an error event
+
+
+class ServerShuttingDown(EngineNotReady):
+    """The server is draining for shutdown: no new work; streams still open past the bound end with this."""
+
+    code = "server_shutting_down"
+
+
+class TooManySessions(EngineBusy):
+    """All of the server's WebSocket chat sessions are open (`max_ws_sessions`)."""
+
+    code = "too_many_sessions"
 
 
 EngineSource = Any  # an Engine, or a zero-argument callable that builds one (run on the engine thread)
@@ -78,6 +99,10 @@ class SpeechService:
         self.created = int(time.time())
         self._source = source
         self._transcripts: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.ws_sessions = 0  # WebSocket chat sessions open now (each holds an engine session until it closes)
+        self.draining = False
+        self._streams: set[ManagedStream] = set()  # open streams, ended in-band if still open at shutdown
+        self._conversations: set[Any] = set()  # WebSocket conversations, told to close at shutdown
         self._script = {item.prompt.strip(): item for item in load_workload()} if config.dummy_weights else {}
 
     # ------------------------------------------------------------------------------------------ lifetime
@@ -124,13 +149,52 @@ class SpeechService:
             await anyio.to_thread.run_sync(self.engine.shutdown)
 
     def ready_engine(self) -> Any:
+        if self.draining:
+            raise ServerShuttingDown("the server is shutting down; retry on another instance or after it restarts")
         if self.status != "ready":
             detail = f": {self.failure}" if self.failure else "; retry in a few seconds"
             raise EngineNotReady(f"the model is not ready (status {self.status}){detail}")
         return self.engine
 
     def stats(self) -> dict[str, Any]:
-        return dict(self.engine.stats()) if self.engine is not None else {}
+        stats = dict(self.engine.stats()) if self.engine is not None else {}
+        return {**stats, "ws_sessions": self.ws_sessions, "max_ws_sessions": self.config.max_ws_sessions}
+
+    def refresh_gauges(self) -> None:
+        """Set the gauges read from the engine (sessions held, slots free) just before a scrape."""
+        stats = self.stats()
+        self.metrics.ws_sessions.set(self.ws_sessions)
+        if "sessions_open" in stats:
+            self.metrics.sessions_open.set(stats["sessions_open"])
+            self.metrics.session_slots_free.set(stats["session_slots_free"])
+
+    # ------------------------------------------------------------------------------------------ shutdown
+
+    async def drain(self, timeout_s: float) -> None:
+        """Graceful shutdown: take no new work, let open streams finish for up to `timeout_s`, then end the rest
+        (an in-band error event where the protocol has one) and close every WebSocket after its last event."""
+        self.draining = True
+        self.status = "draining"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._streams and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for stream in list(self._streams):
+            stream.interrupt(ServerShuttingDown(
+                f"the server is shutting down and this stream outlived the {timeout_s:g} s shutdown bound; "
+                "retry on another instance or after it restarts"))
+        await asyncio.gather(*(c.shut_down() for c in list(self._conversations)), return_exceptions=True)
+        while self._streams and loop.time() < deadline + 5:  # closes run right after the chunk in flight
+            await asyncio.sleep(0.05)
+
+    @contextlib.contextmanager
+    def tracked_conversation(self, conversation: Any):
+        """Registers a WebSocket conversation for the life of its connection (told to close at shutdown)."""
+        self._conversations.add(conversation)
+        try:
+            yield
+        finally:
+            self._conversations.discard(conversation)
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -146,6 +210,12 @@ class SpeechService:
     def check_text(self, text: str, param: str) -> str:
         if not text.strip():
             raise RequestError(f"{param} is empty; send the text to speak", param=param)
+        if not text.isascii():  # JSON's \ud800 escapes decode to lone surrogates that no encoder takes
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(f"{param} holds an invalid character at index {e.start} (a lone UTF-16 "
+                                   "surrogate); send valid Unicode text", param=param, code="invalid_text") from None
         if len(text) > self.config.max_input_chars:
             raise RequestError(
                 f"{param} has {len(text)} characters, more than this server's limit of "
@@ -227,7 +297,10 @@ class SpeechService:
 
     async def _open(self, endpoint: str, request_id: str, seed: int, call: Callable[[Any], Any]) -> ManagedStream:
         stream = call(self.ready_engine())  # validates and admits, or raises; generation runs in the engine loop
-        return ManagedStream(stream, self.metrics, endpoint, request_id, seed)
+        managed = ManagedStream(stream, self.metrics, endpoint, request_id, seed)
+        self._streams.add(managed)
+        managed.on_closed(lambda: self._streams.discard(managed))
+        return managed
 
     async def open_chat(self, request: ChatCompletionRequest) -> ManagedStream:
         self.check_model(request.model)
@@ -245,9 +318,21 @@ class SpeechService:
         return await self._open("speech", request_id, seed, lambda engine: engine.read_aloud(
             text, seed=seed, request_id=request_id, **self._read_forcing(text)))
 
-    async def new_session(self) -> Any:
+    @contextlib.asynccontextmanager
+    async def ws_session(self) -> AsyncIterator[Any]:
+        """One engine session for a WebSocket conversation, closed when the block ends however it ends; at most
+        `max_ws_sessions` at once (each holds a full-length LLM cache)."""
         engine = self.ready_engine()
-        return engine.new_session()
+        if self.ws_sessions >= self.config.max_ws_sessions:
+            raise TooManySessions(f"all {self.config.max_ws_sessions} WebSocket chat sessions of this server are open; "
+                                  "retry later, or use mode 'read' or the HTTP endpoints", retry_after_s=5.0)
+        session = engine.new_session()
+        self.ws_sessions += 1
+        try:
+            yield session
+        finally:
+            self.ws_sessions -= 1
+            engine.close_session(session)
 
     async def open_ws(self, speak: WsSpeak, session: Any) -> ManagedStream:
         text = self.check_text(speak.text, "text")
@@ -272,6 +357,7 @@ class SpeechService:
                 transcript.append(chunk.text)
                 if await is_disconnected():
                     break
+                stream.mark_sent(len(chunk.pcm))  # goes out in the one body
         finally:
             await stream.aclose()
         pcm = np.concatenate(parts) if parts else np.zeros(0, np.float32)

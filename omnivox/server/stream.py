@@ -52,18 +52,26 @@ class ManagedStream:
         self.created = int(time.time())
         self.underruns = 0
         self.num_samples = 0
+        self.sent_samples = 0  # what the client was sent (the audio metric), <= num_samples
         self._first_sent: float | None = None
         self._exhausted = False
         self._closed = False
+        self._accounted = False
+        self._interrupted: BaseException | None = None
+        self._on_closed: list[Callable[[], None]] = []
         metrics.active.inc()
 
     def __aiter__(self) -> ManagedStream:
         return self
 
     async def __anext__(self) -> AudioChunk:
+        if self._interrupted is not None:
+            raise self._interrupted
         if self._exhausted or self._closed:
             raise StopAsyncIteration
         chunk = await self._stream.next_async()
+        if self._interrupted is not None:
+            raise self._interrupted
         if chunk is None:
             self._exhausted = True
             raise StopAsyncIteration
@@ -80,16 +88,36 @@ class ManagedStream:
         """Complete once the stream is exhausted or closed."""
         return self._stream.metrics
 
+    def mark_sent(self, samples: int) -> None:
+        """Count audio as delivered: `omnivox_audio_seconds_total` is what clients were sent, not what was made."""
+        self.sent_samples += samples
+
+    def interrupt(self, exc: BaseException) -> None:
+        """End the stream early with `exc` (shutdown): the consumer's next (or current) step raises it, so the
+        response can end with an in-band error; the engine request is cancelled at once."""
+        self._interrupted = exc
+        self.close_soon()
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the stream is closed and accounted (`aclose`)."""
+        self._on_closed.append(callback)
+
     def close_soon(self) -> None:
         """Cancel the engine request if it is still running (idempotent); the engine frees its rows at once."""
         if not self._closed:
             self._closed = True
             self._stream.close()
-            self._metrics.active.dec()
-            self._metrics.observe_stream(self.endpoint, self._stream.metrics, self.underruns)
 
     async def aclose(self) -> None:
+        """Close, then account once: after the consumer's last send, so the audio metric counts what went out."""
         self.close_soon()
+        if not self._accounted:
+            self._accounted = True
+            self._metrics.active.dec()
+            self._metrics.observe_stream(self.endpoint, self._stream.metrics, self.underruns,
+                                         self.sent_samples / SAMPLE_RATE)
+            for callback in self._on_closed:
+                callback()
 
     def metrics_dict(self) -> dict[str, Any]:
         d = self._stream.metrics.to_dict()
@@ -258,6 +286,7 @@ class EngineStreamResponse(Response):
         try:
             async for chunk in self.stream:
                 await body(self.encoder.chunk(chunk))
+                self.stream.mark_sent(len(chunk.pcm))
             tail = self.encoder.tail(self.stream)
         except Exception as exc:  # after the 200: in-band if the format can say it, else cut the body off
             tail = self.encoder.error(self.describe_error(exc))

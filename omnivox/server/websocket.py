@@ -5,6 +5,11 @@ Client → server, JSON text frames: `{"type": "speak", "text": ..., "mode": "ch
 first speaks new text) followed by one binary frame of PCM16 little-endian mono at 24 kHz, then a JSON `done` event
 with the request's metrics, or an `error` event. Cancel and disconnect stop the reply within one chunk and free its
 caches; mode "chat" keeps the conversation's LLM cache in this connection's session between turns.
+
+The connection owns what it acquires: its engine session (taken at the first chat turn) is entered on the
+connection's exit stack, so it is closed in exactly one place, when `run` returns, however the connection ended.
+At server shutdown the reply in flight ends with its `done` or `error` event (idle connections get an `error`
+event), then the server sends the close frame (1001).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ class WebSocketConversation:
     def __init__(self, websocket: WebSocket, service: Any):
         self.ws = websocket
         self.service = service
-        self.session: Any = None
+        self.session: Any = None  # the engine session of mode "chat", owned by `_owned` (closed when run returns)
+        self._owned: contextlib.AsyncExitStack | None = None
         self._task: asyncio.Task | None = None
         self._busy = False  # a reply has started and its done/error event is not sent yet
         self._stream: ManagedStream | None = None
@@ -54,17 +60,34 @@ class WebSocketConversation:
 
     async def run(self) -> None:
         await self.ws.accept()
-        try:
-            while True:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                await self._handle(message)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            await self._stop_reply()
-            self.session = None  # the conversation's LLM cache goes with it
+        async with contextlib.AsyncExitStack() as owned:  # closes the session after the reply has stopped
+            self._owned = owned
+            owned.enter_context(self.service.tracked_conversation(self))
+            try:
+                while True:
+                    message = await self.ws.receive()
+                    if message["type"] == "websocket.disconnect":
+                        break
+                    await self._handle(message)
+            except WebSocketDisconnect:
+                pass
+            finally:
+                await self._stop_reply()
+
+    async def shut_down(self) -> None:
+        """Server shutdown: wait for the reply in flight to send its last event (the server has already ended its
+        stream if it outlived the shutdown bound), tell an idle client, then close with 1001 (going away)."""
+        idle = not self._busy
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if idle:
+            await self._send_error_info(ErrorInfo(
+                message="the server is shutting down; reconnect to another instance or after it restarts",
+                type="service_unavailable", code="server_shutting_down"))
+        async with self._send_lock:
+            with contextlib.suppress(Exception):  # already closed or gone
+                if self.ws.application_state == WebSocketState.CONNECTED:
+                    await self.ws.close(1001, "server shutting down")
 
     # ------------------------------------------------------------------------------------ client messages
 
@@ -118,7 +141,7 @@ class WebSocketConversation:
     async def _reply(self, speak: WsSpeak) -> None:
         try:
             if speak.mode == "chat" and self.session is None:
-                self.session = await self.service.new_session()
+                self.session = await self._owned.enter_async_context(self.service.ws_session())
             stream = await self.service.open_ws(speak, self.session)
         except Exception as exc:
             self._busy = False
@@ -135,6 +158,7 @@ class WebSocketConversation:
                     await self._send_json(WsTranscript(request_id=stream.request_id, delta=chunk.text,
                                                        chunk_index=chunk.index, audio_start_s=chunk.audio_start_s))
                 await self._send(bytes=float_to_pcm16(chunk.pcm))
+                stream.mark_sent(len(chunk.pcm))
         except ClientGone:
             self._cancel.set()
         except Exception as exc:  # generation failed after `start`: in-band, once the stream is closed
