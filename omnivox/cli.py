@@ -277,6 +277,18 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from omnivox.bench.capacity_report import capacity_table, headline_text, plot_capacity
     from omnivox.workload import load_workload, split_warmup
 
+    if args.show:  # an earlier (or interrupted) sweep's file: table, headline and plot again, no server needed
+        from omnivox.bench.results import read_results
+
+        results = read_results(args.show)
+        if results["kind"] != "capacity":
+            raise OmnivoxError(f"{args.show} is a {results['kind']} results file; --show needs one from "
+                               "`omnivox capacity`")
+        if args.plot and results["extra"]["rates"]:
+            console.print(f"plot: {plot_capacity(results, args.plot)}")
+        console.print(capacity_table(results))
+        console.print(f"[bold]{headline_text(results)}[/]")
+        return 0
     _, items = split_warmup(load_workload(args.workload))
     out = Path(args.out)
     if out.suffix != ".json":
@@ -293,7 +305,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     except ConnectionError as e:
         raise OmnivoxError(str(e)) from None
     console.print(f"results: {out}")
-    if args.plot:
+    if args.plot and results["extra"]["rates"]:
         console.print(f"plot: {plot_capacity(results, args.plot)}")
     console.print(capacity_table(results))
     console.print(f"[bold]{headline_text(results)}[/]")
@@ -377,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole sweep: a rate that might not finish in time is not started")
     p.add_argument("--out", default="out/capacity/results.json", help="results JSON (bench schema, every request)")
     p.add_argument("--plot", help="write a PNG of p95 TTFA, underruns and streams playing against the rate")
+    p.add_argument("--show", metavar="RESULTS.json", help="print (and with --plot draw) an earlier sweep; runs nothing")
     p.set_defaults(func=cmd_capacity)
     return parser
 

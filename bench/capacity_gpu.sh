@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Capacity sweep on one GPU, in one device call (issue 11): a server with full-size dummy weights, then
+# `omnivox capacity` on the standard workload (open-loop Poisson rates, lowest first, stops after two failing rates).
+#
+# Usage: bash bench/capacity_gpu.sh [OUT_DIR]          (default: $OUT, else out/capacity)
+# Knobs (environment): RATES (0.1,0.2,0.3,0.5,1,2,4,8,16,32)  DURATION (45 s window per rate)  WARMUP (10 s)
+#   ENDPOINT (chat | speech | mix)  ENGINE_PATH (fast)  MAX_CONCURRENT (16 admitted streams; more get a 429)
+#   TTFA_BOUND (300 ms)  PREWARM (1: MAX_CONCURRENT requests at once first, so every stream slot has its graphs)
+#   BUDGET (520 s for the whole script, start-up included)  READY_TIMEOUT (300 s)  PORT (8124)
+# Writes under OUT_DIR: server.log, prewarm.log, capacity.log, capacity.json (every request; rewritten after each
+# rate), capacity.png, metrics.txt (the server's last /metrics), nvidia-smi.txt. Prints the table last.
+set -uo pipefail
+t0=$SECONDS
+out=${1:-${OUT:-out/capacity}}
+rates=${RATES:-0.1,0.2,0.3,0.5,1,2,4,8,16,32}
+duration=${DURATION:-45}
+warmup=${WARMUP:-10}
+endpoint=${ENDPOINT:-chat}
+engine_path=${ENGINE_PATH:-fast}
+max_concurrent=${MAX_CONCURRENT:-16}
+bound=${TTFA_BOUND:-300}
+prewarm=${PREWARM:-1}
+budget=${BUDGET:-520}
+ready_timeout=${READY_TIMEOUT:-300}
+port=${PORT:-8124}
+url="http://127.0.0.1:$port"
+py=${PYTHON:-python3}
+model_args=${MODEL_ARGS:---dummy-weights --device cuda}  # a CPU smoke test: MODEL_ARGS="--device cpu" (tiny model)
+mkdir -p "$out"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+
+# shellcheck disable=SC2086  # MODEL_ARGS is a list of words
+"$py" -m omnivox.cli serve $model_args --path "$engine_path" \
+    --max-concurrent-requests "$max_concurrent" --port "$port" > "$out/server.log" 2>&1 &
+server=$!
+stop_server() {
+    kill "$server" 2>/dev/null || return 0
+    for _ in $(seq 1 20); do kill -0 "$server" 2>/dev/null || return 0; sleep 0.5; done
+    kill -9 "$server" 2>/dev/null
+}
+trap stop_server EXIT
+
+echo "waiting for $url/readyz (model build, warm-up and compile; at most ${ready_timeout} s)"
+ready=0
+for _ in $(seq 1 "$ready_timeout"); do
+    if curl -sf "$url/readyz" > "$out/readyz.json" 2>/dev/null; then ready=1; break; fi
+    kill -0 "$server" 2>/dev/null || { echo "server exited during start-up:"; tail -40 "$out/server.log"; exit 1; }
+    sleep 1
+done
+if [ "$ready" != 1 ]; then echo "server not ready after ${ready_timeout} s:"; tail -40 "$out/server.log"; exit 1; fi
+echo "ready after $((SECONDS - t0)) s: $(cat "$out/readyz.json")"
+
+if [ "$prewarm" = 1 ]; then
+    # untimed: every slot a burst can reach captures its step graphs here, not inside the first measured rates
+    timeout 120 "$py" -m omnivox.cli loadtest --url "$url" --concurrency "$max_concurrent" \
+        --requests "$max_concurrent" --endpoint chat --out "$out/prewarm.json" > "$out/prewarm.log" 2>&1
+    prc=$?
+    echo "pre-warm done after $((SECONDS - t0)) s (exit $prc): $(grep -E '^(requests|TTFB)' "$out/prewarm.log" | tr '\n' ' ')"
+fi
+
+left=$((budget - (SECONDS - t0) - 20))  # 20 s for the table, plot and clean-up
+echo "sweep: rates $rates, ${duration} s window after ${warmup} s warm-up, $endpoint, budget ${left} s"
+timeout --signal=INT --kill-after=10 "$((left + 30))" \
+    "$py" -m omnivox.cli capacity --url "$url" --sweep "$rates" --duration "$duration" --warmup "$warmup" \
+    --endpoint "$endpoint" --ttfa-bound "$bound" --timeout 60 --budget "$left" \
+    --out "$out/capacity.json" > "$out/capacity.log" 2>&1
+rc=$?
+echo "sweep exit $rc after $((SECONDS - t0)) s"
+curl -sf "$url/metrics" > "$out/metrics.txt" 2>/dev/null
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+grep -E "^rate " "$out/capacity.log"
+stop_server
+trap - EXIT
+if [ -s "$out/capacity.json" ]; then
+    COLUMNS=200 "$py" -m omnivox.cli capacity --show "$out/capacity.json" --plot "$out/capacity.png"
+else
+    echo "no capacity.json: the sweep measured nothing"; tail -40 "$out/capacity.log"; exit 1
+fi
+exit "$rc"
