@@ -3,23 +3,26 @@
 # `omnivox capacity` on the standard workload (open-loop Poisson rates, lowest first, stops after two failing rates).
 #
 # Usage: bash bench/capacity_gpu.sh [OUT_DIR]          (default: $OUT, else out/capacity)
-# Knobs (environment): RATES (0.1,0.2,0.3,0.5,1,2,4,8,16,32)  DURATION (45 s window per rate)  WARMUP (10 s)
-#   ENDPOINT (chat | speech | mix)  ENGINE_PATH (fast)  MAX_CONCURRENT (16 admitted streams; more get a 429)
-#   TTFA_BOUND (300 ms)  PREWARM (1: MAX_CONCURRENT requests at once first, so every stream slot has its graphs)
+# Knobs (environment): RATES (0.1,0.15,0.2,0.3,0.5,1,2,4,8,16,32)  DURATION (45 s window per rate)  WARMUP (10 s)
+#   ENDPOINT (chat | speech | mix)  WORKLOAD (a .jsonl; default the standard workload)  ENGINE_PATH (fast)  MAX_CONCURRENT (16 admitted streams; more get a 429)
+#   TTFA_BOUND (300 ms)  PREWARM (1: MAX_CONCURRENT requests at once first, so every stream slot has its graphs;
+#   PREWARM_TIMEOUT 90 s)
 #   BUDGET (520 s for the whole script, start-up included)  READY_TIMEOUT (300 s)  PORT (8124)
 # Writes under OUT_DIR: server.log, prewarm.log, capacity.log, capacity.json (every request; rewritten after each
 # rate), capacity.png, metrics.txt (the server's last /metrics), nvidia-smi.txt. Prints the table last.
 set -uo pipefail
 t0=$SECONDS
 out=${1:-${OUT:-out/capacity}}
-rates=${RATES:-0.1,0.2,0.3,0.5,1,2,4,8,16,32}
+rates=${RATES:-0.1,0.15,0.2,0.3,0.5,1,2,4,8,16,32}
 duration=${DURATION:-45}
 warmup=${WARMUP:-10}
 endpoint=${ENDPOINT:-chat}
+workload=${WORKLOAD:-}  # a .jsonl file; empty: the standard workload
 engine_path=${ENGINE_PATH:-fast}
 max_concurrent=${MAX_CONCURRENT:-16}
 bound=${TTFA_BOUND:-300}
 prewarm=${PREWARM:-1}
+prewarm_timeout=${PREWARM_TIMEOUT:-90}
 budget=${BUDGET:-520}
 ready_timeout=${READY_TIMEOUT:-300}
 port=${PORT:-8124}
@@ -39,6 +42,7 @@ stop_server() {
     kill -9 "$server" 2>/dev/null
 }
 trap stop_server EXIT
+trap 'stop_server; exit 143' INT TERM
 
 echo "waiting for $url/readyz (model build, warm-up and compile; at most ${ready_timeout} s)"
 ready=0
@@ -52,25 +56,27 @@ echo "ready after $((SECONDS - t0)) s: $(cat "$out/readyz.json")"
 
 if [ "$prewarm" = 1 ]; then
     # untimed: every slot a burst can reach captures its step graphs here, not inside the first measured rates
-    timeout 120 "$py" -m omnivox.cli loadtest --url "$url" --concurrency "$max_concurrent" \
-        --requests "$max_concurrent" --endpoint chat --out "$out/prewarm.json" > "$out/prewarm.log" 2>&1
+    timeout "$prewarm_timeout" "$py" -m omnivox.cli loadtest --url "$url" --concurrency "$max_concurrent" \
+        --requests "$max_concurrent" --endpoint chat ${workload:+--workload "$workload"} --out "$out/prewarm.json" > "$out/prewarm.log" 2>&1
     prc=$?
     echo "pre-warm done after $((SECONDS - t0)) s (exit $prc): $(grep -E '^(requests|TTFB)' "$out/prewarm.log" | tr '\n' ' ')"
 fi
 
 left=$((budget - (SECONDS - t0) - 20))  # 20 s for the table, plot and clean-up
+[ "$left" -gt 0 ] || left=1  # out of time already: the sweep starts no rate but still writes its file
 echo "sweep: rates $rates, ${duration} s window after ${warmup} s warm-up, $endpoint, budget ${left} s"
 timeout --signal=INT --kill-after=10 "$((left + 30))" \
     "$py" -m omnivox.cli capacity --url "$url" --sweep "$rates" --duration "$duration" --warmup "$warmup" \
-    --endpoint "$endpoint" --ttfa-bound "$bound" --timeout 60 --budget "$left" \
+    ${workload:+--workload "$workload"} --endpoint "$endpoint" --ttfa-bound "$bound" --timeout 60 --budget "$left" \
     --out "$out/capacity.json" > "$out/capacity.log" 2>&1
 rc=$?
 echo "sweep exit $rc after $((SECONDS - t0)) s"
 curl -sf "$url/metrics" > "$out/metrics.txt" 2>/dev/null
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 grep -E "^rate " "$out/capacity.log"
+[ "$rc" = 0 ] || tail -5 "$out/capacity.log"
 stop_server
-trap - EXIT
+trap - EXIT INT TERM
 if [ -s "$out/capacity.json" ]; then
     COLUMNS=200 "$py" -m omnivox.cli capacity --show "$out/capacity.json" --plot "$out/capacity.png"
 else

@@ -304,6 +304,9 @@ def cmd_capacity(args: argparse.Namespace) -> int:
                         timeout_s=args.timeout, budget_s=args.budget, out=out, on_rate=progress)
     except ConnectionError as e:
         raise OmnivoxError(str(e)) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/] the rates that finished are in {out} (`--show` prints them)")
+        return 130
     console.print(f"results: {out}")
     if args.plot and results["extra"]["rates"]:
         console.print(f"plot: {plot_capacity(results, args.plot)}")

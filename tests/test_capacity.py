@@ -144,7 +144,7 @@ def test_headline_table_and_plot_from_synthetic_results(tmp_path):
     console = Console(record=True, width=250)
     console.print(capacity_table(results))
     text = console.export_text()
-    assert "fail: p95 TTFA 500 ms > 300 ms" in text and "3.0/4.0" in text and "not run: 8" in text
+    assert "fail: p95 TTFA 500 ms > 300 ms" in text and "3.0/4.0" in text and "not run: 8 (stopped)" in text
     assert headline_text(results).startswith("capacity: 2 requests/s with 2.0 streams playing")
     png = plot_capacity(results, tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -227,6 +227,7 @@ def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path
     assert results["kind"] == "capacity" and results["dummy_weights"] is True
     rates = results["extra"]["rates"]
     assert [r["rate"] for r in rates] == [1.0, 2.0] and results["extra"]["skipped_rates"] == [4.0]
+    assert results["extra"]["stop_reason"] == "2 rates failed" and results["extra"]["interrupted_rate"] is None
     assert all(not r["passed"] and any(f.startswith("p95 TTFA") for f in r["failures"]) for r in rates)
     for r in rates:
         expected = poisson_arrivals(r["rate"], 1.5, 0.5, ITEMS, "mix", seed=5)

@@ -177,7 +177,8 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
                       timeout_s: float = 120.0, budget_s: float | None = None, out: str | Path | None = None,
                       on_rate: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the sweep; returns the results document (bench schema, kind "capacity"). `budget_s`: start no rate
-    that could not end (warm-up + window + one request timeout) within this many seconds of the start."""
+    that might not end within this many seconds of the start (warm-up + window + a drain of three times the
+    longest reply, at most one request timeout)."""
     if not rates or any(not (math.isfinite(r) and r > 0) for r in rates):
         raise ValueError(f"rates must be positive requests per second, got {rates}")
     if not (duration_s > 0 and warmup_s >= 0):
@@ -185,12 +186,15 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
     url = url.rstrip("/")
     _raise_open_files()
     started = time.perf_counter()
+    drain_s = min(timeout_s, 3 * max(item.audio_seconds for item in items))
     config = {"url": url, "rates": sorted(rates), "duration_s": duration_s, "warmup_s": warmup_s,
               "endpoint": endpoint, "seed": seed, "ttfa_bound_s": ttfa_bound_s, "timeout_s": timeout_s,
               "prompt_ids": sorted({item.id for item in items})}
     samples: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     skipped: list[float] = []
+    interrupted: list[float] = []
+    stop_reason: list[str] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits) as client:
         info = await _server_info(client, url)
@@ -198,20 +202,32 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
 
         def document() -> dict[str, Any]:
             return build_results(samples, config, kind="capacity", dummy_weights=forced, extra={
-                "rates": summaries, "headline": headline(summaries), "skipped_rates": skipped, "server": info,
+                "rates": summaries, "headline": headline(summaries), "skipped_rates": skipped,
+                "stop_reason": stop_reason[0] if stop_reason else None,
+                "interrupted_rate": interrupted[0] if interrupted else None, "server": info,
                 "wall_s": time.perf_counter() - started})
 
+        if out is not None:  # a file from the start: `--show` works even if the first rate never ends
+            write_results(out, document())
         for rate in sorted(rates):
             failed = sum(1 for s in summaries if not s["passed"])
             elapsed = time.perf_counter() - started
-            if failed >= STOP_AFTER_FAILURES or (budget_s is not None
-                                                 and elapsed + warmup_s + duration_s + timeout_s > budget_s):
+            if not stop_reason and failed >= STOP_AFTER_FAILURES:
+                stop_reason.append(f"{STOP_AFTER_FAILURES} rates failed")
+            elif not stop_reason and budget_s is not None and elapsed + warmup_s + duration_s + drain_s > budget_s:
+                stop_reason.append(f"out of time (budget {budget_s:g} s)")
+            if stop_reason:
                 skipped.append(rate)
                 continue
             memory: dict[str, float] = {}
             watcher = asyncio.create_task(_watch_memory(client, url, memory))
             try:
                 rate_samples = await run_rate(client, url, rate, duration_s, warmup_s, items, endpoint, seed, forced)
+            except asyncio.CancelledError:  # Ctrl-C or a time limit: keep the rates that finished
+                interrupted.append(rate)
+                if out is not None:
+                    write_results(out, document())
+                raise
             finally:
                 watcher.cancel()
             for s in rate_samples:

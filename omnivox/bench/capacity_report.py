@@ -50,7 +50,10 @@ def _caption(results: dict[str, Any]) -> str | None:
     notes = []
     skipped = results["extra"].get("skipped_rates") or []
     if skipped:
-        notes.append(f"not run: {', '.join(f'{r:g}' for r in skipped)} (two rates failed, or out of time)")
+        reason = results["extra"].get("stop_reason") or "stopped"
+        notes.append(f"not run: {', '.join(f'{r:g}' for r in skipped)} ({reason})")
+    if results["extra"].get("interrupted_rate") is not None:
+        notes.append(f"rate {results['extra']['interrupted_rate']:g} was interrupted and is not shown")
     lag = max((s.get("client_lag_max_s") or 0.0 for s in results["extra"]["rates"]), default=0.0)
     if lag > 0.05:
         notes.append(f"the client sent up to {lag * 1000:.0f} ms late: it may be the bottleneck")
