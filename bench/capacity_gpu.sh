@@ -7,7 +7,7 @@
 #   ENDPOINT (chat | speech | mix)  WORKLOAD (a .jsonl; default the standard workload)  ENGINE_PATH (fast)  MAX_CONCURRENT (16 admitted streams; more get a 429)
 #   TTFA_BOUND (300 ms)  PREWARM (1: MAX_CONCURRENT requests at once first, so every stream slot has its graphs;
 #   PREWARM_TIMEOUT 90 s)
-#   BUDGET (520 s for the whole script, start-up included)  READY_TIMEOUT (300 s)  PORT (8124)
+#   BUDGET (520 s for the whole script, start-up included)  READY_TIMEOUT (300 s)  PORT (a free one)
 # Writes under OUT_DIR: server.log, prewarm.log, capacity.log, capacity.json (every request; rewritten after each
 # rate), capacity.png, metrics.txt (the server's last /metrics), nvidia-smi.txt. Prints the table last.
 set -uo pipefail
@@ -25,9 +25,9 @@ prewarm=${PREWARM:-1}
 prewarm_timeout=${PREWARM_TIMEOUT:-90}
 budget=${BUDGET:-520}
 ready_timeout=${READY_TIMEOUT:-300}
-port=${PORT:-8124}
-url="http://127.0.0.1:$port"
 py=${PYTHON:-python3}
+port=${PORT:-$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+url="http://127.0.0.1:$port"
 model_args=${MODEL_ARGS:---dummy-weights --device cuda}  # a CPU smoke test: MODEL_ARGS="--device cpu" (tiny model)
 mkdir -p "$out"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
 
@@ -97,10 +98,12 @@ def plot_capacity(results: dict[str, Any], path: str | Path) -> Path:
     points(ax_under, np.array([s["underruns"] for s in rates_data], float), "underruns", "tab:red")
     points(ax_under, np.array([s["requests_with_underruns"] for s in rates_data], float), "requests with one",
            "tab:orange")
-    ax_under.set_ylabel("count in the window")
+    ax_under.set_ylabel("count (requests sent in the window)")
+    ax_under.yaxis.set_major_locator(MaxNLocator(integer=True))
     points(ax_play, np.array([s["streams_playing_mean"] for s in rates_data]), "mean", "tab:green")
     points(ax_play, np.array([s["streams_playing_peak"] for s in rates_data], float), "peak", "tab:olive")
-    ax_play.set_ylabel("streams playing at once")
+    ax_play.set_ylabel("streams playing at once (in the window)")
+    ax_play.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, title in ((ax_ttfa, "First audio"), (ax_under, "Underruns"), (ax_play, "Streams playing")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(rate, [f"{r:g}" for r in rate])
