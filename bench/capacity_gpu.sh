@@ -3,25 +3,27 @@
 # `omnivox capacity` on the standard workload (open-loop Poisson rates, lowest first, stops after two failing rates).
 #
 # Usage: bash bench/capacity_gpu.sh [OUT_DIR]          (default: $OUT, else out/capacity)
-# Knobs (environment): RATES (0.1,0.15,0.2,0.3,0.5,1,2,4,8,16,32)  DURATION (45 s window per rate)  WARMUP (10 s)
-#   ENDPOINT (chat | speech | mix)  WORKLOAD (a .jsonl; default the standard workload)  ENGINE_PATH (fast)  MAX_CONCURRENT (16 admitted streams; more get a 429)
-#   TTFA_BOUND (300 ms)  PREWARM (1: MAX_CONCURRENT requests at once first, so every stream slot has its graphs;
-#   PREWARM_TIMEOUT 90 s)
+# Knobs (environment): RATES (0.5,1,2,4,8,16,32,64)  DURATION (30 s window per rate)  WARMUP (8 s)
+#   ENDPOINT (chat | speech | mix)  WORKLOAD (a .jsonl; default the standard workload)  ENGINE_PATH (fast)
+#   MAX_CONCURRENT (stream slots; empty = the engine's default, as many as GPU memory holds; more get a 429)
+#   TTFA_BOUND (300 ms)  PREWARM (0; 1: PREWARM_STREAMS (16) chat requests at once before the sweep, untimed, for
+#   an engine that captures graphs lazily; PREWARM_TIMEOUT 90 s)  MODEL_ARGS ("--dummy-weights --device cuda")
 #   BUDGET (520 s for the whole script, start-up included)  READY_TIMEOUT (300 s)  PORT (a free one)
 # Writes under OUT_DIR: server.log, prewarm.log, capacity.log, capacity.json (every request; rewritten after each
 # rate), capacity.png, metrics.txt (the server's last /metrics), nvidia-smi.txt. Prints the table last.
 set -uo pipefail
 t0=$SECONDS
 out=${1:-${OUT:-out/capacity}}
-rates=${RATES:-0.1,0.15,0.2,0.3,0.5,1,2,4,8,16,32}
-duration=${DURATION:-45}
-warmup=${WARMUP:-10}
+rates=${RATES:-0.5,1,2,4,8,16,32,64}
+duration=${DURATION:-30}
+warmup=${WARMUP:-8}
 endpoint=${ENDPOINT:-chat}
 workload=${WORKLOAD:-}  # a .jsonl file; empty: the standard workload
 engine_path=${ENGINE_PATH:-fast}
-max_concurrent=${MAX_CONCURRENT:-16}
+max_concurrent=${MAX_CONCURRENT:-}
 bound=${TTFA_BOUND:-300}
-prewarm=${PREWARM:-1}
+prewarm=${PREWARM:-0}
+prewarm_streams=${PREWARM_STREAMS:-16}
 prewarm_timeout=${PREWARM_TIMEOUT:-90}
 budget=${BUDGET:-520}
 ready_timeout=${READY_TIMEOUT:-300}
@@ -34,7 +36,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 
 # shellcheck disable=SC2086  # MODEL_ARGS is a list of words
 "$py" -m omnivox.cli serve $model_args --path "$engine_path" \
-    --max-concurrent-requests "$max_concurrent" --port "$port" > "$out/server.log" 2>&1 &
+    ${max_concurrent:+--max-concurrent-requests "$max_concurrent"} --port "$port" > "$out/server.log" 2>&1 &
 server=$!
 stop_server() {
     kill "$server" 2>/dev/null || return 0
@@ -55,9 +57,9 @@ if [ "$ready" != 1 ]; then echo "server not ready after ${ready_timeout} s:"; ta
 echo "ready after $((SECONDS - t0)) s: $(cat "$out/readyz.json")"
 
 if [ "$prewarm" = 1 ]; then
-    # untimed: every slot a burst can reach captures its step graphs here, not inside the first measured rates
-    timeout "$prewarm_timeout" "$py" -m omnivox.cli loadtest --url "$url" --concurrency "$max_concurrent" \
-        --requests "$max_concurrent" --endpoint chat ${workload:+--workload "$workload"} --out "$out/prewarm.json" > "$out/prewarm.log" 2>&1
+    # untimed: whatever the engine initialises lazily under load happens here, not inside the first measured rate
+    timeout "$prewarm_timeout" "$py" -m omnivox.cli loadtest --url "$url" --concurrency "$prewarm_streams" \
+        --requests "$prewarm_streams" --endpoint chat ${workload:+--workload "$workload"} --out "$out/prewarm.json" > "$out/prewarm.log" 2>&1
     prc=$?
     echo "pre-warm done after $((SECONDS - t0)) s (exit $prc): $(grep -E '^(requests|TTFB)' "$out/prewarm.log" | tr '\n' ' ')"
 fi
