@@ -168,8 +168,11 @@ async def _server_info(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
 def _raise_open_files() -> None:
     """Hundreds of streams at once need hundreds of sockets: lift the soft limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if soft < hard or hard == resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # a hard limit above the kernel's nr_open: keep the soft one
+            pass
 
 
 async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem], duration_s: float = 60.0,
