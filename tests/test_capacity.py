@@ -239,7 +239,8 @@ def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path
             assert abs(s["audio_s"] - s["expected_audio_s"]) <= 2 * 512 / SR and s["ttfa_s"] > 0
             assert s["segments"] and s["segments"][0][0] >= s["sent_s"]
     assert png.read_bytes()[:4] == b"\x89PNG"
-    assert server.wait_idle()["live_requests"] == 0
+    stats = server.wait_idle()
+    assert stats["live_requests"] == 0 and stats["cache_bytes"] == 0, stats
 
 
 def test_request_body_carries_the_workload_only_for_random_weights():
