@@ -1,4 +1,5 @@
-"""`omnivox info | speak | bench | make-checkpoint | serve | loadtest`: parse arguments, call the library, print."""
+"""`omnivox info | speak | bench | make-checkpoint | serve | loadtest | capacity`: parse arguments, call the
+library, print."""
 
 from __future__ import annotations
 
@@ -275,6 +276,59 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return loadtest_main(args)
 
 
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of rates, e.g. 0.5,1,2,4") from None
+    if not rates or any(not rate > 0 for rate in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive requests per second, got {text!r}")
+    return rates
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from omnivox.bench.capacity_client import sweep
+    from omnivox.bench.capacity_report import capacity_table, headline_text, plot_capacity
+    from omnivox.workload import load_workload, split_warmup
+
+    if args.show:  # an earlier (or interrupted) sweep's file: table, headline and plot again, no server needed
+        from omnivox.bench.results import read_results
+
+        results = read_results(args.show)
+        if results["kind"] != "capacity":
+            raise OmnivoxError(f"{args.show} is a {results['kind']} results file; --show needs one from "
+                               "`omnivox capacity`")
+        if args.plot and results["extra"]["rates"]:
+            console.print(f"plot: {plot_capacity(results, args.plot)}")
+        console.print(capacity_table(results))
+        console.print(f"[bold]{headline_text(results)}[/]")
+        return 0
+    _, items = split_warmup(load_workload(args.workload))
+    out = Path(args.out)
+    if out.suffix != ".json":
+        out = out / "results.json"
+
+    def progress(summary: dict) -> None:
+        verdict = "pass" if summary["passed"] else "fail: " + "; ".join(summary["failures"])
+        console.print(f"rate {summary['rate']:g}/s: {summary['requests']} requests, {verdict}")
+
+    try:
+        results = sweep(args.url, args.sweep, items=items, duration_s=args.duration, warmup_s=args.warmup,
+                        endpoint=args.endpoint, seed=args.seed, ttfa_bound_s=args.ttfa_bound / 1000,
+                        timeout_s=args.timeout, budget_s=args.budget, out=out, on_rate=progress)
+    except ConnectionError as e:
+        raise OmnivoxError(str(e)) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/] the rates that finished are in {out} (`--show` prints them)")
+        return 130
+    console.print(f"results: {out}")
+    if args.plot and results["extra"]["rates"]:
+        console.print(f"plot: {plot_capacity(results, args.plot)}")
+    console.print(capacity_table(results))
+    console.print(f"[bold]{headline_text(results)}[/]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnivox", description="Realtime speech generation for MiniCPM-o 2.6")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -351,6 +405,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--out", default="out/loadtest/results.json")
     p.set_defaults(func=cmd_loadtest)
+
+    p = sub.add_parser("capacity", help="how many realtime streams a running server holds: open-loop rate sweep")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--sweep", "--rates", dest="sweep", type=_rates, default=_rates("0.5,1,2,4,8,16,32"),
+                   metavar="RATES", help="comma-separated requests per second, run lowest first (default "
+                   "0.5,1,2,4,8,16,32); the sweep stops after two failing rates")
+    p.add_argument("--duration", type=float, default=60.0, help="measuring window per rate, seconds (default 60)")
+    p.add_argument("--warmup", type=float, default=10.0, help="arrivals before the window, not measured (default 10)")
+    p.add_argument("--workload", help="JSONL workload to draw prompts from (default: the standard workload)")
+    p.add_argument("--endpoint", default="chat", choices=["chat", "speech", "mix"],
+                   help="chat answers the prompt, speech reads the workload reply aloud, mix draws one per request")
+    p.add_argument("--seed", type=int, default=0, help="seeds arrivals, prompt draws and request seeds")
+    p.add_argument("--ttfa-bound", type=float, default=300.0, help="p95 TTFA a passing rate stays under, ms")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait for its next bytes")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole sweep: a rate that might not finish in time is not started")
+    p.add_argument("--out", default="out/capacity/results.json", help="results JSON (bench schema, every request)")
+    p.add_argument("--plot", help="write a PNG of p95 TTFA, underruns and streams playing against the rate")
+    p.add_argument("--show", metavar="RESULTS.json", help="print (and with --plot draw) an earlier sweep; runs nothing")
+    p.set_defaults(func=cmd_capacity)
     return parser
 
 

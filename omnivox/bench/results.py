@@ -20,7 +20,7 @@ from omnivox.engine.types import RequestMetrics
 from omnivox.errors import InvalidRequest
 
 SCHEMA = "omnivox.bench/1"
-KINDS = ("bench", "loadtest")
+KINDS = ("bench", "loadtest", "capacity")
 REQUIRED_SAMPLE_KEYS = ("ttfb_s", "rtf", "total_s", "audio_s")
 
 

@@ -63,6 +63,23 @@ class ServerMetrics:
             "omnivox_ws_sessions", "WebSocket chat sessions open now (capped by --max-ws-sessions)", registry=r
         )
 
+    def watch_gpu_memory(self, device: object) -> None:
+        """On a CUDA device, gauges of the memory PyTorch holds there, read at each scrape (capacity benchmarks
+        report them next to the streams served). Not registered on other devices: absent means not measured."""
+        import torch
+
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type != "cuda":
+            return
+        Gauge("omnivox_gpu_memory_allocated_bytes", "GPU memory held by tensors now (torch.cuda.memory_allocated)",
+              registry=self.registry).set_function(lambda: torch.cuda.memory_allocated(device))
+        Gauge("omnivox_gpu_memory_reserved_bytes", "GPU memory reserved by PyTorch's allocator now "
+              "(torch.cuda.memory_reserved)", registry=self.registry).set_function(
+            lambda: torch.cuda.memory_reserved(device))
+        Gauge("omnivox_gpu_memory_peak_allocated_bytes", "Most GPU memory held by tensors since start-up "
+              "(torch.cuda.max_memory_allocated)", registry=self.registry).set_function(
+            lambda: torch.cuda.max_memory_allocated(device))
+
     def observe_stream(self, endpoint: str, metrics: RequestMetrics, underruns: int, audio_sent_s: float) -> None:
         self.requests.labels(endpoint, metrics.finish_reason or "unknown").inc()
         self.audio_seconds.labels(endpoint).inc(audio_sent_s)

@@ -110,6 +110,23 @@ def describe_error(exc: BaseException) -> tuple[int, ErrorInfo, dict[str, str]]:
     return status, info, headers
 
 
+# ------------------------------------------------------------------------------------ omnivox request extension
+
+MAX_FORCED_AUDIO_S = 300.0
+
+
+class OmnivoxExtension(BaseModel):
+    """`"omnivox": {...}` on a chat or speech request: what random weights are made to say (see
+    engine/forcing.py), so that any workload replays through the server with its own reply lengths. Honoured only
+    by a server running random weights; a server with real weights refuses it (serving.py). Unknown keys are
+    refused, so a misspelt field never silently falls back to the scripted default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    forced_reply: str | None = Field(default=None, min_length=1)
+    audio_seconds: float | None = Field(default=None, gt=0.0, le=MAX_FORCED_AUDIO_S, allow_inf_nan=False)
+
+
 # ------------------------------------------------------------------------------------------- chat completions
 
 
@@ -167,6 +184,7 @@ class ChatCompletionRequest(OpenAIModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     n: int = Field(default=1, ge=1, le=1)
+    omnivox: OmnivoxExtension | None = None  # random weights only: the reply and its length
 
     @model_validator(mode="after")
     def _check_audio_output(self):
@@ -261,6 +279,7 @@ class SpeechRequest(OpenAIModel):
     speed: float = 1.0
     instructions: str | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    omnivox: OmnivoxExtension | None = None  # random weights only: audio_seconds
 
     @field_validator("voice")
     @classmethod
@@ -293,6 +312,14 @@ class SpeechRequest(OpenAIModel):
     def _check_instructions(cls, v: str | None) -> str | None:
         if v:
             raise ValueError("instructions are not supported: the default voice reads the input as written")
+        return v
+
+    @field_validator("omnivox")
+    @classmethod
+    def _check_extension(cls, v: OmnivoxExtension | None) -> OmnivoxExtension | None:
+        if v is not None and v.forced_reply is not None:
+            raise ValueError("forced_reply does not apply here: /v1/audio/speech speaks `input` itself; "
+                             "send only omnivox.audio_seconds")
         return v
 
 

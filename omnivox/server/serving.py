@@ -23,7 +23,8 @@ import anyio
 import numpy as np
 
 from omnivox.audio import float_to_pcm16, wav_header
-from omnivox.bench.workloads import load_workload
+from omnivox.engine.forcing import DUMMY_REPLY as DUMMY_REPLY  # re-exported: clients and tests name it here
+from omnivox.engine.forcing import ReplyScript
 from omnivox.engine.types import SAMPLE_RATE, SamplingParams
 from omnivox.errors import EngineBusy, EngineNotReady
 from omnivox.server.metrics import ServerMetrics
@@ -36,6 +37,7 @@ from omnivox.server.protocol import (
     ErrorInfo,
     ModelCard,
     ModelList,
+    OmnivoxExtension,
     RequestError,
     SpeechRequest,
     UnknownModel,
@@ -47,8 +49,6 @@ from omnivox.server.stream import FINISH_REASONS, ManagedStream
 
 logger = logging.getLogger(__name__)
 
-DUMMY_REPLY = "Hello! This reply is scripted."  # random weights, a prompt outside the workload: 5 words, 2 s
-WORDS_PER_SECOND = 2.5
 AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for multi-turn (`{"role": "assistant", "audio": ...}`)
 
 
@@ -62,8 +62,9 @@ class ServerConfig:
     warmup: bool = True
     transcript_cache_size: int = 1024
     # Random weights never end a reply by themselves, so with dummy weights every reply is scripted as the bench
-    # does it: a prompt of the standard workload gets its scripted reply and length, any other prompt
-    # DUMMY_REPLY; read-aloud text is spoken for words / 2.5 seconds (150 words per minute).
+    # does it (engine/forcing.py): a request's own `"omnivox": {"forced_reply", "audio_seconds"}` first, else a
+    # prompt of the standard workload gets its scripted reply and length, any other prompt DUMMY_REPLY;
+    # read-aloud text is spoken for words / 2.5 seconds (150 words per minute).
     dummy_weights: bool = False
     # limits (README "Limits and shutdown"): each WebSocket chat session holds a full-length LLM cache until its
     # connection ends
@@ -103,7 +104,7 @@ class SpeechService:
         self.draining = False
         self._streams: set[ManagedStream] = set()  # open streams, ended in-band if still open at shutdown
         self._conversations: set[Any] = set()  # WebSocket conversations, told to close at shutdown
-        self._script = {item.prompt.strip(): item for item in load_workload()} if config.dummy_weights else {}
+        self._script = ReplyScript() if config.dummy_weights else None
 
     # ------------------------------------------------------------------------------------------ lifetime
 
@@ -112,6 +113,7 @@ class SpeechService:
         try:
             source = self._source
             engine = source if hasattr(source, "stream") else await anyio.to_thread.run_sync(source)
+            self.metrics.watch_gpu_memory(getattr(engine, "device", None))
             self.status = "warming_up"
             if self.config.warmup:
                 t0 = time.perf_counter()
@@ -157,8 +159,11 @@ class SpeechService:
         return self.engine
 
     def stats(self) -> dict[str, Any]:
+        """The engine's stats, the WebSocket sessions, and `random_weights`: whether this server scripts replies
+        and honours the `omnivox` request field (the embedded tiny model is random too)."""
         stats = dict(self.engine.stats()) if self.engine is not None else {}
-        return {**stats, "ws_sessions": self.ws_sessions, "max_ws_sessions": self.config.max_ws_sessions}
+        return {**stats, "ws_sessions": self.ws_sessions, "max_ws_sessions": self.config.max_ws_sessions,
+                "random_weights": self.config.dummy_weights}
 
     def refresh_gauges(self) -> None:
         """Set the gauges read from the engine (sessions held, slots free) just before a scrape."""
@@ -231,16 +236,29 @@ class SpeechService:
         self.metrics.errors.labels(info.code or info.type).inc()
         return info
 
-    def _chat_forcing(self, text: str) -> dict[str, Any]:
-        if not self.config.dummy_weights:
+    def _chat_forcing(self, text: str, extension: OmnivoxExtension | None = None) -> dict[str, Any]:
+        if self._script is None:
             return {}
-        item = self._script.get(text.strip())
-        reply = item.reply if item is not None else DUMMY_REPLY
-        seconds = item.audio_seconds if item is not None else _speaking_seconds(reply)
-        return {"forced_reply": reply, "forced_audio_seconds": seconds}
+        extension = extension or OmnivoxExtension()
+        return self._script.chat(text, extension.forced_reply, extension.audio_seconds)
 
-    def _read_forcing(self, text: str) -> dict[str, Any]:
-        return {"forced_audio_seconds": _speaking_seconds(text)} if self.config.dummy_weights else {}
+    def _read_forcing(self, text: str, extension: OmnivoxExtension | None = None) -> dict[str, Any]:
+        if self._script is None:
+            return {}
+        return self._script.read(text, extension.audio_seconds if extension is not None else None)
+
+    def check_extension(self, extension: OmnivoxExtension | None) -> OmnivoxExtension | None:
+        """The `omnivox` request field scripts random weights; with real weights it would be silently wrong."""
+        if extension is None:
+            return None
+        if not self.config.dummy_weights:
+            raise RequestError(
+                "the `omnivox` field (forced_reply, audio_seconds) is honoured only by a server running random "
+                "weights (--dummy-weights or the embedded tiny model); this server runs real weights, which speak "
+                "their own reply: drop the field", param="omnivox")
+        if extension.forced_reply is not None:
+            self.check_text(extension.forced_reply, "omnivox.forced_reply")
+        return extension
 
     @staticmethod
     def _seed(seed: int | None) -> int:
@@ -305,18 +323,20 @@ class SpeechService:
     async def open_chat(self, request: ChatCompletionRequest) -> ManagedStream:
         self.check_model(request.model)
         text, history = self.conversation(request)
+        extension = self.check_extension(request.omnivox)
         sampling = self._sampling(request.temperature, request.top_p, request.max_new_tokens)
         request_id, seed = f"chatcmpl-{uuid.uuid4().hex}", self._seed(request.seed)
         return await self._open("chat", request_id, seed, lambda engine: engine.stream(
             text, history=history or None, seed=seed, sampling=sampling, request_id=request_id,
-            **self._chat_forcing(text)))
+            **self._chat_forcing(text, extension)))
 
     async def open_speech(self, request: SpeechRequest) -> ManagedStream:
         self.check_model(request.model)
         text = self.check_text(request.input, "input")
+        extension = self.check_extension(request.omnivox)
         request_id, seed = f"speech-{uuid.uuid4().hex}", self._seed(request.seed)
         return await self._open("speech", request_id, seed, lambda engine: engine.read_aloud(
-            text, seed=seed, request_id=request_id, **self._read_forcing(text)))
+            text, seed=seed, request_id=request_id, **self._read_forcing(text, extension)))
 
     @contextlib.asynccontextmanager
     async def ws_session(self) -> AsyncIterator[Any]:
@@ -378,7 +398,3 @@ class SpeechService:
                         total_tokens=m.prompt_tokens + m.llm_tokens),
             metrics=stream.metrics_dict(),
         )
-
-
-def _speaking_seconds(text: str) -> float:
-    return max(len(text.split()), 1) / WORDS_PER_SECOND

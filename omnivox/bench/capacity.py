@@ -1,0 +1,188 @@
+"""The capacity contract's arithmetic (shared/docs/batching.md), free of any network or clock so tests can drive it.
+
+A listener's player starts when a reply's first samples arrive and plays each chunk after the one before. A chunk
+that arrives after the audio before it has finished playing is an underrun: the player stalls and resumes with
+that chunk, so one slow chunk counts once, not once for every chunk after it. From the same clocks: TTFA (request
+sent -> first chunk holding a sample that is not zero) and how many replies are playing at each moment.
+
+A rate passes only with zero underruns, zero errors, every reply complete and p95 TTFA within the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from omnivox.engine.types import SAMPLE_RATE
+from omnivox.workload import WorkloadItem
+
+ENDPOINTS = ("chat", "speech", "mix")
+COMPLETE_REASONS = ("eos", "length")  # the engine ended the reply itself (not cancelled, not failed)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at_s: float  # when to send, from the start of this rate's run (warm-up included)
+    item: WorkloadItem
+    endpoint: str  # "chat" | "speech"
+    warmup: bool  # sent during the warm-up: served like any other, left out of the figures
+
+
+def poisson_arrivals(rate: float, duration_s: float, warmup_s: float, items: Sequence[WorkloadItem],
+                     endpoint: str = "chat", seed: int = 0) -> list[Arrival]:
+    """Open-loop Poisson arrivals at `rate` per second over warm-up + duration, each with a prompt (and, for
+    "mix", an endpoint) drawn at random. Seeded by (seed, rate): the same arguments give the same schedule."""
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate must be a positive number of requests per second, got {rate}")
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
+    if not items:
+        raise ValueError("the workload has no items to draw prompts from")
+    rng = np.random.default_rng([seed, round(rate * 1e6)])
+    end, t, arrivals = warmup_s + duration_s, 0.0, []
+    while True:
+        t += float(rng.exponential(1.0 / rate))
+        if t >= end:
+            return arrivals
+        item = items[int(rng.integers(len(items)))]
+        kind = endpoint if endpoint != "mix" else ("chat" if rng.random() < 0.5 else "speech")
+        arrivals.append(Arrival(t, item, kind, warmup=t < warmup_s))
+
+
+class PlaybackClock:
+    """One reply as a listener hears it: call `receive` for each audio chunk with its arrival time."""
+
+    def __init__(self, sent_at: float):
+        self.sent_at = sent_at
+        self.first_at: float | None = None  # first chunk with samples: the player starts
+        self.audible_at: float | None = None  # first chunk holding a sample that is not zero
+        self.samples = 0
+        self.underruns = 0
+        self.stall_s = 0.0
+        self.segments: list[list[float]] = []  # [start, end] of uninterrupted playback
+
+    def receive(self, num_samples: int, audible: bool, now: float) -> None:
+        if num_samples <= 0:
+            return
+        if audible and self.audible_at is None:
+            self.audible_at = now
+        seconds = num_samples / SAMPLE_RATE
+        if self.first_at is None:
+            self.first_at = now
+            self.segments.append([now, now + seconds])
+        elif now > self.segments[-1][1]:  # the audio before this chunk has finished playing: a stall
+            self.underruns += 1
+            self.stall_s += now - self.segments[-1][1]
+            self.segments.append([now, now + seconds])
+        else:
+            self.segments[-1][1] += seconds
+        self.samples += num_samples
+
+    @property
+    def ttfa_s(self) -> float:
+        return self.audible_at - self.sent_at if self.audible_at is not None else math.nan
+
+    @property
+    def ttfb_s(self) -> float:
+        return self.first_at - self.sent_at if self.first_at is not None else math.nan
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+
+def streams_playing(segments: Iterable[Sequence[float]], start: float, end: float) -> tuple[float, int]:
+    """(mean, peak) number of replies playing at once over [start, end), from playback segments [s, e).
+    Mean = total playing time inside the window / window length; peak from a sweep over segment edges (an end
+    and a start at the same instant do not overlap)."""
+    if not end > start:
+        raise ValueError(f"the window must have a positive length, got [{start}, {end})")
+    edges, playing = [], 0.0
+    for seg_start, seg_end in segments:
+        lo, hi = max(seg_start, start), min(seg_end, end)
+        if hi > lo:
+            playing += hi - lo
+            edges += [(lo, 1), (hi, -1)]
+    peak = now = 0
+    for _, step in sorted(edges):  # at equal times -1 sorts before +1
+        now += step
+        peak = max(peak, now)
+    return playing / (end - start), peak
+
+
+def percentiles(values: Iterable[float | None]) -> dict[str, float | None]:
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return {"p50": None, "p95": None, "p99": None}
+    return {f"p{q}": float(np.percentile(x, q)) for q in (50, 95, 99)}
+
+
+def is_complete(sample: dict[str, Any]) -> bool:
+    """A reply the listener got to the end of: no error, the server's own end of reply, some audio."""
+    return not sample.get("error") and sample.get("finish_reason") in COMPLETE_REASONS and (sample.get("audio_s")
+                                                                                            or 0) > 0
+
+
+def summarize_rate(samples: list[dict[str, Any]], rate: float, window: tuple[float, float]) -> dict[str, Any]:
+    """One rate's figures. `samples` are this rate's requests (warm-up ones flagged "warmup"), each with ttfa_s,
+    rtf, audio_s, underruns, finish_reason, error (if any) and "segments" on the rate's clock; `window` is the
+    measuring window on that clock. Streams playing counts every reply (a warm-up reply still playing in the
+    window is load the measured ones share); everything else counts the measured requests only."""
+    measured = [s for s in samples if not s.get("warmup")]
+    complete = [s for s in measured if is_complete(s)]
+    errors: dict[str, int] = {}
+    for s in measured:
+        if s.get("error"):
+            kind = str(s["error"]).split(":")[0]
+            errors[kind] = errors.get(kind, 0) + 1
+    mean, peak = streams_playing((seg for s in samples for seg in s.get("segments") or ()), *window)
+    seconds = window[1] - window[0]
+    return {
+        "rate": rate,
+        "requests": len(measured),
+        "completed": len(complete),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "ttfa_s": percentiles(s.get("ttfa_s") for s in complete),
+        "rtf": percentiles(s.get("rtf") for s in complete),
+        "underruns": sum(int(s.get("underruns") or 0) for s in measured),
+        "requests_with_underruns": sum(1 for s in measured if s.get("underruns")),
+        "streams_playing_mean": mean,
+        "streams_playing_peak": peak,
+        "audio_s_per_s": sum(s.get("audio_s") or 0.0 for s in complete) / seconds,
+        "window_s": seconds,
+    }
+
+
+def failures(summary: dict[str, Any], ttfa_bound_s: float) -> list[str]:
+    """Why a rate fails, in words; an empty list means it passes."""
+    reasons = []
+    if summary["requests"] == 0:
+        reasons.append("no request in the window")
+    if summary["errors"]:
+        reasons.append(f"{summary['errors']} errors")
+    incomplete = summary["requests"] - summary["completed"] - summary["errors"]
+    if incomplete > 0:
+        reasons.append(f"{incomplete} replies incomplete")
+    if summary["underruns"]:
+        reasons.append(f"{summary['underruns']} underruns in {summary['requests_with_underruns']} requests")
+    p95 = summary["ttfa_s"]["p95"]
+    if p95 is None:
+        reasons.append("no audible reply")
+    elif p95 > ttfa_bound_s:
+        reasons.append(f"p95 TTFA {p95 * 1000:.0f} ms > {ttfa_bound_s * 1000:.0f} ms")
+    return reasons
+
+
+def headline(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The figure of merit: the highest passing rate and the streams playing at it (None if no rate passed)."""
+    passing = [s for s in summaries if s.get("passed")]
+    if not passing:
+        return None
+    best = max(passing, key=lambda s: s["rate"])
+    return {"rate": best["rate"], "streams_playing_mean": best["streams_playing_mean"],
+            "streams_playing_peak": best["streams_playing_peak"], "ttfa_p95_s": best["ttfa_s"]["p95"]}

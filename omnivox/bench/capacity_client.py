@@ -1,0 +1,258 @@
+"""`omnivox capacity`: how many realtime streams a running server holds (the contract in shared/docs/batching.md).
+
+For each rate, lowest first: open-loop Poisson arrivals (capacity.poisson_arrivals) for a warm-up and then the
+measuring window, every request streamed over SSE from one asyncio process (httpx, no thread per stream, no cap
+on connections: a client-side queue would hide the server's). Each reply is timed by a playback clock
+(capacity.PlaybackClock); the server's GPU memory is read from /metrics once a second. The sweep stops after two
+failing rates. With a random-weight server every request carries its workload reply and length in the `omnivox`
+field, so any workload replays with its own lengths.
+
+The results file (bench schema, kind "capacity") holds every request, warm-up ones flagged, and per-rate summaries
+under extra.rates; it is rewritten after each rate so an interrupted sweep keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from omnivox.bench.capacity import Arrival, PlaybackClock, failures, headline, poisson_arrivals, summarize_rate
+from omnivox.bench.results import build_results, write_results
+from omnivox.workload import WorkloadItem
+
+GPU_GAUGES = {"omnivox_gpu_memory_allocated_bytes": "gpu_allocated_bytes",
+              "omnivox_gpu_memory_reserved_bytes": "gpu_reserved_bytes",
+              "omnivox_gpu_memory_peak_allocated_bytes": "gpu_peak_allocated_bytes"}
+MEMORY_POLL_S = 1.0
+STOP_AFTER_FAILURES = 2
+
+
+def request_for(arrival: Arrival, seed: int, forced: bool, model: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(path, JSON body) of one arrival. Chat answers the workload prompt; speech reads the workload reply aloud
+    (what a voice agent sends to TTS). `forced`: the server runs random weights, so say what to say and for how
+    long."""
+    item = arrival.item
+    if arrival.endpoint == "chat":
+        path = "/v1/chat/completions"
+        body: dict[str, Any] = {
+            "messages": [{"role": "user", "content": item.prompt}], "modalities": ["text", "audio"],
+            "audio": {"voice": "default", "format": "pcm16"}, "stream": True, "seed": seed,
+        }
+        if forced:
+            body["omnivox"] = {"forced_reply": item.reply, "audio_seconds": item.audio_seconds}
+    else:
+        path = "/v1/audio/speech"
+        body = {"input": item.reply or item.prompt, "voice": "default", "response_format": "pcm",
+                "stream_format": "sse", "seed": seed}
+        if forced:
+            body["omnivox"] = {"audio_seconds": item.audio_seconds}
+    if model is not None:
+        body["model"] = model
+    return path, body
+
+
+def _audio_of(event: dict[str, Any]) -> bytes:
+    if event.get("type") == "speech.audio.delta":
+        return base64.b64decode(event["audio"])
+    for choice in event.get("choices") or ():
+        data = ((choice.get("delta") or {}).get("audio") or {}).get("data")
+        if data:
+            return base64.b64decode(data)
+    return b""
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, arrival: Arrival, seed: int, forced: bool,
+                     origin: float, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Send one request and listen to it to the end; the sample's times are seconds after `origin`."""
+    path, body = request_for(arrival, seed, forced)
+    sent = clock()
+    playback = PlaybackClock(sent)
+    sample: dict[str, Any] = {
+        "request_id": None, "prompt_id": arrival.item.id, "trial": None, "seed": seed, "endpoint": arrival.endpoint,
+        "warmup": arrival.warmup, "scheduled_s": arrival.at_s, "sent_s": sent - origin,
+        "send_lag_s": sent - origin - arrival.at_s, "expected_audio_s": arrival.item.audio_seconds if forced else None,
+    }
+    server: dict[str, Any] = {}
+    error = None
+    try:
+        async with client.stream("POST", url + path, json=body) as response:
+            sample["request_id"] = response.headers.get("x-request-id")
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                try:
+                    message = json.loads(text)["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = text[:200]
+                error = f"HTTP {response.status_code}: {message}"
+            else:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = f"in-band {event['error'].get('code')}: {event['error'].get('message')}"
+                        break
+                    pcm = np.frombuffer(_audio_of(event), dtype="<i2")
+                    playback.receive(pcm.size, bool(np.any(pcm)), clock())
+                    server = event.get("metrics") or server
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        error = f"{type(e).__name__}: {e}"
+    total = clock() - sent
+    sample.update(
+        ttfa_s=playback.ttfa_s, ttfb_s=playback.ttfb_s, total_s=total, audio_s=playback.audio_s,
+        rtf=total / playback.audio_s if playback.samples else math.inf, underruns=playback.underruns,
+        stall_s=playback.stall_s, segments=[[a - origin, b - origin] for a, b in playback.segments],
+        finish_reason=server.get("finish_reason", "error" if error else "incomplete"),
+        server_ttfb_s=server.get("ttfb_s", math.nan), generation_s=server.get("generation_s", math.nan),
+    )
+    if error is not None:
+        sample.update(error=error, finish_reason="error")
+    return sample
+
+
+def _gpu_memory(text: str) -> dict[str, float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        key = GPU_GAUGES.get(family.name)
+        if key is not None and family.samples:
+            found[key] = family.samples[0].value
+    return found
+
+
+async def _watch_memory(client: httpx.AsyncClient, url: str, peak: dict[str, float]) -> None:
+    """Keep the largest value of each GPU memory gauge seen, once a second, until cancelled."""
+    while True:
+        try:
+            for key, value in _gpu_memory((await client.get(url + "/metrics")).text).items():
+                peak[key] = max(peak.get(key, 0.0), value)
+        except (httpx.HTTPError, ValueError):
+            pass
+        await asyncio.sleep(MEMORY_POLL_S)
+
+
+async def run_rate(client: httpx.AsyncClient, url: str, rate: float, duration_s: float, warmup_s: float,
+                   items: list[WorkloadItem], endpoint: str, seed: int, forced: bool) -> list[dict[str, Any]]:
+    """Every request of one rate (warm-up ones flagged), on this rate's clock (0 = start of the warm-up)."""
+    arrivals = poisson_arrivals(rate, duration_s, warmup_s, items, endpoint, seed)
+    origin = time.perf_counter()
+    tasks = []
+    for index, arrival in enumerate(arrivals):
+        delay = origin + arrival.at_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(stream_one(client, url, arrival, seed + index, forced, origin)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def _server_info(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    try:
+        response = await client.get(url + "/readyz")
+    except httpx.HTTPError as e:
+        raise ConnectionError(f"no server at {url} ({type(e).__name__}); start one with `omnivox serve`") from e
+    if response.status_code != 200:
+        raise ConnectionError(f"the server at {url} is not ready ({response.status_code}: {response.text[:200]})")
+    return response.json().get("engine") or {}
+
+
+def _raise_open_files() -> None:
+    """Hundreds of streams at once need hundreds of sockets: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard or hard == resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # a hard limit above the kernel's nr_open: keep the soft one
+            pass
+
+
+async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem], duration_s: float = 60.0,
+                      warmup_s: float = 10.0, endpoint: str = "chat", seed: int = 0, ttfa_bound_s: float = 0.3,
+                      timeout_s: float = 120.0, budget_s: float | None = None, out: str | Path | None = None,
+                      on_rate: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the sweep; returns the results document (bench schema, kind "capacity"). `budget_s`: start no rate
+    that might not end within this many seconds of the start (warm-up + window + a drain of three times the
+    longest reply, at most one request timeout)."""
+    if not rates or any(not (math.isfinite(r) and r > 0) for r in rates):
+        raise ValueError(f"rates must be positive requests per second, got {rates}")
+    if not (duration_s > 0 and warmup_s >= 0):
+        raise ValueError(f"duration must be positive and warm-up not negative, got {duration_s} and {warmup_s}")
+    url = url.rstrip("/")
+    _raise_open_files()
+    started = time.perf_counter()
+    drain_s = min(timeout_s, 3 * max(item.audio_seconds for item in items))
+    config = {"url": url, "rates": sorted(rates), "duration_s": duration_s, "warmup_s": warmup_s,
+              "endpoint": endpoint, "seed": seed, "ttfa_bound_s": ttfa_bound_s, "timeout_s": timeout_s,
+              "prompt_ids": sorted({item.id for item in items})}
+    samples: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    skipped: list[float] = []
+    interrupted: list[float] = []
+    stop_reason: list[str] = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits) as client:
+        info = await _server_info(client, url)
+        forced = bool(info.get("random_weights", info.get("dummy_weights", False)))
+
+        def document() -> dict[str, Any]:
+            return build_results(samples, config, kind="capacity", dummy_weights=forced, extra={
+                "rates": summaries, "headline": headline(summaries), "skipped_rates": skipped,
+                "stop_reason": stop_reason[0] if stop_reason else None,
+                "interrupted_rate": interrupted[0] if interrupted else None, "server": info,
+                "wall_s": time.perf_counter() - started})
+
+        if out is not None:  # a file from the start: `--show` works even if the first rate never ends
+            write_results(out, document())
+        for rate in sorted(rates):
+            failed = sum(1 for s in summaries if not s["passed"])
+            elapsed = time.perf_counter() - started
+            if not stop_reason and failed >= STOP_AFTER_FAILURES:
+                stop_reason.append(f"{STOP_AFTER_FAILURES} rates failed")
+            elif not stop_reason and budget_s is not None and elapsed + warmup_s + duration_s + drain_s > budget_s:
+                stop_reason.append(f"out of time (budget {budget_s:g} s)")
+            if stop_reason:
+                skipped.append(rate)
+                continue
+            memory: dict[str, float] = {}
+            watcher = asyncio.create_task(_watch_memory(client, url, memory))
+            try:
+                rate_samples = await run_rate(client, url, rate, duration_s, warmup_s, items, endpoint, seed, forced)
+            except asyncio.CancelledError:  # Ctrl-C or a time limit: keep the rates that finished
+                interrupted.append(rate)
+                if out is not None:
+                    write_results(out, document())
+                raise
+            finally:
+                watcher.cancel()
+            for s in rate_samples:
+                s["rate"] = rate
+            summary = summarize_rate(rate_samples, rate, (warmup_s, warmup_s + duration_s))
+            reasons = failures(summary, ttfa_bound_s)
+            summary.update(passed=not reasons, failures=reasons,
+                           warmup_requests=len(rate_samples) - summary["requests"],
+                           client_lag_max_s=max((s["send_lag_s"] for s in rate_samples), default=0.0),
+                           gpu_memory=memory or None)
+            samples += rate_samples
+            summaries.append(summary)
+            if out is not None:
+                write_results(out, document())
+            if on_rate is not None:
+                on_rate(summary)
+        results = document()
+    if out is not None:
+        write_results(out, results)
+    return results
+
+
+def sweep(url: str, rates: list[float], **kwargs: Any) -> dict[str, Any]:
+    """Run a capacity sweep against the server at `url` (see `sweep_async`)."""
+    return asyncio.run(sweep_async(url, rates, **kwargs))

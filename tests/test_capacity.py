@@ -1,0 +1,255 @@
+"""The capacity benchmark: its arithmetic on synthetic clocks, the `omnivox` request field on a live tiny server,
+and a short sweep end to end (table, JSON, PNG)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import numpy as np
+import pytest
+from rich.console import Console
+
+from omnivox import cli
+from omnivox.bench.capacity import (
+    PlaybackClock,
+    failures,
+    headline,
+    poisson_arrivals,
+    streams_playing,
+    summarize_rate,
+)
+from omnivox.bench.capacity_client import _audio_of, _gpu_memory, request_for
+from omnivox.bench.capacity_report import capacity_table, headline_text, plot_capacity
+from omnivox.bench.results import build_results, read_results
+from omnivox.cli import main
+from omnivox.engine.types import SAMPLE_RATE
+from omnivox.server.app import build_app
+from omnivox.server.serving import ServerConfig
+from omnivox.workload import WorkloadItem
+
+pytest_plugins = ("server_fixtures",)
+
+SR = SAMPLE_RATE
+ITEMS = [WorkloadItem("a", "Tell me a joke.", "Why did the chicken cross the road?", 0.6),
+         WorkloadItem("b", "What time is it?", "It is late.", 0.9)]
+CHAT = {"modalities": ["text", "audio"], "audio": {"voice": "default", "format": "pcm16"}, "stream": True}
+
+
+# ------------------------------------------------------------------------------------------------ arrivals
+
+
+def test_poisson_arrivals_are_seeded_open_loop_and_flag_the_warmup():
+    a = poisson_arrivals(40.0, duration_s=20.0, warmup_s=5.0, items=ITEMS, endpoint="mix", seed=3)
+    assert a == poisson_arrivals(40.0, duration_s=20.0, warmup_s=5.0, items=ITEMS, endpoint="mix", seed=3)
+    assert [x.at_s for x in a] != [x.at_s for x in poisson_arrivals(40.0, 20.0, 5.0, ITEMS, "mix", seed=4)]
+    times = np.array([x.at_s for x in a])
+    assert np.all(np.diff(times) > 0) and 0 < times[0] and times[-1] < 25.0
+    assert all(x.warmup == (x.at_s < 5.0) for x in a)
+    # 1000 expected arrivals: a Poisson count is within 5 standard deviations (5 * sqrt(1000) = 158)
+    assert abs(len(a) - 1000) < 158
+    gaps = np.diff(times)  # exponential gaps: mean 1/rate, standard deviation = mean
+    assert math.isclose(gaps.mean(), 1 / 40, rel_tol=0.15) and math.isclose(gaps.std(), 1 / 40, rel_tol=0.15)
+    assert {x.endpoint for x in a} == {"chat", "speech"} and {x.item.id for x in a} == {"a", "b"}
+    assert {x.endpoint for x in poisson_arrivals(5.0, 4.0, 0.0, ITEMS, "speech", 0)} == {"speech"}
+    with pytest.raises(ValueError, match="rate"):
+        poisson_arrivals(0.0, 1.0, 0.0, ITEMS)
+
+
+# ------------------------------------------------------------------------------------- playback clocks
+
+
+def test_playback_clock_ttfa_is_the_first_audible_chunk_and_a_stall_counts_once():
+    clock = PlaybackClock(sent_at=100.0)
+    clock.receive(SR // 2, audible=False, now=100.1)  # 0.5 s of silence: playback starts, not yet audible
+    clock.receive(SR // 2, audible=True, now=100.3)  # in time (plays 100.6 .. 101.1)
+    clock.receive(SR, audible=True, now=101.5)  # late by 0.4 s: the player stalled
+    clock.receive(SR, audible=True, now=101.9)  # in time after the resume (plays 102.5 .. 103.5)
+    clock.receive(0, audible=False, now=120.0)  # an empty event is not a chunk
+    assert math.isclose(clock.ttfb_s, 0.1) and math.isclose(clock.ttfa_s, 0.3)
+    assert clock.underruns == 1 and math.isclose(clock.stall_s, 0.4) and clock.audio_s == 3.0
+    assert np.allclose(clock.segments, [[100.1, 101.1], [101.5, 103.5]])
+    assert math.isnan(PlaybackClock(0.0).ttfa_s)
+
+
+def test_streams_playing_mean_and_peak_on_a_fake_clock():
+    clocks = []
+    for sent, arrivals in ((0.0, [(1.0, 2.0)]),  # plays 1 .. 3
+                           (0.0, [(2.0, 1.0), (4.0, 1.0)]),  # plays 2 .. 3, stalls, 4 .. 5
+                           (0.0, [(3.0, 4.0)])):  # plays 3 .. 7: starts as the first two end
+        clock = PlaybackClock(sent)
+        for at, seconds in arrivals:
+            clock.receive(int(seconds * SR), audible=True, now=at)
+        clocks.append(clock)
+    segments = [seg for c in clocks for seg in c.segments]
+    mean, peak = streams_playing(segments, 0.0, 8.0)
+    assert math.isclose(mean, (2 + 1 + 1 + 4) / 8) and peak == 2  # at 3.0 two end as one starts: never 3
+    mean, peak = streams_playing(segments, 2.5, 4.5)  # clipped: 0.5 + 0.5 + 0.5 + 1.5 of playing
+    assert math.isclose(mean, 3.0 / 2.0) and peak == 2
+    assert streams_playing([], 0.0, 1.0) == (0.0, 0)
+
+
+# ----------------------------------------------------------------------------------------- pass / fail
+
+
+def _sample(ttfa: float, chunks: list[tuple[float, float]], **extra) -> dict:
+    """A measured request sent at 0 whose chunks (arrival time, seconds of audio) all hold sound."""
+    clock = PlaybackClock(0.0)
+    for at, seconds in chunks:
+        clock.receive(int(seconds * SR), audible=True, now=at)
+    assert math.isclose(clock.ttfa_s, ttfa)
+    return {"ttfa_s": clock.ttfa_s, "rtf": 0.5, "audio_s": clock.audio_s, "underruns": clock.underruns,
+            "segments": clock.segments, "finish_reason": "eos", "warmup": False, **extra}
+
+
+def test_a_late_chunk_an_error_or_an_incomplete_reply_fails_the_rate():
+    good = [_sample(0.1, [(0.1, 1.0), (0.9, 1.0)]) for _ in range(5)]
+    ok = summarize_rate(good, 1.0, (0.0, 3.0))
+    assert ok["requests"] == ok["completed"] == 5 and failures(ok, 0.3) == []
+
+    late = good[:4] + [_sample(0.1, [(0.1, 1.0), (1.2, 1.0)])]  # arrives 0.1 s after the first second ran out
+    s = summarize_rate(late, 1.0, (0.0, 3.0))
+    assert s["underruns"] == 1 and s["requests_with_underruns"] == 1
+    assert failures(s, 0.3) == ["1 underruns in 1 requests"]
+
+    errored = good[:4] + [{"ttfa_s": None, "rtf": None, "audio_s": 0.0, "underruns": 0, "segments": [],
+                           "finish_reason": "error", "error": "HTTP 429: busy", "warmup": False}]
+    s = summarize_rate(errored, 1.0, (0.0, 3.0))
+    assert s["errors"] == 1 and s["error_kinds"] == {"HTTP 429": 1} and failures(s, 0.3) == ["1 errors"]
+
+    cut = good[:4] + [_sample(0.1, [(0.1, 1.0)], finish_reason="cancelled")]
+    assert failures(summarize_rate(cut, 1.0, (0.0, 3.0)), 0.3) == ["1 replies incomplete"]
+
+    slow = good[:4] + [_sample(0.5, [(0.5, 1.0)])]
+    assert failures(summarize_rate(slow, 1.0, (0.0, 3.0)), 0.3)[0].startswith("p95 TTFA")
+    assert failures(summarize_rate(slow, 1.0, (0.0, 3.0)), 0.6) == []
+
+    warm = good + [{**_sample(0.9, [(0.9, 1.0), (5.0, 1.0)]), "warmup": True, "error": "HTTP 500: x"}]
+    s = summarize_rate(warm, 1.0, (0.0, 3.0))  # a warm-up request counts for streams playing only
+    assert s["requests"] == 5 and failures(s, 0.3) == [] and s["streams_playing_peak"] == 6
+
+
+def test_headline_table_and_plot_from_synthetic_results(tmp_path):
+    summaries = []
+    for rate, ttfa in ((1.0, 0.1), (2.0, 0.2), (4.0, 0.5)):
+        s = summarize_rate([_sample(ttfa, [(ttfa, 1.0)]) for _ in range(4)], rate, (0.0, 2.0))
+        s.update(passed=not failures(s, 0.3), failures=failures(s, 0.3),
+                 gpu_memory={"gpu_allocated_bytes": 3 * 2**30, "gpu_reserved_bytes": 4 * 2**30})
+        summaries.append(s)
+    assert headline(summaries)["rate"] == 2.0 and headline(summaries[2:]) is None
+    config = {"endpoint": "chat", "duration_s": 2.0, "warmup_s": 0.0, "ttfa_bound_s": 0.3}
+    results = build_results([], config, kind="capacity", extra={"rates": summaries, "headline": headline(summaries),
+                                                                "skipped_rates": [8.0]})
+    console = Console(record=True, width=250)
+    console.print(capacity_table(results))
+    text = console.export_text()
+    assert "fail: p95 TTFA 500 ms > 300 ms" in text and "3.0/4.0" in text and "not run: 8 (stopped)" in text
+    assert headline_text(results).startswith("capacity: 2 requests/s with 2.0 streams playing")
+    png = plot_capacity(results, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_memory_is_read_from_the_metrics_gauges():
+    text = ("# TYPE omnivox_gpu_memory_allocated_bytes gauge\nomnivox_gpu_memory_allocated_bytes 1.5e+09\n"
+            "# TYPE omnivox_streams_active gauge\nomnivox_streams_active 3.0\n")
+    assert _gpu_memory(text) == {"gpu_allocated_bytes": 1.5e9}
+
+
+# ------------------------------------------------------------------------------ the `omnivox` request field
+
+
+def _pcm_seconds(response: httpx.Response) -> tuple[float, str]:
+    """Seconds of audio and the transcript of an SSE reply (chat or speech)."""
+    samples, transcript = 0, ""
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            samples += len(_audio_of(event)) // 2
+            for choice in event.get("choices") or ():
+                transcript += ((choice.get("delta") or {}).get("audio") or {}).get("transcript") or ""
+    return samples / SR, transcript
+
+
+def test_forced_reply_and_length_are_honoured_with_random_weights(server):
+    reply = "Forced words from the client."
+    body = {**CHAT, "messages": [{"role": "user", "content": "Anything at all?"}], "seed": 1,
+            "omnivox": {"forced_reply": reply, "audio_seconds": 0.7}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        seconds, transcript = _pcm_seconds(response)
+    assert abs(seconds - 0.7) <= 2 * 512 / SR and transcript.strip() == reply
+    speech = {"input": "Read this.", "response_format": "pcm", "stream_format": "sse",
+              "omnivox": {"audio_seconds": 1.3}}
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=speech, timeout=60) as response:
+        assert response.status_code == 200
+        seconds, _ = _pcm_seconds(response)
+    assert abs(seconds - 1.3) <= 2 * 512 / SR
+    for bad, param in (({"forced_reply": "x"}, "omnivox"),  # speech speaks its input
+                       ({"audio_seconds": 0}, "omnivox.audio_seconds"), ({"audio_second": 2}, "omnivox.audio_second")):
+        r = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "omnivox": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert server.wait_idle()["live_requests"] == 0
+
+
+def test_forced_fields_are_refused_with_real_weights(server_engine, server_factory):
+    with server_factory(build_app(server_engine, ServerConfig(dummy_weights=False, warmup=False))) as live:
+        live.wait_ready()
+        assert httpx.get(live.url + "/readyz").json()["engine"]["random_weights"] is False
+        chat = {**CHAT, "messages": [{"role": "user", "content": "Hi"}], "omnivox": {"audio_seconds": 1.0}}
+        for path, body in (("/v1/chat/completions", chat),
+                           ("/v1/audio/speech", {"input": "Hi.", "omnivox": {"audio_seconds": 1.0}})):
+            r = httpx.post(live.url + path, json=body)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == "omnivox" and "random weights" in error["message"]
+        assert server_engine.stats()["live_requests"] == 0  # refused before any engine work
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 250)
+    workload = tmp_path / "short.jsonl"
+    workload.write_text("".join(json.dumps({"id": i.id, "prompt": i.prompt, "reply": i.reply,
+                                            "audio_seconds": i.audio_seconds}) + "\n" for i in ITEMS))
+    out, png = tmp_path / "cap" / "results.json", tmp_path / "cap.png"
+    # a bound no reply can meet makes every rate fail, deterministically: two rates run, the third is skipped
+    argv = ["capacity", "--url", server.url, "--sweep", "4,1,2", "--duration", "1.5", "--warmup", "0.5",
+            "--workload", str(workload), "--endpoint", "mix", "--seed", "5", "--ttfa-bound", "0.001",
+            "--out", str(out), "--plot", str(png)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "verdict" in printed and "capacity: no rate passed" in printed
+
+    results = read_results(out)
+    assert results["kind"] == "capacity" and results["dummy_weights"] is True
+    rates = results["extra"]["rates"]
+    assert [r["rate"] for r in rates] == [1.0, 2.0] and results["extra"]["skipped_rates"] == [4.0]
+    assert results["extra"]["stop_reason"] == "2 rates failed" and results["extra"]["interrupted_rate"] is None
+    assert all(not r["passed"] and any(f.startswith("p95 TTFA") for f in r["failures"]) for r in rates)
+    for r in rates:
+        expected = poisson_arrivals(r["rate"], 1.5, 0.5, ITEMS, "mix", seed=5)
+        samples = [s for s in results["samples"] if s["rate"] == r["rate"]]
+        assert [s["scheduled_s"] for s in samples] == pytest.approx([a.at_s for a in expected])
+        assert r["requests"] == sum(not a.warmup for a in expected) and r["gpu_memory"] is None
+        assert r["completed"] == r["requests"] and r["errors"] == 0
+        for s in samples:  # the server spoke each workload reply for the workload's length (`omnivox` field)
+            assert abs(s["audio_s"] - s["expected_audio_s"]) <= 2 * 512 / SR and s["ttfa_s"] > 0
+            assert s["segments"] and s["segments"][0][0] >= s["sent_s"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    stats = server.wait_idle()
+    assert stats["live_requests"] == 0 and stats["cache_bytes"] == 0, stats
+
+
+def test_request_body_carries_the_workload_only_for_random_weights():
+    from omnivox.bench.capacity import Arrival
+
+    arrival = Arrival(0.0, ITEMS[0], "chat", False)
+    _, forced = request_for(arrival, 5, forced=True)
+    _, plain = request_for(arrival, 5, forced=False)
+    assert forced["omnivox"] == {"forced_reply": ITEMS[0].reply, "audio_seconds": 0.6} and "omnivox" not in plain
+    path, speech = request_for(Arrival(0.0, ITEMS[0], "speech", False), 5, forced=True)
+    assert path == "/v1/audio/speech" and speech["input"] == ITEMS[0].reply and speech["omnivox"] == {
+        "audio_seconds": 0.6}
