@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,14 +244,22 @@ def shutdown() -> None:
         ray.shutdown()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_main(args: argparse.Namespace) -> int:
     """`omnivox serve --ray`: deploy, print where, serve until interrupted, then shut everything down."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = application_from_args(args)
-    start_ray(args.ray_address)
+    # SIGTERM (and SIGINT, which a shell ignores in background jobs) end the loop below: shut down, then exit
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
+    # a local instance without the dashboard (its agents outlived ray.shutdown here); `ray start --head` has one
+    start_ray(args.ray_address, **({} if args.ray_address else {"include_dashboard": False}))
     try:
         run(app, args.host, args.port)
-        logger.info("omnivox on Ray Serve at http://%s:%d (Ray dashboard: `ray status`, `serve status`)",
+        logger.info("omnivox on Ray Serve at http://%s:%d (`ray status`; `serve status` needs `ray start --head`)",
                     args.host, args.port)
         while True:
             time.sleep(3600)
