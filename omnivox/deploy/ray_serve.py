@@ -59,9 +59,17 @@ class ReplicaSpec:
 
     @property
     def slots(self) -> int:
+        """Stream slots per replica = Ray's max_ongoing_requests, fixed when the deployment is made: the engine's
+        automatic count (from free GPU memory) is known only inside a built engine, so a GPU needs it given."""
         from omnivox.engine.engine import EngineConfig
 
-        return (self.engine_config or EngineConfig()).max_concurrent_requests
+        slots = (self.engine_config or EngineConfig()).max_concurrent_requests
+        if slots:
+            return slots
+        if self.device.startswith("cuda"):
+            raise OmnivoxError("--ray on a GPU needs --max-streams N (stream slots per replica; Ray routes by it): "
+                               "the plain server's /readyz engine.stream_slots shows what the memory holds")
+        return 8  # the engine's own choice on a CPU
 
     def build_engine(self) -> Any:
         from omnivox.engine.engine import Engine
