@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU wheel of torch is local on our machines; other torch builds pull GBs of CUDA packages
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.6"
-	$(BIN)/pip install -q -e ".[test]"
+	# [ray]: the Ray Serve scale-out tests run in CI too (tests/test_ray_serve.py, marker `ray`, about 2 minutes)
+	$(BIN)/pip install -q -e ".[test,ray]"
 	# vocos is a test oracle only; its declared torchaudio dependency has no CPU build here
 	$(BIN)/pip install -q --no-deps "vocos==0.1.0"
 	touch $(STAMP)

@@ -67,6 +67,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-lookahead", type=int, default=8, help="LLM chunks a reply may make ahead of its speech")
 
 
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out on Ray Serve (pip install 'omnivox[ray]'; README: Scale-out)")
+    g.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas, one engine each")
+    scale = g.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas on ongoing "
+                       "requests (target 0.7 x --max-concurrent-requests per replica)")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (auto: the local `ray start` one; "
+                   "default: start a local Ray instance)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica")
+    g.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests queued per Ray proxy when every slot is taken; more get 429 (default: the slots "
+                   "of one replica)")
+    g.add_argument("--replica-metrics-port", type=int, default=0,
+                   help="each replica's own Prometheus port (0: any free port, GET /replica says which)")
+    g.add_argument("--torch-threads", type=int, default=None, help="PyTorch threads per replica (CPU replicas)")
+
+
 def engine_config(args: argparse.Namespace):
     from omnivox.engine.engine import EngineConfig
 
@@ -249,6 +267,12 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        try:
+            from omnivox.deploy.ray_serve import serve_main
+        except ImportError as e:
+            raise OmnivoxError(f"--ray needs Ray Serve ({e}); install it with: pip install 'omnivox[ray]'") from None
+        return serve_main(args)
     from omnivox.server.app import serve
 
     serve(
@@ -392,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM: stop taking requests, let streams finish for this long, then end the rest with "
                    "an error event (default: %(default)s)")
     add_model_args(p)
+    add_ray_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("loadtest", help="concurrent streaming client against a running server")
