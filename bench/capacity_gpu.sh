@@ -9,6 +9,8 @@
 #   TTFA_BOUND (300 ms)  PREWARM (0; 1: PREWARM_STREAMS (16) chat requests at once before the sweep, untimed, for
 #   an engine that captures graphs lazily; PREWARM_TIMEOUT 90 s)  MODEL_ARGS ("--dummy-weights --device cuda")
 #   BUDGET (520 s for the whole script, start-up included)  READY_TIMEOUT (300 s)  PORT (a free one)
+#   SERVER_TREE (run the server from that checkout's root, e.g. an older engine, swept by this client in the
+#   same device call; `python -m` puts the working directory first on the path, so PYTHONPATH alone would not do)
 # Writes under OUT_DIR: server.log, prewarm.log, capacity.log, capacity.json (every request; rewritten after each
 # rate), capacity.png, metrics.txt (the server's last /metrics), nvidia-smi.txt. Prints the table last.
 set -uo pipefail
@@ -35,8 +37,8 @@ mkdir -p "$out"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 
 # shellcheck disable=SC2086  # MODEL_ARGS is a list of words
-"$py" -m omnivox.cli serve $model_args --path "$engine_path" \
-    ${max_concurrent:+--max-concurrent-requests "$max_concurrent"} --port "$port" > "$out/server.log" 2>&1 &
+(cd "${SERVER_TREE:-.}" && PYTHONPATH="$PWD:$PYTHONPATH" exec "$py" -m omnivox.cli serve $model_args --path "$engine_path" \
+    ${max_concurrent:+--max-concurrent-requests "$max_concurrent"} --port "$port") > "$out/server.log" 2>&1 &
 server=$!
 stop_server() {
     kill "$server" 2>/dev/null || return 0

@@ -140,7 +140,8 @@ def test_a_stream_far_ahead_is_left_out_of_every_kind_of_work():
         "llm": lambda b: live(NEXT_CHUNK, decode_one(), buffered=b),
     }
     for kind, make in kinds.items():
-        far, near = make(ahead), make(5.0)
+        # the LLM case's stream waits on text with less than text_wait_reserve_s buffered, so its step is needed
+        far, near = make(ahead), make(CONFIG.text_wait_reserve_s / 2 if kind == "llm" else 5.0)
         plan = scheduler(far, near).plan(100.0)
         assert plan[kind] == [near], f"{kind}: the stream {ahead} s ahead waits"
         later = ahead - CONFIG.ahead_limit_s + 0.5
@@ -149,12 +150,18 @@ def test_a_stream_far_ahead_is_left_out_of_every_kind_of_work():
 
 # ---- LLM decode -------------------------------------------------------------------------------------------------
 def test_llm_decode_runs_when_a_stream_waits_for_text():
-    waiting = live(NEXT_CHUNK, decode_one(), buffered=1.0)  # speech stalled on the next chunk
-    lookahead = live(tts_step(), decode_one(), buffered=1.0)  # LLM running ahead of its speech
+    low = CONFIG.text_wait_reserve_s / 2
+    waiting = live(NEXT_CHUNK, decode_one(), buffered=low)  # speech stalled on the next chunk, little audio left
+    lookahead = live(tts_step(), decode_one(), buffered=low)  # LLM running ahead of its speech
     plan = scheduler(waiting, lookahead).plan(100.0)
     assert plan["llm"] == [waiting, lookahead], "every pending decode row rides along with the needed one"
+    first = live(NEXT_CHUNK, decode_one())  # no audio yet: its first audio waits on text
+    assert scheduler(first).plan(100.0)["llm"] == [first]
     waiting.chunks.append(object())  # a chunk is already there: the speech is not stalled on the LLM
     assert scheduler(waiting, lookahead).plan(100.0)["llm"] == []
+    # stalled, but with plenty of audio buffered: the step waits for more rows (or the idle limit)
+    relaxed = live(NEXT_CHUNK, decode_one(), buffered=CONFIG.text_wait_reserve_s + 1.0)
+    assert scheduler(relaxed).plan(100.0)["llm"] == []
 
 
 def test_llm_look_ahead_runs_only_every_idle_iterations():

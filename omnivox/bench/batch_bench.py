@@ -28,6 +28,7 @@ from rich.table import Table
 from omnivox.bench.workloads import STANDARD_WORKLOAD, load_workload, split_warmup
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.llm_executor import LLMRow, LLMSampling
+from omnivox.engine.request import Reply
 from omnivox.engine.tts_executor import TTSRow, TTSSampling
 from omnivox.engine.types import SamplingParams
 
@@ -90,11 +91,13 @@ def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) 
     return rows_out
 
 
-def _drain_all(streams) -> list[np.ndarray]:
+def _drain_all(streams) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each stream to its end -> (PCM, audio codes [T, num_vq] in the order the TTS drew them)."""
     out: list = [None] * len(streams)
 
     def drain(i: int, s) -> None:
-        out[i] = np.concatenate([c.pcm for c in s] or [np.zeros(0, np.float32)])
+        pcm = np.concatenate([c.pcm for c in s] or [np.zeros(0, np.float32)])
+        out[i] = (pcm, np.array(getattr(s.live.reply, "codes_drawn", [])))
 
     threads = [threading.Thread(target=drain, args=(i, s)) for i, s in enumerate(streams)]
     for t in threads:
@@ -108,6 +111,14 @@ def part_equivalence(engine: Engine, requests: int, seconds: float) -> dict:
     """Fast path, all requests at once, vs the reference path one by one; greedy and seeded."""
     items = split_warmup(load_workload(STANDARD_WORKLOAD))[1]
     reference = engine.with_config(path="reference")
+    tts_call = Reply._tts_call
+
+    def recording_call(reply, seg, num_text_tokens):  # keeps every audio token a reply draws, for the comparison
+        before = seg.num_codes
+        yield from tts_call(reply, seg, num_text_tokens)
+        reply.__dict__.setdefault("codes_drawn", []).extend(seg.codes[before:])
+
+    Reply._tts_call = recording_call
     report = {}
     for mode, sampling in (("greedy", SamplingParams(greedy=True)), ("seeded", SamplingParams())):
         def open_all(eng: Engine, mode=mode, sampling=sampling):
@@ -116,17 +127,21 @@ def part_equivalence(engine: Engine, requests: int, seconds: float) -> dict:
                     for i in range(requests)]
         batched = _drain_all(open_all(engine))
         alone = [_drain_all([s])[0] for s in open_all(reference)]
-        parted = []
-        for a, b in zip(batched, alone, strict=True):
-            n = min(len(a), len(b))
-            diff = np.nonzero(a[:n] != b[:n])[0]
-            if len(diff) == 0 and len(a) == len(b):
-                parted.append(None)
-            else:
-                parted.append(int(diff[0]) // 512 if len(diff) else n // 512)
+        parted, pcm_same, agree = [], 0, []
+        for (pcm_a, codes_a), (pcm_b, codes_b) in zip(batched, alone, strict=True):
+            pcm_same += len(pcm_a) == len(pcm_b) and bool(np.array_equal(pcm_a, pcm_b))
+            n = min(len(codes_a), len(codes_b))
+            rows_differ = np.nonzero((codes_a[:n] != codes_b[:n]).any(axis=-1))[0] if n else np.zeros(0, int)
+            first = int(rows_differ[0]) if len(rows_differ) else (None if len(codes_a) == len(codes_b) else n)
+            parted.append(first)
+            agree.append(n if first is None else first)
         same = sum(p is None for p in parted)
-        report[mode] = {"requests": requests, "identical": same, "first_differing_audio_token": parted}
-        console.print(f"{mode}: {same}/{requests} replies bit-identical batched vs reference; parted at {parted}")
+        total = sum(max(len(c), 1) for _, c in alone)
+        report[mode] = {"requests": requests, "identical_codes": same, "identical_pcm": pcm_same,
+                        "first_differing_audio_token": parted, "agreeing_prefix_share": sum(agree) / total}
+        console.print(f"{mode}: codes identical in {same}/{requests} replies, PCM in {pcm_same}/{requests}; first "
+                      f"differing audio token {parted}; {100 * sum(agree) / total:.0f} % of tokens before the split")
+    Reply._tts_call = tts_call
     reference.shutdown()
     return report
 

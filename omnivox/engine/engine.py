@@ -255,7 +255,7 @@ class Engine:
         self.llm = LLMExecutor(model, self.stream_slots + config.max_sessions, config.max_session_tokens + 1, graphs,
                                one_row_at_a_time=reference)
         self.tts = TTSExecutor(model, self.stream_slots, config.tts_capacity, graphs, one_row_at_a_time=reference)
-        self.vocoder = VocoderExecutor(model)
+        self.vocoder = VocoderExecutor(model, graphs, max_batch=self.stream_slots)
         self.graphs = graphs
         self._prefix: PrefixCache | None = None
         self._default_speaker: torch.Tensor | None = None
@@ -368,6 +368,7 @@ class Engine:
             self.default_speaker()
             self.llm.warm_up()
             self.tts.warm_up()
+            self.vocoder.warm_up()
             if self.cuda_stream is not None:
                 self.cuda_stream.synchronize()
 

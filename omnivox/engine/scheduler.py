@@ -102,6 +102,7 @@ class Live:
 class SchedulerConfig:
     prefill_token_budget: int = 2048  # LLM prefill tokens per iteration
     llm_idle_iterations: int = 4  # run a decode step for pending look-ahead rows at least this often
+    text_wait_reserve_s: float = 1.0  # a stream waiting on text with less audio buffered gets a decode step now
     underrun_reserve_s: float = 0.3  # a stream with less buffered than this is about to underrun
     ahead_limit_s: float = 20.0  # a stream with more buffered than this waits
 
@@ -176,7 +177,9 @@ class Scheduler:
         vocode = [r for r in go if r.speech.waiting_on(Vocode)]
         tts = [r for r in go if r.speech.waiting_on(TTSStep)]
         llm_rows = [r for r in go if r.llm is not None and r.llm.waiting_on(LLMDecode) and len(r.llm.item.ids) == 1]
-        needed = any(r.llm_waited_for for r in llm_rows)
+        # a decode step costs about as much for one row as for many: run it when a stream's audio waits on text
+        # (its first audio, or a buffer running low), else let look-ahead rows gather for a few iterations
+        needed = any(r.llm_waited_for and r.buffered_s(now) < cfg.text_wait_reserve_s for r in llm_rows)
         llm = llm_rows if needed or (llm_rows and self._llm_idle >= cfg.llm_idle_iterations) else []
         def urgent(r: Live) -> bool:
             return r.first_audio_at is not None and r.buffered_s(now) < cfg.underrun_reserve_s
@@ -317,8 +320,16 @@ class Scheduler:
             live.llm.resolve((token, None))
 
     def _run_prefills(self, lives: list[Live]) -> None:
+        texts = [r for r in lives if r.speech.waiting_on(TTSPrefillText)]
+        if texts:
+            items = [(r.tts_slot.row, r.speech.item.ids, r.speech.item.begin, r.speech.item.speaker) for r in texts]
+            if self._timed("tts", texts, lambda: [self.tts.prefill_text_rows(items)]):
+                for live in texts:
+                    live.speech.resolve(None)
         budget = self.config.prefill_token_budget
         for live in lives:
+            if live in texts:
+                continue
             side, item = _prefill_work(live)
             cost = len(getattr(item, "ids", ())) if isinstance(item, (LLMPrefill, LLMDecode)) else 0
             if cost and budget <= 0:
@@ -330,9 +341,6 @@ class Scheduler:
                 side.resolve(result[0])
 
     def _prefill(self, live: Live, item: object) -> object:
-        if isinstance(item, TTSPrefillText):
-            self.tts.prefill_text(live.tts_slot.row, item.ids, item.begin, item.speaker)
-            return None
         if isinstance(item, TTSPrefillAudio):
             self.tts.prefill_audio(live.tts_slot.row, item.codes, item.num_text_tokens)
             return None

@@ -19,6 +19,8 @@ from omnivox.engine.sampling import sample_tts
 from omnivox.engine.slots import SlotTable
 from omnivox.models.kv_cache import KVPool
 
+PREFILL_WIDTH = 16  # text tokens per row of a batched text prefill (a streaming chunk is 10 + 2, a restart's 7)
+
 
 @dataclass
 class TTSSampling:
@@ -79,6 +81,40 @@ class TTSExecutor:
         self.tts(embeds, positions, self.pool.view(row, 1, width), causal_mask(positions, width))
 
     @torch.inference_mode()
+    def prefill_text_rows(self, rows: list[tuple[int, list[int], int, torch.Tensor | None]]) -> None:
+        """Several rows' text prefills, each (row, ids, begin, speaker). With graphs, those of at most PREFILL_WIDTH
+        tokens run as one batched step over the active rows (per-row positions, padding at the scratch slot); the
+        rest (a read-aloud part's whole text) run one at a time."""
+        short = [r for r in rows if len(r[1]) <= PREFILL_WIDTH] if self.graphs.enabled else []
+        for r in rows:
+            if not any(r is x for x in short):
+                self.prefill_text(*r)
+        if not short:
+            return
+        batch = batch_bucket(self.slots.num_active, self.slots.size)
+        width = length_bucket(max(begin + len(ids) for _, ids, begin, _ in short), self.widths)
+        ids_h = np.zeros((batch, PREFILL_WIDTH), np.int64)
+        positions = np.full((batch, PREFILL_WIDTH), self.scratch, np.int64)
+        has_speaker = np.zeros(batch, bool)
+        speaker = torch.zeros(batch, self.tts.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
+        for row, ids, begin, spk in short:
+            ids_h[row, : len(ids)] = ids
+            positions[row, : len(ids)] = np.arange(begin, begin + len(ids))
+            if spk is not None:
+                has_speaker[row] = True
+                speaker[row] = spk
+        inputs = {"ids": torch.from_numpy(ids_h).to(self.device),
+                  "positions": torch.from_numpy(positions).to(self.device),
+                  "speaker": speaker, "has_speaker": torch.from_numpy(has_speaker).to(self.device)}
+        self.graphs.run(("tts_text", batch, width), lambda **kw: self._text_step(width, **kw), inputs)
+
+    def _text_step(self, width: int, ids, positions, speaker, has_speaker) -> torch.Tensor:
+        embeds = self.tts.embed_text(ids)  # [B, T, C]
+        is_speaker = (ids == self.spk_emb) & has_speaker[:, None]
+        embeds = torch.where(is_speaker[..., None], speaker[:, None].to(embeds.dtype), embeds)
+        return self.tts(embeds, positions, self.pool.view(0, ids.shape[0], width), causal_mask(positions, width))
+
+    @torch.inference_mode()
     def prefill_audio(self, row: int, codes: np.ndarray, num_text_tokens: int) -> None:
         """Segment restart: `[Ptts]` + codes[:-1] at 302.. with ONE mask row for the whole block (so the block is
         non-causal, as in the official `prefill_audio_ids`)."""
@@ -120,13 +156,22 @@ class TTSExecutor:
         return [codes[r.row - first] for r in rows]
 
     def warm_up(self) -> None:
-        """Captures every (batch size, key width) step graph now; scratch rows only."""
+        """Captures every (batch size, key width) step and text-prefill graph now; scratch rows only."""
         if not self.graphs.enabled:
             return
         for batch in sorted({batch_bucket(n, self.slots.size) for n in range(1, self.slots.size + 1)}):
             for width in self.widths:
                 inputs = {k: torch.from_numpy(v).to(self.device) for k, v in self._blank(batch).items()}
                 self.graphs.run(("tts", 0, batch, width), lambda w=width, **kw: self._step(0, w, **kw), inputs)
+                text = {
+                    "ids": torch.zeros(batch, PREFILL_WIDTH, dtype=torch.long, device=self.device),
+                    "positions": torch.full((batch, PREFILL_WIDTH), self.scratch, dtype=torch.long,
+                                            device=self.device),
+                    "speaker": torch.zeros(batch, self.tts.cfg.hidden_size, dtype=self.model.dtype,
+                                           device=self.device),
+                    "has_speaker": torch.zeros(batch, dtype=torch.bool, device=self.device),
+                }
+                self.graphs.run(("tts_text", batch, width), lambda w=width, **kw: self._text_step(w, **kw), text)
 
     def _blank(self, batch: int) -> dict[str, np.ndarray]:
         """Inputs of a step in which no row takes part (every row at the scratch slot)."""

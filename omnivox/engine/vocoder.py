@@ -2,7 +2,13 @@
 
 Windows of different lengths are not padded into one batch: both decoders look ahead (non-causal convolutions),
 so padding would change the last samples of the shorter windows. Windows are nearly all one length (25 new
-tokens + 4 of context), so grouping by length keeps the batches large.
+tokens + 4 of context, or 25 for a segment's first), so grouping by length keeps the batches large, and those two
+lengths replay as CUDA graphs per batch size (padding rows are whole extra windows, dropped after).
+
+On a CPU windows are decoded one at a time: batching buys little there, and batched convolutions sum in another
+order than single ones, so a window's PCM would change in its last bits with its batch-mates. One at a time, a
+request's audio is bit-identical alone or among others (its codes always are; on a GPU the PCM may differ in the
+last bits).
 """
 
 from __future__ import annotations
@@ -12,22 +18,51 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from omnivox.engine.graphs import GraphCache, batch_bucket
+
+GRAPHED_WINDOWS = (25, 29)  # a segment's first call; every later call (25 new tokens + 4 of context)
+
 
 class VocoderExecutor:
-    def __init__(self, model):
+    def __init__(self, model, graphs: GraphCache | None = None, max_batch: int = 1, batched: bool | None = None):
         self.dvae, self.vocos, self.device = model.dvae, model.vocos, model.device
+        self.num_vq = model.config.tts.num_vq
+        self.batched = self.device.type == "cuda" if batched is None else batched
+        self.graphs = graphs
+        self.max_batch = max_batch
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        mel = self.dvae.decode(codes)  # model dtype
+        return self.vocos.decode(mel.float())  # Vocos in float32
 
     @torch.inference_mode()
     def decode(self, windows: list[np.ndarray]) -> list[np.ndarray]:
         """windows: codes [T_i, num_vq] -> float32 PCM [T_i * 512] on the host, in order."""
-        by_length: dict[int, list[int]] = defaultdict(list)
+        groups: dict[int, list[int]] = defaultdict(list)
         for i, w in enumerate(windows):
-            by_length[len(w)].append(i)
+            groups[len(w) if self.batched else -1 - i].append(i)
         out: list[np.ndarray | None] = [None] * len(windows)
-        for indices in by_length.values():
-            codes = torch.from_numpy(np.stack([windows[i] for i in indices])).to(self.device)
-            mel = self.dvae.decode(codes)  # model dtype
-            pcm = self.vocos.decode(mel.float()).cpu().numpy()  # Vocos in float32
+        for indices in groups.values():
+            pcm = self._group([windows[i] for i in indices])
             for j, i in enumerate(indices):
                 out[i] = pcm[j]
         return out
+
+    def _group(self, windows: list[np.ndarray]) -> np.ndarray:
+        length = len(windows[0])
+        if self.graphs is None or not self.graphs.enabled or length not in GRAPHED_WINDOWS:
+            return self._decode(torch.from_numpy(np.stack(windows)).to(self.device)).cpu().numpy()
+        batch = batch_bucket(len(windows), self.max_batch)
+        codes = np.zeros((batch, length, self.num_vq), np.int64)
+        codes[: len(windows)] = np.stack(windows)
+        pcm = self.graphs.run(("vocoder", batch, length), lambda codes: self._decode(codes),
+                              {"codes": torch.from_numpy(codes).to(self.device)})
+        return pcm[: len(windows)].cpu().numpy()
+
+    def warm_up(self) -> None:
+        """Captures the vocoder graphs for every batch size and graphed window length."""
+        if self.graphs is None or not self.graphs.enabled:
+            return
+        for batch in sorted({batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
+            for length in GRAPHED_WINDOWS:
+                self._group([np.zeros((length, self.num_vq), np.int64)] * batch)
