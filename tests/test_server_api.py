@@ -5,16 +5,18 @@ text-only chat, and read-aloud fed text piece by piece over the WebSocket."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 
 import av
 import httpx
-import numpy as np
 import openai
 import pytest
 
+from omnivox.server.app import build_app
 from omnivox.server.protocol import OPENAI_VOICES
+from omnivox.server.serving import DUMMY_REPLY
 
 pytest_plugins = ("server_fixtures",)
 
@@ -72,11 +74,8 @@ def test_voices_list_and_aliases(client, server):
     assert body["param"] == "voice" and "default" in body["message"] and "alloy" in body["message"]
 
 
-def test_voice_aliases_can_be_turned_off(server_engine, server_factory):
-    from omnivox.server.app import build_app
-    from server_fixtures import TEST_CONFIG
-
-    config = type(TEST_CONFIG)(**{**TEST_CONFIG.__dict__, "voice_aliases": (), "warmup": False})
+def test_voice_aliases_can_be_turned_off(server, server_engine, server_factory):
+    config = dataclasses.replace(server.service.config, voice_aliases=(), warmup=False)
     with server_factory(build_app(server_engine, config)) as live:
         live.wait_ready()
         assert httpx.get(live.url + "/v1/audio/voices").json()["data"] == [
@@ -158,3 +157,38 @@ def test_chat_whole_reply_in_mp3(client):
     audio = completion.choices[0].message.audio
     samples, rate = decode(base64.b64decode(audio.data))
     assert rate == 24000 and samples > 0 and audio.transcript
+
+
+# ----------------------------------------------------------------------------------------------- text-only chat
+
+
+def test_text_only_chat_whole(client, server):
+    completion = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Hi, how are you?"}])  # no audio: a text reply
+    choice = completion.choices[0]
+    scripted = server.service._chat_forcing("Hi, how are you?")["forced_reply"]  # a prompt of the workload
+    assert choice.message.content == scripted and "!" in scripted and choice.message.audio is None
+    assert choice.finish_reason == "stop" and completion.object == "chat.completion"
+    assert completion.usage.completion_tokens == completion.usage.total_tokens - completion.usage.prompt_tokens > 0
+    cut = client.chat.completions.create(model=MODEL, modalities=["text"], max_tokens=2,
+                                         messages=[{"role": "user", "content": "Hi"}])
+    assert cut.choices[0].finish_reason == "length" and DUMMY_REPLY.startswith(cut.choices[0].message.content)
+    assert server.wait_idle()["live_requests"] == 0
+
+
+def test_text_only_chat_streamed_multi_turn(client, server):
+    stream = client.chat.completions.create(
+        model=MODEL, modalities=["text"], stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                  {"role": "user", "content": "Tell me more."}])
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 1 and "".join(deltas) == DUMMY_REPLY
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'omnivox_requests_total{endpoint="chat_text",finish_reason="eos"}' in metrics
+    assert server.wait_idle()["cache_bytes"] == 0

@@ -9,7 +9,9 @@ Contract (what `Engine.chat_text` promises, whatever runner sits below):
 - The reply ends at a terminator (`<|im_end|>`, `<|endoftext|>`: finish_reason "eos", never shown) or after
   `sampling.max_new_tokens` tokens ("length"). `<|tts_eos|>` is not shown either.
 - With `forced_ids` (random weights), those tokens replace the sampled ones, then `<|im_end|>` ends the reply.
-- Iterating yields text deltas (UTF-8 safe: a token that ends mid-character is held back until complete);
+- Iterating yields text deltas (UTF-8 safe: a token that ends mid-character is held back until complete). Unlike
+  the spoken path's LLMTextDecoder, which drops id 0 as the official streaming code does, every token is kept:
+  in Qwen2's vocabulary id 0 is "!";
   `close()` cancels at the current token and frees the request's caches; `metrics` is a RequestMetrics with
   prompt_tokens, llm_tokens, reply_text, finish_reason, total_s, stages["llm"], and ttfb_s = first text delta.
 - After the reply, a session's next turn starts with `<|im_end|>`: the terminator (or the cut) is closed there.
@@ -24,7 +26,7 @@ import torch
 
 from omnivox.engine.profiler import StageTimer
 from omnivox.engine.session import Session
-from omnivox.engine.text import LLMTextDecoder
+from omnivox.engine.text import REPLACEMENT_CHAR
 from omnivox.engine.types import SamplingParams
 
 TEXT_ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
@@ -36,12 +38,11 @@ def text_reply(runner: Any, session: Session, sampling: SamplingParams, generato
     """The reply to a prefilled user turn, as text deltas; fills `timer.metrics` as it goes."""
     special = tokenizer.special
     terminators = (special.im_end, special.endoftext)
-    decoder = LLMTextDecoder(tokenizer, bos_id=special.endoftext, terminator_ids=terminators)
     if forced_ids is not None:
         forced_ids = [*forced_ids, special.im_end]
     metrics = timer.metrics
     feed = tokenizer.encode(TEXT_ASSISTANT_HEADER)
-    window, reply = list(feed), []
+    window, reply_ids, shown = list(feed), [], ""
     session.last_reply_terminated = True  # text mode: nothing but <|im_end|> is ever left open
     metrics.finish_reason = "length"
     for n in range(sampling.max_new_tokens):
@@ -54,19 +55,16 @@ def text_reply(runner: Any, session: Session, sampling: SamplingParams, generato
             metrics.finish_reason = "eos"
             break
         window.append(token)
+        reply_ids.append(token)
         feed = [token]
-        delta = decoder.push([token]).replace(TTS_EOS, "")
-        if delta:
-            if not reply:
-                metrics.ttfb_s = timer.elapsed()
-            reply.append(delta)
-            metrics.reply_text = "".join(reply)
-            yield delta
-    tail = decoder.push([]).replace(TTS_EOS, "")  # nothing is held back once the reply is over
-    if tail:
-        reply.append(tail)
-        metrics.reply_text = "".join(reply)
-        yield tail
+        text = tokenizer.decode(reply_ids).replace(TTS_EOS, "")
+        if text.endswith(REPLACEMENT_CHAR) or len(text) <= len(shown):
+            continue  # a character split across tokens: wait for its last byte
+        delta, shown = text[len(shown):], text
+        if metrics.ttfb_s != metrics.ttfb_s:  # NaN: this is the first text
+            metrics.ttfb_s = timer.elapsed()
+        metrics.reply_text = shown
+        yield delta
 
 
 class TextStream:

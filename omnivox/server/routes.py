@@ -20,6 +20,7 @@ from omnivox.server.protocol import (
 )
 from omnivox.server.serving import SpeechService
 from omnivox.server.stream import ChatSSEEncoder, EngineStreamResponse, RawAudioEncoder, SpeechSSEEncoder
+from omnivox.server.text_chat import TextChatSSEEncoder, complete_text_chat, open_text_chat
 from omnivox.server.websocket import WebSocketConversation
 
 STATIC = Path(__file__).parent / "static"
@@ -85,12 +86,25 @@ async def voices(request: Request) -> VoiceList:
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = _service(request)
+    if not body.wants_audio:
+        return await _text_chat(service, body, request)
     if not body.stream:
         return await service.complete_chat(body, request.is_disconnected)
     stream = await service.open_chat(body)
     encoder = ChatSSEEncoder(stream.request_id, f"audio_{stream.request_id}", service.config.served_model_name,
                              bool(body.stream_options and body.stream_options.include_usage), stream.created,
                              service.remember_transcript)
+    return EngineStreamResponse(stream, encoder, "text/event-stream", service.describe_error,
+                                _stream_headers(stream, SSE_HEADERS))
+
+
+async def _text_chat(service: SpeechService, body: ChatCompletionRequest, request: Request):
+    """modalities ["text"] (or no `audio`): an ordinary chat completion from the LLM alone."""
+    if not body.stream:
+        return await complete_text_chat(service, body, request.is_disconnected)
+    stream = await open_text_chat(service, body)
+    encoder = TextChatSSEEncoder(stream.request_id, service.config.served_model_name,
+                                 bool(body.stream_options and body.stream_options.include_usage), stream.created)
     return EngineStreamResponse(stream, encoder, "text/event-stream", service.describe_error,
                                 _stream_headers(stream, SSE_HEADERS))
 

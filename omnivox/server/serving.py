@@ -335,9 +335,12 @@ class SpeechService:
 
     # ------------------------------------------------------------------------------------------ opening streams
 
-    async def _open(self, endpoint: str, request_id: str, seed: int, call: Callable[[Any], Any]) -> ManagedStream:
-        stream = call(self.ready_engine())  # validates and admits, or raises; generation runs in the engine loop
-        managed = ManagedStream(stream, self.metrics, endpoint, request_id, seed)
+    async def _open(self, endpoint: str, request_id: str, seed: int, call: Callable[[Any], Any],
+                    wrapper: type = ManagedStream) -> Any:
+        """`call(engine)` validates and admits, or raises; generation runs in the engine loop. The stream is wrapped
+        in `wrapper` (text_chat.ManagedTextStream for text-only replies)."""
+        stream = call(self.ready_engine())
+        managed = wrapper(stream, self.metrics, endpoint, request_id, seed)
         self._streams.add(managed)
         managed.on_closed(lambda: self._streams.discard(managed))
         return managed
