@@ -34,17 +34,18 @@ class OutputFormat:
     container: str | None = None  # PyAV muxer
     rates: tuple[int, ...] = SAMPLE_RATES
     default_rate: int = SAMPLE_RATE
+    bit_rate: int | None = None  # lossy codecs: bits per second (mono speech)
     muxer_options: tuple[tuple[str, str], ...] = ()
 
 
 FORMATS: dict[str, OutputFormat] = {f.name: f for f in (
     OutputFormat("wav", "audio/wav"),
     OutputFormat("pcm", "audio/pcm"),
-    OutputFormat("mp3", "audio/mpeg", "libmp3lame", "mp3"),
+    OutputFormat("mp3", "audio/mpeg", "libmp3lame", "mp3", bit_rate=64_000),
     # Opus encodes at 8/16/24/48 kHz only; players decode any of them at 48 kHz
-    OutputFormat("opus", "audio/ogg", "libopus", "ogg", rates=(8000, 16000, 24000, 48000),
+    OutputFormat("opus", "audio/ogg", "libopus", "ogg", rates=(8000, 16000, 24000, 48000), bit_rate=48_000,
                  muxer_options=(("page_duration", str(OGG_PAGE_DURATION_US)),)),
-    OutputFormat("aac", "audio/aac", "aac", "adts"),
+    OutputFormat("aac", "audio/aac", "aac", "adts", bit_rate=64_000),
     OutputFormat("flac", "audio/flac", "flac", "flac"),
     # telephony: G.711 mu-law, 8 kHz, headerless (Twilio and SIP media streams)
     OutputFormat("pcm_mulaw", "audio/basic", "pcm_mulaw", "mulaw", rates=(8000,), default_rate=8000),
@@ -136,7 +137,10 @@ class _Sink:
 
 class CodecWriter:
     """mp3, opus (Ogg), aac (ADTS), flac, mu-law: PyAV encodes and muxes each pushed chunk at once; the encoder
-    re-frames samples into its own frame size, so a push returns the packets completed so far."""
+    re-frames samples into its own frame size, so a push returns the packets completed so far. A push costs up to
+    tens of ms (bench/RESULTS.md section 8), so the server runs it off the event loop (`blocking`)."""
+
+    blocking = True
 
     def __init__(self, fmt: OutputFormat, sample_rate: int):
         self.media_type = fmt.media_type
@@ -144,6 +148,8 @@ class CodecWriter:
         self._sink = _Sink()
         self._container = av.open(self._sink, mode="w", format=fmt.container, options=dict(fmt.muxer_options))
         self._stream = self._container.add_stream(fmt.codec, rate=sample_rate, layout="mono")
+        if fmt.bit_rate is not None:
+            self._stream.codec_context.bit_rate = fmt.bit_rate
         self._resampler = Resampler(sample_rate, self._stream.codec_context.format.name)
         self._closed = False
 

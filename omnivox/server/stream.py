@@ -176,6 +176,7 @@ class SpeechSSEEncoder:
 
     def __init__(self, response_format: str, sample_rate: int | None = None):
         self.raw = RawAudioEncoder(response_format, sample_rate)
+        self.writer = self.raw.writer
         self._pending_head = self.raw.head()
 
     def head(self) -> bytes:
@@ -291,11 +292,17 @@ class EngineStreamResponse(Response):
         head = self.encoder.head()
         if head:
             await body(head)
+        # an encoder that compresses (mp3, opus, aac...) runs in a thread: its tens of ms stay off the event loop
+        offload = getattr(getattr(self.encoder, "writer", None), "blocking", False)
+
+        async def encode(fn: Callable[[Any], bytes], arg: Any) -> bytes:
+            return await anyio.to_thread.run_sync(fn, arg) if offload else fn(arg)
+
         try:
             async for chunk in self.stream:
-                await body(self.encoder.chunk(chunk))
+                await body(await encode(self.encoder.chunk, chunk))
                 self.stream.mark_sent(len(chunk.pcm))
-            tail = self.encoder.tail(self.stream)
+            tail = await encode(self.encoder.tail, self.stream)
         except Exception as exc:  # after the 200: in-band if the format can say it, else cut the body off
             tail = self.encoder.error(self.describe_error(exc))
             if tail is None:
