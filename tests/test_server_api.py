@@ -8,11 +8,13 @@ import base64
 import dataclasses
 import io
 import json
+import time
 
 import av
 import httpx
 import openai
 import pytest
+from websockets.sync.client import connect
 
 from omnivox.server.app import build_app
 from omnivox.server.protocol import OPENAI_VOICES
@@ -24,6 +26,7 @@ MODEL = "minicpm-o-2_6"
 TEXT = "Hello from omnivox, this is a test."  # 7 words: 2.8 s scripted with random weights
 TEXT_SECONDS = 7 / 2.5
 SAMPLES_PER_TOKEN = 512
+LONG_TEXT = "The quick brown fox jumps over the lazy dog, then it runs far away into the green forest to rest."
 
 
 @pytest.fixture(scope="module")
@@ -191,4 +194,69 @@ def test_text_only_chat_streamed_multi_turn(client, server):
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     metrics = httpx.get(server.url + "/metrics").text
     assert 'omnivox_requests_total{endpoint="chat_text",finish_reason="eos"}' in metrics
+    assert server.wait_idle()["cache_bytes"] == 0
+
+
+# ----------------------------------------------------------------------------------------------- incremental read
+
+
+def receive_until(ws, predicate, received: list, timeout_s: float = 20.0) -> None:
+    """Receive frames into `received` until predicate(received) holds (fails after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate(received):
+        assert time.monotonic() < deadline, f"gave up waiting; got {received[-3:]}"
+        try:
+            received.append(ws.recv(timeout=0.05))
+        except TimeoutError:
+            pass
+
+
+def events(received: list) -> list[dict]:
+    return [json.loads(m) for m in received if isinstance(m, str)]
+
+
+def test_websocket_read_aloud_of_text_appended_piece_by_piece(server):
+    words = LONG_TEXT.split(" ")
+    received: list = []
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"type": "input.append", "text": words[0], "seed": 7}))
+        for word in words[1:]:
+            time.sleep(0.02)  # the client's LLM takes its time
+            ws.send(json.dumps({"type": "input.append", "text": " " + word}))
+        # audio must come while the input is still open: a server that waited for input.done would time out here
+        receive_until(ws, lambda r: any(isinstance(m, bytes) and m for m in r), received)
+        assert not any(e["type"] == "done" for e in events(received))
+        ws.send(json.dumps({"type": "input.done"}))
+        receive_until(ws, lambda r: any(e["type"] in ("done", "error") for e in events(r)), received)
+    kinds = events(received)
+    assert kinds[0]["type"] == "start" and kinds[0]["seed"] == 7
+    done = kinds[-1]
+    assert done["type"] == "done" and done["finish_reason"] == "eos", done
+    assert "".join(e["delta"] for e in kinds if e["type"] == "transcript") == LONG_TEXT
+    samples = sum(len(m) // 2 for m in received if isinstance(m, bytes))
+    assert abs(samples - len(words) / 2.5 * 24000) <= 2 * SAMPLES_PER_TOKEN  # scripted: words / 2.5 s
+    assert done["metrics"]["first_audio_after_text_s"] >= 0
+    assert server.wait_idle()["cache_bytes"] == 0
+
+
+def test_websocket_incremental_cancel_and_misuse(server):
+    received: list = []
+    with connect(server.ws_url) as ws:
+        ws.send(json.dumps({"type": "input.done"}))  # nothing open
+        receive_until(ws, lambda r: events(r), received)
+        assert events(received)[0]["error"]["code"] == "no_input"
+        ws.send(json.dumps({"type": "input.append", "text": LONG_TEXT}))
+        receive_until(ws, lambda r: any(isinstance(m, bytes) for m in r), received)
+        ws.send(json.dumps({"type": "speak", "text": "Hello", "mode": "read"}))  # one reply at a time
+        ws.send(json.dumps({"type": "cancel"}))
+        receive_until(ws, lambda r: any(e["type"] == "done" for e in events(r)), received)
+        codes = [e["error"]["code"] for e in events(received) if e["type"] == "error"]
+        assert codes == ["no_input", "request_in_flight"]
+        assert events(received)[-1]["finish_reason"] == "cancelled"
+        # the connection takes a new incremental reply after the cancel
+        received.clear()
+        ws.send(json.dumps({"type": "input.append", "text": "Short one."}))
+        ws.send(json.dumps({"type": "input.done"}))
+        receive_until(ws, lambda r: any(e["type"] == "done" for e in events(r)), received)
+        assert events(received)[-1]["finish_reason"] == "eos"
     assert server.wait_idle()["cache_bytes"] == 0

@@ -398,6 +398,22 @@ class WsCancel(OpenAIModel):
     type: Literal["cancel"]
 
 
+class WsInputAppend(OpenAIModel):
+    """Client → server: the next piece of text to read aloud, as the client's own LLM produces it. The first
+    append of a reply starts it (its `seed`, if given, is the reply's); speech starts once the TTS has its first
+    10-token text chunk."""
+
+    type: Literal["input.append"]
+    text: str
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+
+class WsInputDone(OpenAIModel):
+    """Client → server: no more text for this reply; the rest is spoken and the reply ends with `done`."""
+
+    type: Literal["input.done"]
+
+
 class WsStart(BaseModel):
     type: Literal["start"] = "start"
     request_id: str

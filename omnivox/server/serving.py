@@ -392,6 +392,13 @@ class SpeechService:
         return await self._open("ws", request_id, seed, lambda engine: engine.stream(
             text, session=session, seed=seed, sampling=sampling, request_id=request_id, **self._chat_forcing(text)))
 
+    async def open_ws_feed(self, feed: Any, seed: int | None) -> ManagedStream:
+        """Read-aloud of text appended to `feed` (engine.text_feed.TextFeed) while it is spoken."""
+        request_id, seed = f"ws-{uuid.uuid4().hex}", self._seed(seed)
+        forcing = {"forced_words_per_second": WORDS_PER_SECOND} if self.config.dummy_weights else {}
+        return await self._open("ws", request_id, seed, lambda engine: engine.read_aloud_feed(
+            feed, seed=seed, request_id=request_id, **forcing))
+
     # ------------------------------------------------------------------------------------------ whole replies
 
     async def complete_chat(self, request: ChatCompletionRequest,
