@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -20,47 +23,35 @@ def engine():
     return Engine(build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0))
 
 
-def waiting(chunk) -> bool:
-    return len(chunk.pcm) == 0 and not chunk.text and not chunk.is_last
-
-
-def test_speaks_before_the_input_is_done_and_waits_without_blocking(engine):
+def test_speaks_before_the_input_is_done(engine):
     feed = TextFeed()
     stream = engine.read_aloud_feed(feed, seed=0, forced_words_per_second=2.5)
-    assert waiting(next(stream))  # nothing yet: returns at once
     feed.append("The quick")
-    assert waiting(next(stream)) and feed.sufficient_at is None  # 2 words: not yet a 10-token text chunk
-    words = TEXT.split(" ")[2:]
-    audio_before_done = []
-    for word in words:
+    for word in TEXT.split(" ")[2:]:
         feed.append(" " + word)
-        while True:
-            chunk = next(stream)
-            if waiting(chunk):
-                break
-            audio_before_done.append(chunk)
-    assert feed.sufficient_at is not None
-    assert sum(len(c.pcm) for c in audio_before_done) > 0  # spoke while the text was still coming
-    feed.done()
-    rest = list(stream)
-    assert rest[-1].is_last and not any(waiting(c) for c in rest)
-    chunks = audio_before_done + rest
+    first = next(stream)  # arrives although the input is still open
+    assert len(first.pcm) > 0 and not feed.is_done and feed.sufficient_at is not None
+    threading.Timer(0.2, feed.done).start()
+    chunks = [first, *stream]
+    assert chunks[-1].is_last
     total = sum(len(c.pcm) for c in chunks)
     assert total == round(len(TEXT.split()) / 2.5 * 46.875) * SAMPLES_PER_AUDIO_TOKEN  # forced end of speech
     assert "".join(c.text for c in chunks) == TEXT == stream.metrics.reply_text
-    assert stream.metrics.finish_reason == "eos" and engine.live_requests == 0
+    assert stream.metrics.finish_reason == "eos" and engine.wait_idle() and engine.live_requests == 0
     with pytest.raises(InvalidRequest, match="done"):
         feed.append("more")
 
 
-def test_close_mid_way_frees(engine):
+def test_waits_for_text_then_cancels(engine):
     feed = TextFeed()
     stream = engine.read_aloud_feed(feed, seed=0, forced_words_per_second=2.5)
-    feed.append(TEXT)
-    next(stream)
-    assert engine.stats()["cache_bytes"] > 0
+    feed.append("Two words")  # not a 10-token text chunk: nothing to say yet
+    time.sleep(0.3)
+    assert not stream._queue and feed.sufficient_at is None  # no audio, no end: the request waits
+    feed.append(" " + TEXT)
+    assert len(next(stream).pcm) > 0
     stream.close()
-    assert engine.live_requests == 0 and engine.stats()["cache_bytes"] == 0
+    assert engine.wait_idle() and engine.live_requests == 0 and engine.stats()["cache_bytes"] == 0
     assert stream.metrics.finish_reason == "cancelled"
 
 

@@ -4,17 +4,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
 from typing import Any
 
-import anyio
-
-from omnivox.server.metrics import ServerMetrics
 from omnivox.server.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -26,66 +20,26 @@ from omnivox.server.protocol import (
     ErrorInfo,
     Usage,
 )
-from omnivox.server.stream import FINISH_REASONS, SSE_DONE, EngineWorker, sse
+from omnivox.server.stream import FINISH_REASONS, SSE_DONE, ManagedStream, sse
 
 ENDPOINT = "chat_text"  # the metrics label: its TTFB is the first text, and it has no audio
 
 
-def _next_delta(stream: Any) -> str | None:
-    return next(stream, None)
-
-
-class ManagedTextStream:
-    """An engine TextStream iterated from asyncio through the engine worker; `aclose()` always runs once."""
-
-    def __init__(self, stream: Any, worker: EngineWorker, metrics: ServerMetrics, endpoint: str, request_id: str,
-                 seed: int):
-        self._stream = stream
-        self._worker = worker
-        self._metrics = metrics
-        self.endpoint = endpoint
-        self.request_id = request_id
-        self.seed = seed
-        self.created = int(time.time())
-        self._exhausted = False
-        self._close_future: Future | None = None
-        metrics.active.inc()
-
-    def __aiter__(self) -> ManagedTextStream:
-        return self
+class ManagedTextStream(ManagedStream):
+    """A text-only reply's engine stream: its chunks carry text and no audio, so it yields the text deltas (and
+    counts no underruns). The TTFB recorded is the first text's."""
 
     async def __anext__(self) -> str:
-        if self._exhausted or self._close_future is not None:
-            raise StopAsyncIteration
-        delta = await self._worker.run(_next_delta, self._stream)
-        if delta is None:
-            self._exhausted = True
-            raise StopAsyncIteration
-        return delta
-
-    @property
-    def metrics(self) -> Any:
-        return self._stream.metrics
-
-    def close_soon(self) -> Future:
-        if self._close_future is None:
-            self._close_future = self._worker.submit(self._stream.close)
-            self._close_future.add_done_callback(self._account)
-        return self._close_future
-
-    async def aclose(self) -> None:
-        future = self.close_soon()
-        with anyio.CancelScope(shield=True):
-            await asyncio.wrap_future(future)
-
-    def _account(self, _: Future) -> None:
-        self._metrics.active.dec()
-        self._metrics.observe_stream(self.endpoint, self._stream.metrics, 0)
-
-    def metrics_dict(self) -> dict[str, Any]:
-        d = self._stream.metrics.to_dict()
-        d.update(seed=self.seed)
-        return d
+        while not (self._exhausted or self._closed):
+            chunk = await self._stream.next_async()
+            if chunk is None:
+                self._exhausted = True
+                break
+            if chunk.text:
+                if self.metrics.ttfb_s != self.metrics.ttfb_s:  # NaN: the first text
+                    self.metrics.ttfb_s = chunk.ready_s
+                return chunk.text
+        raise StopAsyncIteration
 
 
 async def open_text_chat(service: Any, request: ChatCompletionRequest) -> ManagedTextStream:

@@ -66,7 +66,6 @@ class WebSocketConversation:
         self._cancel = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._feed: TextFeed | None = None  # the incremental read-aloud's text, while its input is open
-        self._input = asyncio.Event()  # set when the feed gets text, its end, or a cancel
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -124,7 +123,6 @@ class WebSocketConversation:
             return
         if isinstance(request, WsCancel):
             self._cancel.set()
-            self._input.set()
             if self._stream is not None:
                 self._stream.close_soon()  # runs right after the chunk in flight
             return
@@ -146,7 +144,7 @@ class WebSocketConversation:
         self._busy = True
         self._cancel = asyncio.Event()
         if isinstance(request, WsInputAppend):
-            self._feed, self._input = TextFeed(), asyncio.Event()
+            self._feed = TextFeed()
             if not await self._feed_input(request):
                 self._busy, self._feed = False, None
                 return
@@ -167,14 +165,12 @@ class WebSocketConversation:
                     type="invalid_request_error", param="text", code="string_above_max_length"))
                 return False
             self._feed.append(request.text)
-        self._input.set()
         return True
 
     async def _stop_reply(self) -> None:
         if self._task is None:
             return
         self._cancel.set()
-        self._input.set()
         if self._stream is not None:
             self._stream.close_soon()
         await asyncio.gather(self._task, return_exceptions=True)
@@ -202,8 +198,7 @@ class WebSocketConversation:
         await self._play(stream, feed)
 
     async def _play(self, stream: ManagedStream, feed: TextFeed | None = None) -> None:
-        """Stream a reply's chunks to the client. With a feed, an empty chunk means the engine waits for text: the
-        next one is asked for only once the client has sent more (or input.done, or cancel)."""
+        """Stream a reply's chunks to the client (with a feed, they come as the client's text allows)."""
         self._stream = stream
         failure: Exception | None = None
         first_audio_at: float | None = None
@@ -212,11 +207,6 @@ class WebSocketConversation:
             async for chunk in stream:
                 if self._cancel.is_set():
                     break
-                if feed is not None and len(chunk.pcm) == 0 and not chunk.text and not chunk.is_last:
-                    self._input.clear()
-                    if not feed.ready and not self._cancel.is_set():
-                        await self._input.wait()
-                    continue
                 if first_audio_at is None and len(chunk.pcm):
                     first_audio_at = time.monotonic()
                 if chunk.text:
