@@ -24,7 +24,7 @@ import numpy as np
 
 from omnivox.audio import float_to_pcm16, wav_header
 from omnivox.engine.forcing import DUMMY_REPLY as DUMMY_REPLY  # re-exported: clients and tests name it here
-from omnivox.engine.forcing import ReplyScript
+from omnivox.engine.forcing import WORDS_PER_SECOND, ReplyScript
 from omnivox.engine.types import SAMPLE_RATE, SamplingParams
 from omnivox.errors import EngineBusy, EngineNotReady
 from omnivox.server.audio_formats import open_writer
@@ -395,7 +395,7 @@ class SpeechService:
     async def open_ws_feed(self, feed: Any, seed: int | None) -> ManagedStream:
         """Read-aloud of text appended to `feed` (engine.text_feed.TextFeed) while it is spoken."""
         request_id, seed = f"ws-{uuid.uuid4().hex}", self._seed(seed)
-        forcing = {"forced_words_per_second": WORDS_PER_SECOND} if self.config.dummy_weights else {}
+        forcing = {"forced_words_per_second": WORDS_PER_SECOND} if self.config.dummy_weights else {}  # as read
         return await self._open("ws", request_id, seed, lambda engine: engine.read_aloud_feed(
             feed, seed=seed, request_id=request_id, **forcing))
 

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from omnivox.engine.types import AudioChunk
 from omnivox.server.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -26,20 +27,23 @@ ENDPOINT = "chat_text"  # the metrics label: its TTFB is the first text, and it 
 
 
 class ManagedTextStream(ManagedStream):
-    """A text-only reply's engine stream: its chunks carry text and no audio, so it yields the text deltas (and
-    counts no underruns). The TTFB recorded is the first text's."""
+    """A text-only reply's engine stream: its chunks carry text and no audio; it yields only the chunks with text
+    (and counts no underruns). The TTFB recorded is the first text's."""
 
-    async def __anext__(self) -> str:
-        while not (self._exhausted or self._closed):
+    async def __anext__(self) -> AudioChunk:
+        while True:
+            if self._interrupted is not None:
+                raise self._interrupted
+            if self._exhausted or self._closed:
+                raise StopAsyncIteration
             chunk = await self._stream.next_async()
             if chunk is None:
                 self._exhausted = True
-                break
+                continue
             if chunk.text:
                 if self.metrics.ttfb_s != self.metrics.ttfb_s:  # NaN: the first text
                     self.metrics.ttfb_s = chunk.ready_s
-                return chunk.text
-        raise StopAsyncIteration
+                return chunk
 
 
 async def open_text_chat(service: Any, request: ChatCompletionRequest) -> ManagedTextStream:
@@ -47,7 +51,8 @@ async def open_text_chat(service: Any, request: ChatCompletionRequest) -> Manage
     text, history = service.conversation(request)
     sampling = service._sampling(request.temperature, request.top_p, request.max_new_tokens)
     request_id, seed = f"chatcmpl-{uuid.uuid4().hex}", service._seed(request.seed)
-    forced_reply = service._chat_forcing(text).get("forced_reply")  # random weights: the scripted reply
+    extension = service.check_extension(request.omnivox)
+    forced_reply = service._chat_forcing(text, extension).get("forced_reply")  # random weights: the scripted reply
     return await service._open(ENDPOINT, request_id, seed, lambda engine: engine.chat_text(
         text, history=history or None, seed=seed, sampling=sampling, request_id=request_id,
         forced_reply=forced_reply), wrapper=ManagedTextStream)
@@ -64,8 +69,8 @@ async def complete_text_chat(service: Any, request: ChatCompletionRequest,
     stream = await open_text_chat(service, request)
     parts = []
     try:
-        async for delta in stream:
-            parts.append(delta)
+        async for chunk in stream:
+            parts.append(chunk.text)
             if await is_disconnected():
                 break
     finally:
@@ -97,8 +102,8 @@ class TextChatSSEEncoder:
     def head(self) -> bytes:
         return self._event([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
 
-    def chunk(self, delta: str) -> bytes:
-        return self._event([ChunkChoice(delta=ChunkDelta(content=delta))])
+    def chunk(self, chunk: AudioChunk) -> bytes:
+        return self._event([ChunkChoice(delta=ChunkDelta(content=chunk.text))])
 
     def tail(self, stream: ManagedTextStream) -> bytes:
         m = stream.metrics
