@@ -266,6 +266,17 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_voice_aliases(value: str) -> tuple[str, ...]:
+    """--voice-aliases: "openai" (OpenAI's voice names, the server's default), "none", or a comma-separated list."""
+    from omnivox.server.protocol import OPENAI_VOICES
+
+    if value == "openai":
+        return OPENAI_VOICES
+    if value == "none":
+        return ()
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         try:
@@ -290,6 +301,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout,
         max_connections=args.max_connections,
         shutdown_timeout_s=args.shutdown_timeout,
+        voice_aliases=parse_voice_aliases(args.voice_aliases),
     )
     return 0
 
@@ -415,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout_s, metavar="SECONDS",
                    help="on SIGTERM: stop taking requests, let streams finish for this long, then end the rest with "
                    "an error event (default: %(default)s)")
+    p.add_argument("--voice-aliases", default="openai", metavar="openai|none|NAME,NAME",
+                   help="other voice names accepted for the default voice (default: OpenAI's alloy, nova, ...)")
     add_model_args(p)
     add_ray_args(p)
     p.set_defaults(func=cmd_serve)

@@ -29,6 +29,8 @@ from omnivox.engine.scheduler import Live, Scheduler, SchedulerConfig, Side
 from omnivox.engine.session import Session
 from omnivox.engine.system_prompts import DEFAULT_PRESET, SYSTEM_PROMPTS
 from omnivox.engine.text import detect_language, normalize_for_tts
+from omnivox.engine.text_feed import UNLIMITED_AUDIO_TOKENS, FeedReader, TextFeed, awaiting_text
+from omnivox.engine.text_reply import TEXT_ASSISTANT_HEADER, text_llm, text_speech
 from omnivox.engine.tts_executor import TTSExecutor
 from omnivox.engine.types import AUDIO_TOKENS_PER_SECOND, SAMPLE_RATE, AudioChunk, RequestMetrics, SamplingParams
 from omnivox.engine.vocoder import VocoderExecutor
@@ -610,6 +612,78 @@ class Engine:
         stream.live = live
         live.cancelled = stream.cancelled  # closed before the loop took it: it ends at the next reap
         self.scheduler.add(live)
+
+    def chat_text(self, text: str, *, history: list[tuple[str, str]] | None = None, session: Session | None = None,
+                  seed: int | None = None, sampling: SamplingParams | None = None, forced_reply: str | None = None,
+                  request_id: str = "") -> SpeechStream:
+        """The model's reply to `text` as text only (no TTS): a SpeechStream whose chunks carry text deltas and no
+        audio. Same prompt, multi-turn rules, validation and admission as `stream`; the contract is in
+        omnivox/engine/text_reply.py. `forced_reply` (random weights) teacher-forces the reply's tokens."""
+        self._check_text(text)
+        sampling = self._check_sampling(sampling or SamplingParams())
+        if session is not None and session.closed:
+            raise InvalidRequest("this session was closed: start a new one with engine.new_session()")
+        if session is not None and session.busy:
+            raise InvalidRequest("this session is already speaking a reply: wait for it or close it")
+        prefills = self._prompt_ids(session, text, history)
+        prompt_len = sum(map(len, prefills))
+        history_len = session.length if session is not None else 0
+        header = len(self.model.tokenizer.encode(TEXT_ASSISTANT_HEADER))
+        needed = history_len + prompt_len + header + sampling.max_new_tokens
+        if needed > self.llm.usable_positions:
+            raise ContextTooLong(
+                f"this turn needs {needed} LLM positions (history {history_len}, prompt {prompt_len}, reply up to "
+                f"{sampling.max_new_tokens}) but a session holds {self.llm.usable_positions}: shorten the text or "
+                "start a new session"
+            )
+        forced_ids = self.model.tokenizer.encode(forced_reply) if forced_reply is not None else None
+        metrics = RequestMetrics(request_id=request_id, prompt_tokens=prompt_len)
+        stream = SpeechStream(self, metrics, self.clock, self.config.early_first_chunk)
+        self._admit(stream)
+        if session is None:
+            session = Session(slot=None, capacity=self.llm.usable_positions, owned_by_request=True)
+        session.busy = True
+        reply = Reply(self.model, session, sampling, metrics)  # the loop reads its look-ahead and rewind state
+
+        def llm_side():
+            for ids in prefills:
+                yield LLMPrefill(ids)
+            session.system_prompted = True
+            session.turns += 1
+            yield from text_llm(self.model.tokenizer, session, sampling, metrics, forced_ids)
+
+        def start() -> None:
+            if session.slot is None:
+                session.slot = self.llm.slots.acquire()
+            self._shared_prompt()
+            self._start(stream, reply, Side(text_speech()), Side(llm_side()), session, sampling, seed)
+
+        self._submit(start)
+        return stream
+
+    def read_aloud_feed(self, feed: TextFeed, *, seed: int | None = None, sampling: SamplingParams | None = None,
+                        forced_words_per_second: float | None = None, request_id: str = "") -> SpeechStream:
+        """Speak text as it is appended to `feed` (TTS only, default voice), starting as soon as the first 10-token
+        text chunk is there (contract in omnivox/engine/text_feed.py). `forced_words_per_second` (random weights):
+        speech ends after words / rate seconds once the feed is done."""
+        sampling = self._check_sampling(sampling or SamplingParams())
+        if forced_words_per_second is not None and forced_words_per_second <= 0:
+            raise InvalidRequest("forced_words_per_second must be a positive number")
+        forcing = Forcing([], UNLIMITED_AUDIO_TOKENS) if forced_words_per_second is not None else None
+        metrics = RequestMetrics(request_id=request_id)
+        stream = SpeechStream(self, metrics, self.clock, self.config.early_first_chunk)
+        self._admit(stream)
+        reply = Reply(self.model, None, sampling, metrics, forcing, self.config.early_first_chunk)
+        reader = FeedReader(feed, reply, self.model.tts_tokenizer, forced_words_per_second)
+
+        def start() -> None:
+            speaker = self.default_speaker()
+            self._start(stream, reply, Side(reply.speech(speaker)), Side(awaiting_text()), None, sampling, seed)
+            live = stream.live
+            feed.attach(lambda: self._submit(lambda: reader.pump(live)))
+
+        self._submit(start)
+        return stream
 
     def _forcing(self, forced_reply: str | None, forced_audio_seconds: float | None) -> Forcing | None:
         if forced_reply is None and forced_audio_seconds is None:

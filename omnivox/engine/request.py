@@ -186,7 +186,8 @@ class Reply:
             self.metrics.llm_tokens += chunk.num_tokens
             if chunk.hit_length_limit:
                 self.metrics.finish_reason = "length"
-            self.session.last_reply_terminated = chunk.ended
+            if self.session is not None:  # None: read-aloud fed from outside (text_feed.py)
+                self.session.last_reply_terminated = chunk.ended
             self.consumed_length = chunk.session_length
         return chunk
 
@@ -244,11 +245,16 @@ class Reply:
         self.final_sent = self.final_sent or final
         return Piece(pcm, text, final)
 
-    def speech(self) -> Coroutine:
-        """Yields work and Pieces for the whole reply, segment after segment."""
+    def speech(self, speaker: torch.Tensor | None = None) -> Coroutine:
+        """Yields work and Pieces for the whole reply, segment after segment. `speaker`: a projected speaker vector
+        to use instead of the first chunk's (read-aloud of text fed from outside, text_feed.py)."""
         self.final_sent = False
         first = yield from self._next_chunk()
-        speaker = yield ProjectSpeaker(first.speaker_hidden)
+        if first is None:  # a feed that ended without text
+            yield self._piece(np.zeros(0, dtype=np.float32), "", final=True)
+            return
+        if speaker is None:
+            speaker = yield ProjectSpeaker(first.speaker_hidden)
         gen_text, restart = first.text.split(TTS_EOS)[0], None
         while True:
             self.last_restart = None

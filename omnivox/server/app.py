@@ -170,7 +170,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
 
     `model` None is the embedded tiny random-weight model; `engine_config` (an EngineConfig) picks the path,
     admission limit and switches; options left None take the engine's defaults. `limits` are ServerConfig fields
-    (max_ws_sessions, max_body_bytes, body_timeout_s, max_connections, shutdown_timeout_s)."""
+    (max_ws_sessions, max_body_bytes, body_timeout_s, max_connections, shutdown_timeout_s, voice_aliases)."""
     from dataclasses import replace
 
     from omnivox.engine.engine import EngineConfig

@@ -15,7 +15,8 @@ RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 class ServerMetrics:
-    """All the server's metrics. `endpoint` labels are "chat", "speech" and "ws"."""
+    """All the server's metrics. `endpoint` labels are "chat", "chat_text" (text-only replies: TTFB is the first
+    text), "speech" and "ws"."""
 
     content_type = CONTENT_TYPE_LATEST
 

@@ -1,7 +1,8 @@
 """Wire types: OpenAI-shaped requests, responses, stream chunks and the one error envelope.
 
-Only the default voice exists and audio is 24 kHz mono. Unknown voices and formats are rejected here with a message
-that lists what is supported. Limits that depend on the server's configuration (input length) are checked in
+Only the default voice exists (OpenAI's voice names are accepted as its aliases, as configured); the engine makes
+24 kHz mono, which audio_formats.py encodes and resamples. Unknown formats and rates are rejected here with a message
+that lists what is supported. Limits that depend on the server's configuration (voices, input length) are checked in
 `serving.py`; everything that depends only on the request is checked here.
 """
 
@@ -21,12 +22,17 @@ from omnivox.errors import (
     InvalidRequest,
     OmnivoxError,
 )
+from omnivox.server.audio_formats import FORMATS, SAMPLE_RATES, output_rate
 
 logger = logging.getLogger(__name__)
 
 VOICES = ("default",)
-SPEECH_FORMATS = ("wav", "pcm")  # /v1/audio/speech response_format
-CHAT_AUDIO_FORMATS = ("wav", "pcm16")  # /v1/chat/completions audio.format (streaming: pcm16 only, as OpenAI)
+# OpenAI's built-in voice names: by default accepted as aliases of the default voice (ServerConfig.voice_aliases)
+OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage",
+                 "shimmer", "verse")
+SPEECH_FORMATS = tuple(FORMATS)  # /v1/audio/speech response_format: wav, pcm, mp3, opus, aac, flac, pcm_mulaw
+# /v1/chat/completions audio.format (streaming: pcm16 only, as OpenAI); pcm16 is 24 kHz s16le, as OpenAI's
+CHAT_AUDIO_FORMATS = ("wav", "pcm16", "mp3", "opus", "aac", "flac")
 SPEECH_STREAM_FORMATS = ("audio", "sse")
 
 
@@ -56,12 +62,6 @@ class OpenAIModel(BaseModel):
         if self.model_extra:
             logger.debug("%s: ignoring unsupported fields %s", type(self).__name__, sorted(self.model_extra))
         return self
-
-
-def _check_voice(voice: str) -> str:
-    if voice not in VOICES:
-        raise ValueError(f"unknown voice {voice!r}; this server has one voice, use one of {list(VOICES)}")
-    return voice
 
 
 # ----------------------------------------------------------------------------------------------------- errors
@@ -154,11 +154,6 @@ class ChatAudioParams(OpenAIModel):
     voice: str = "default"
     format: str = "wav"
 
-    @field_validator("voice")
-    @classmethod
-    def _voice(cls, v: str) -> str:
-        return _check_voice(v)
-
     @field_validator("format")
     @classmethod
     def _check_format(cls, v: str) -> str:
@@ -188,15 +183,21 @@ class ChatCompletionRequest(OpenAIModel):
 
     @model_validator(mode="after")
     def _check_audio_output(self):
-        if self.modalities is not None and "audio" not in self.modalities:
-            raise ValueError("this server only produces spoken replies: set modalities to ['text', 'audio']")
-        if self.audio is None:
+        if self.modalities is not None and "audio" not in self.modalities and self.audio is not None:
+            raise ValueError("audio is set but modalities has no 'audio': set modalities to ['text', 'audio'] for a "
+                             "spoken reply, or drop audio for a text reply")
+        if self.modalities is not None and "audio" in self.modalities and self.audio is None:
             raise ValueError("audio output needs audio={'voice': 'default', 'format': 'wav' or 'pcm16'}")
-        if self.stream and self.audio.format != "pcm16":
+        if self.stream and self.audio is not None and self.audio.format != "pcm16":
             raise ValueError("streamed audio is base64 PCM16: with stream=true set audio.format to 'pcm16'")
         if self.messages[-1].role != "user":
             raise ValueError("the last message must have role 'user': it is what the model replies to")
         return self
+
+    @property
+    def wants_audio(self) -> bool:
+        """False: a text-only chat completion (modalities ["text"], or no `audio` field), from the LLM alone."""
+        return self.audio is not None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -280,11 +281,7 @@ class SpeechRequest(OpenAIModel):
     instructions: str | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     omnivox: OmnivoxExtension | None = None  # random weights only: audio_seconds
-
-    @field_validator("voice")
-    @classmethod
-    def _voice(cls, v: str) -> str:
-        return _check_voice(v)
+    sample_rate: int | None = None  # omnivox extension: output rate (None: 24000, pcm_mulaw 8000)
 
     @field_validator("response_format")
     @classmethod
@@ -292,6 +289,19 @@ class SpeechRequest(OpenAIModel):
         if v not in SPEECH_FORMATS:
             raise ValueError(f"unsupported response_format {v!r}; supported formats are {list(SPEECH_FORMATS)}")
         return v
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _check_rate(cls, v: int | None) -> int | None:
+        if v is not None and v not in SAMPLE_RATES:
+            raise ValueError(f"unsupported sample_rate {v}; use one of {list(SAMPLE_RATES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_rate_for_format(self):
+        if self.response_format in FORMATS:
+            output_rate(FORMATS[self.response_format], self.sample_rate)  # ValueError: rates this format carries
+        return self
 
     @field_validator("stream_format")
     @classmethod
@@ -355,6 +365,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class VoiceCard(BaseModel):
+    """A voice the model has, and the other names accepted for it (OpenAI's voice names, for drop-in clients)."""
+
+    id: str
+    object: Literal["voice"] = "voice"
+    aliases: list[str]
+
+
+class VoiceList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VoiceCard]
+
+
 # --------------------------------------------------------------------------------------------------- WebSocket
 
 
@@ -373,6 +396,22 @@ class WsSpeak(OpenAIModel):
 
 class WsCancel(OpenAIModel):
     type: Literal["cancel"]
+
+
+class WsInputAppend(OpenAIModel):
+    """Client → server: the next piece of text to read aloud, as the client's own LLM produces it. The first
+    append of a reply starts it (its `seed`, if given, is the reply's); speech starts once the TTS has its first
+    10-token text chunk."""
+
+    type: Literal["input.append"]
+    text: str
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+
+class WsInputDone(OpenAIModel):
+    """Client → server: no more text for this reply; the rest is spoken and the reply ends with `done`."""
+
+    type: Literal["input.done"]
 
 
 class WsStart(BaseModel):

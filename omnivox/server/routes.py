@@ -8,16 +8,19 @@ from pathlib import Path
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
-from omnivox.engine.types import SAMPLE_RATE
+from omnivox.server.audio_formats import FORMATS
 from omnivox.server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     ErrorResponse,
+    ModelCard,
     ModelList,
     SpeechRequest,
+    VoiceList,
 )
 from omnivox.server.serving import SpeechService
 from omnivox.server.stream import ChatSSEEncoder, EngineStreamResponse, RawAudioEncoder, SpeechSSEEncoder
+from omnivox.server.text_chat import TextChatSSEEncoder, complete_text_chat, open_text_chat
 from omnivox.server.websocket import WebSocketConversation
 
 STATIC = Path(__file__).parent / "static"
@@ -70,9 +73,21 @@ async def models(request: Request) -> ModelList:
     return _service(request).models()
 
 
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+async def model(model_id: str, request: Request) -> ModelCard:
+    return _service(request).model(model_id)
+
+
+@router.get("/v1/audio/voices", response_model=VoiceList)
+async def voices(request: Request) -> VoiceList:
+    return _service(request).voices()
+
+
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = _service(request)
+    if not body.wants_audio:
+        return await _text_chat(service, body, request)
     if not body.stream:
         return await service.complete_chat(body, request.is_disconnected)
     stream = await service.open_chat(body)
@@ -83,17 +98,27 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                 _stream_headers(stream, SSE_HEADERS))
 
 
-@router.post("/v1/audio/speech", responses={200: {"content": {"audio/wav": {}, "audio/pcm": {}}}, **ERRORS})
+async def _text_chat(service: SpeechService, body: ChatCompletionRequest, request: Request):
+    """modalities ["text"] (or no `audio`): an ordinary chat completion from the LLM alone."""
+    if not body.stream:
+        return await complete_text_chat(service, body, request.is_disconnected)
+    stream = await open_text_chat(service, body)
+    encoder = TextChatSSEEncoder(stream.request_id, service.config.served_model_name,
+                                 bool(body.stream_options and body.stream_options.include_usage), stream.created)
+    return EngineStreamResponse(stream, encoder, "text/event-stream", service.describe_error,
+                                _stream_headers(stream, SSE_HEADERS))
+
+
+@router.post("/v1/audio/speech", responses={200: {"content": {f.media_type: {} for f in FORMATS.values()}}, **ERRORS})
 async def audio_speech(body: SpeechRequest, request: Request) -> EngineStreamResponse:
     service = _service(request)
     stream = await service.open_speech(body)
     if body.stream_format == "sse":
-        return EngineStreamResponse(stream, SpeechSSEEncoder(body.response_format), "text/event-stream",
-                                    service.describe_error, _stream_headers(stream, SSE_HEADERS))
-    media_type = "audio/wav" if body.response_format == "wav" else "audio/pcm"
-    headers = _stream_headers(stream, {"X-Sample-Rate": str(SAMPLE_RATE)})
-    return EngineStreamResponse(stream, RawAudioEncoder(body.response_format), media_type, service.describe_error,
-                                headers)
+        return EngineStreamResponse(stream, SpeechSSEEncoder(body.response_format, body.sample_rate),
+                                    "text/event-stream", service.describe_error, _stream_headers(stream, SSE_HEADERS))
+    encoder = RawAudioEncoder(body.response_format, body.sample_rate)
+    headers = _stream_headers(stream, {"X-Sample-Rate": str(encoder.writer.sample_rate)})
+    return EngineStreamResponse(stream, encoder, encoder.writer.media_type, service.describe_error, headers)
 
 
 @router.websocket("/v1/stream")

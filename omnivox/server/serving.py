@@ -24,11 +24,14 @@ import numpy as np
 
 from omnivox.audio import float_to_pcm16, wav_header
 from omnivox.engine.forcing import DUMMY_REPLY as DUMMY_REPLY  # re-exported: clients and tests name it here
-from omnivox.engine.forcing import ReplyScript
+from omnivox.engine.forcing import WORDS_PER_SECOND, ReplyScript
 from omnivox.engine.types import SAMPLE_RATE, SamplingParams
 from omnivox.errors import EngineBusy, EngineNotReady
+from omnivox.server.audio_formats import open_writer
 from omnivox.server.metrics import ServerMetrics
 from omnivox.server.protocol import (
+    OPENAI_VOICES,
+    VOICES,
     ChatAudio,
     ChatChoice,
     ChatCompletion,
@@ -42,6 +45,8 @@ from omnivox.server.protocol import (
     SpeechRequest,
     UnknownModel,
     Usage,
+    VoiceCard,
+    VoiceList,
     WsSpeak,
     describe_error,
 )
@@ -73,6 +78,8 @@ class ServerConfig:
     body_timeout_s: float = 30.0  # each read of a request body must arrive within this; slower: 408
     max_connections: int = 256  # open connections + requests in progress; over it: 503
     shutdown_timeout_s: float = 30.0  # on SIGTERM streams may finish for this long, then end with an error event
+    # other names accepted for the default voice (OpenAI's by default, so drop-in clients work); () turns them off
+    voice_aliases: tuple[str, ...] = OPENAI_VOICES
 
 
 class ServerShuttingDown(EngineNotReady):
@@ -206,6 +213,21 @@ class SpeechService:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.config.served_model_name, created=self.created)])
 
+    def model(self, model_id: str) -> ModelCard:
+        self.check_model(model_id)
+        return self.models().data[0]
+
+    def voices(self) -> VoiceList:
+        return VoiceList(data=[VoiceCard(id=VOICES[0], aliases=list(self.config.voice_aliases))])
+
+    def check_voice(self, voice: str, param: str) -> str:
+        """The voice the engine speaks for a requested name (the default voice, or one of its aliases)."""
+        if voice in VOICES or voice in self.config.voice_aliases:
+            return VOICES[0]
+        aliases = f" or one of its aliases {list(self.config.voice_aliases)}" if self.config.voice_aliases else ""
+        raise RequestError(f"unknown voice {voice!r}; this server has one voice, use {VOICES[0]!r}{aliases} "
+                           "(see GET /v1/audio/voices)", param=param)
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.served_model_name:
             raise UnknownModel(
@@ -313,15 +335,20 @@ class SpeechService:
 
     # ------------------------------------------------------------------------------------------ opening streams
 
-    async def _open(self, endpoint: str, request_id: str, seed: int, call: Callable[[Any], Any]) -> ManagedStream:
-        stream = call(self.ready_engine())  # validates and admits, or raises; generation runs in the engine loop
-        managed = ManagedStream(stream, self.metrics, endpoint, request_id, seed)
+    async def _open(self, endpoint: str, request_id: str, seed: int, call: Callable[[Any], Any],
+                    wrapper: type = ManagedStream) -> Any:
+        """`call(engine)` validates and admits, or raises; generation runs in the engine loop. The stream is wrapped
+        in `wrapper` (text_chat.ManagedTextStream for text-only replies)."""
+        stream = call(self.ready_engine())
+        managed = wrapper(stream, self.metrics, endpoint, request_id, seed)
         self._streams.add(managed)
         managed.on_closed(lambda: self._streams.discard(managed))
         return managed
 
     async def open_chat(self, request: ChatCompletionRequest) -> ManagedStream:
         self.check_model(request.model)
+        if request.audio is not None:
+            self.check_voice(request.audio.voice, "audio.voice")
         text, history = self.conversation(request)
         extension = self.check_extension(request.omnivox)
         sampling = self._sampling(request.temperature, request.top_p, request.max_new_tokens)
@@ -332,6 +359,7 @@ class SpeechService:
 
     async def open_speech(self, request: SpeechRequest) -> ManagedStream:
         self.check_model(request.model)
+        self.check_voice(request.voice, "voice")
         text = self.check_text(request.input, "input")
         extension = self.check_extension(request.omnivox)
         request_id, seed = f"speech-{uuid.uuid4().hex}", self._seed(request.seed)
@@ -364,6 +392,13 @@ class SpeechService:
         return await self._open("ws", request_id, seed, lambda engine: engine.stream(
             text, session=session, seed=seed, sampling=sampling, request_id=request_id, **self._chat_forcing(text)))
 
+    async def open_ws_feed(self, feed: Any, seed: int | None) -> ManagedStream:
+        """Read-aloud of text appended to `feed` (engine.text_feed.TextFeed) while it is spoken."""
+        request_id, seed = f"ws-{uuid.uuid4().hex}", self._seed(seed)
+        forcing = {"forced_words_per_second": WORDS_PER_SECOND} if self.config.dummy_weights else {}  # as read
+        return await self._open("ws", request_id, seed, lambda engine: engine.read_aloud_feed(
+            feed, seed=seed, request_id=request_id, **forcing))
+
     # ------------------------------------------------------------------------------------------ whole replies
 
     async def complete_chat(self, request: ChatCompletionRequest,
@@ -381,9 +416,13 @@ class SpeechService:
         finally:
             await stream.aclose()
         pcm = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        data = float_to_pcm16(pcm)
-        if request.audio.format == "wav":
-            data = wav_header(SAMPLE_RATE, len(data) // 2) + data
+        if request.audio.format in ("wav", "pcm16"):
+            data = float_to_pcm16(pcm)
+            if request.audio.format == "wav":
+                data = wav_header(SAMPLE_RATE, len(data) // 2) + data
+        else:  # mp3, opus, aac, flac: one whole file at 24 kHz
+            writer = open_writer(request.audio.format)
+            data = writer.head() + writer.push(pcm) + writer.finish()
         m = stream.metrics
         audio_id = f"audio_{uuid.uuid4().hex}"
         text = "".join(transcript)

@@ -20,8 +20,9 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from omnivox.audio import float_to_pcm16, wav_header
+from omnivox.audio import float_to_pcm16
 from omnivox.engine.types import SAMPLE_RATE, AudioChunk, RequestMetrics
+from omnivox.server.audio_formats import open_writer
 from omnivox.server.metrics import ServerMetrics
 from omnivox.server.protocol import (
     ChatCompletionChunk,
@@ -150,19 +151,21 @@ def _b64_pcm16(pcm) -> str:
 
 
 class RawAudioEncoder:
-    """`/v1/audio/speech` with stream_format "audio": a streaming WAV (header with unknown length) or bare PCM16."""
+    """`/v1/audio/speech` with stream_format "audio": the bytes of the response_format stream (audio_formats.py),
+    e.g. a streaming WAV (header with unknown length), bare PCM16, mp3 or Ogg Opus, at the requested rate."""
 
-    def __init__(self, response_format: str):
+    def __init__(self, response_format: str, sample_rate: int | None = None):
         self.response_format = response_format
+        self.writer = open_writer(response_format, sample_rate)
 
     def head(self) -> bytes:
-        return wav_header(SAMPLE_RATE, None) if self.response_format == "wav" else b""
+        return self.writer.head()
 
     def chunk(self, chunk: AudioChunk) -> bytes:
-        return float_to_pcm16(chunk.pcm)
+        return self.writer.push(chunk.pcm)
 
     def tail(self, stream: ManagedStream) -> bytes:
-        return b""
+        return self.writer.finish()
 
     def error(self, info: ErrorInfo) -> bytes | None:
         return None
@@ -171,8 +174,9 @@ class RawAudioEncoder:
 class SpeechSSEEncoder:
     """`/v1/audio/speech` with stream_format "sse": `speech.audio.delta` events, then `speech.audio.done`."""
 
-    def __init__(self, response_format: str):
-        self.raw = RawAudioEncoder(response_format)
+    def __init__(self, response_format: str, sample_rate: int | None = None):
+        self.raw = RawAudioEncoder(response_format, sample_rate)
+        self.writer = self.raw.writer
         self._pending_head = self.raw.head()
 
     def head(self) -> bytes:
@@ -180,13 +184,18 @@ class SpeechSSEEncoder:
 
     def chunk(self, chunk: AudioChunk) -> bytes:
         data, self._pending_head = self._pending_head + self.raw.chunk(chunk), b""
-        return sse(SpeechDeltaEvent(audio=base64.b64encode(data).decode("ascii")).model_dump_json())
+        return self._delta(data)
+
+    @staticmethod
+    def _delta(data: bytes) -> bytes:
+        return sse(SpeechDeltaEvent(audio=base64.b64encode(data).decode("ascii")).model_dump_json()) if data else b""
 
     def tail(self, stream: ManagedStream) -> bytes:
+        last = self._delta(self._pending_head + self.raw.tail(stream))  # what an encoder held until the end
         m = stream.metrics
         usage = SpeechUsage(input_tokens=m.prompt_tokens, output_tokens=m.tts_steps,
                             total_tokens=m.prompt_tokens + m.tts_steps)
-        return sse(SpeechDoneEvent(usage=usage, metrics=stream.metrics_dict()).model_dump_json())
+        return last + sse(SpeechDoneEvent(usage=usage, metrics=stream.metrics_dict()).model_dump_json())
 
     def error(self, info: ErrorInfo) -> bytes | None:
         return sse(json.dumps({"type": "error", "error": info.model_dump()}))
@@ -283,11 +292,17 @@ class EngineStreamResponse(Response):
         head = self.encoder.head()
         if head:
             await body(head)
+        # an encoder that compresses (mp3, opus, aac...) runs in a thread: its tens of ms stay off the event loop
+        offload = getattr(getattr(self.encoder, "writer", None), "blocking", False)
+
+        async def encode(fn: Callable[[Any], bytes], arg: Any) -> bytes:
+            return await anyio.to_thread.run_sync(fn, arg) if offload else fn(arg)
+
         try:
             async for chunk in self.stream:
-                await body(self.encoder.chunk(chunk))
+                await body(await encode(self.encoder.chunk, chunk))
                 self.stream.mark_sent(len(chunk.pcm))
-            tail = self.encoder.tail(self.stream)
+            tail = await encode(self.encoder.tail, self.stream)
         except Exception as exc:  # after the 200: in-band if the format can say it, else cut the body off
             tail = self.encoder.error(self.describe_error(exc))
             if tail is None:

@@ -10,6 +10,10 @@ The connection owns what it acquires: its engine session (taken at the first cha
 connection's exit stack, so it is closed in exactly one place, when `run` returns, however the connection ended.
 At server shutdown the reply in flight ends with its `done` or `error` event (idle connections get an `error`
 event), then the server sends the close frame (1001).
+
+Incremental read-aloud: `{"type": "input.append", "text": ...}` pieces (the first one starts the reply) and one
+`{"type": "input.done"}`; speech starts once the TTS has its first 10-token text chunk, and the `done` event's
+metrics carry `first_audio_after_text_s` (first audio sent minus the append that made the text sufficient).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from omnivox.audio import float_to_pcm16
+from omnivox.engine.text_feed import TextFeed
 from omnivox.engine.types import SAMPLE_RATE
 from omnivox.errors import OmnivoxError
 from omnivox.server.protocol import (
@@ -31,6 +37,8 @@ from omnivox.server.protocol import (
     WsCancel,
     WsDone,
     WsError,
+    WsInputAppend,
+    WsInputDone,
     WsSpeak,
     WsStart,
     WsTranscript,
@@ -43,7 +51,7 @@ class ClientGone(Exception):
     """The client closed the connection (or it broke) while we were sending."""
 
 
-ClientMessage = TypeAdapter(Annotated[WsSpeak | WsCancel, Field(discriminator="type")])
+ClientMessage = TypeAdapter(Annotated[WsSpeak | WsCancel | WsInputAppend | WsInputDone, Field(discriminator="type")])
 
 
 class WebSocketConversation:
@@ -57,6 +65,7 @@ class WebSocketConversation:
         self._stream: ManagedStream | None = None
         self._cancel = asyncio.Event()
         self._send_lock = asyncio.Lock()
+        self._feed: TextFeed | None = None  # the incremental read-aloud's text, while its input is open
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -117,6 +126,14 @@ class WebSocketConversation:
             if self._stream is not None:
                 self._stream.close_soon()  # runs right after the chunk in flight
             return
+        if isinstance(request, WsInputAppend | WsInputDone) and self._feed is not None and not self._feed.is_done:
+            await self._feed_input(request)
+            return
+        if isinstance(request, WsInputDone):
+            await self._send_error_info(ErrorInfo(
+                message="no read-aloud input is open; start one with input.append", type="invalid_request_error",
+                code="no_input"))
+            return
         if self._busy:
             await self._send_error_info(ErrorInfo(
                 message="a reply is still streaming on this connection; wait for its done event or send a cancel",
@@ -126,7 +143,29 @@ class WebSocketConversation:
             await asyncio.gather(self._task, return_exceptions=True)  # its last event is out; it is returning
         self._busy = True
         self._cancel = asyncio.Event()
+        if isinstance(request, WsInputAppend):
+            self._feed = TextFeed()
+            if not await self._feed_input(request):
+                self._busy, self._feed = False, None
+                return
+            self._task = asyncio.create_task(self._reply_feed(self._feed, request.seed))
+            return
         self._task = asyncio.create_task(self._reply(request))
+
+    async def _feed_input(self, request: WsInputAppend | WsInputDone) -> bool:
+        """Append to (or end) the open read-aloud input; False (and an error event) when the text is too long."""
+        if isinstance(request, WsInputDone):
+            self._feed.done()
+        else:
+            total = len(self._feed.text) + len(request.text)
+            if total > self.service.config.max_input_chars:
+                await self._send_error_info(ErrorInfo(
+                    message=f"the read-aloud input would have {total} characters, more than this server's limit "
+                            f"of {self.service.config.max_input_chars}; send input.done and start a new one",
+                    type="invalid_request_error", param="text", code="string_above_max_length"))
+                return False
+            self._feed.append(request.text)
+        return True
 
     async def _stop_reply(self) -> None:
         if self._task is None:
@@ -147,13 +186,29 @@ class WebSocketConversation:
             self._busy = False
             await self._send_error(exc, None)
             return
+        await self._play(stream)
+
+    async def _reply_feed(self, feed: TextFeed, seed: int | None) -> None:
+        try:
+            stream = await self.service.open_ws_feed(feed, seed)
+        except Exception as exc:
+            self._busy, self._feed = False, None
+            await self._send_error(exc, None)
+            return
+        await self._play(stream, feed)
+
+    async def _play(self, stream: ManagedStream, feed: TextFeed | None = None) -> None:
+        """Stream a reply's chunks to the client (with a feed, they come as the client's text allows)."""
         self._stream = stream
         failure: Exception | None = None
+        first_audio_at: float | None = None
         try:
             await self._send_json(WsStart(request_id=stream.request_id, seed=stream.seed, sample_rate=SAMPLE_RATE))
             async for chunk in stream:
                 if self._cancel.is_set():
                     break
+                if first_audio_at is None and len(chunk.pcm):
+                    first_audio_at = time.monotonic()
                 if chunk.text:
                     await self._send_json(WsTranscript(request_id=stream.request_id, delta=chunk.text,
                                                        chunk_index=chunk.index, audio_start_s=chunk.audio_start_s))
@@ -166,13 +221,18 @@ class WebSocketConversation:
         finally:
             await stream.aclose()
             self._stream = None
+            self._feed = None
             self._busy = False  # the next speak may start as soon as the client has our last event
+        metrics = stream.metrics_dict()
+        if feed is not None:
+            ready = feed.sufficient_at is not None and first_audio_at is not None
+            metrics["first_audio_after_text_s"] = first_audio_at - feed.sufficient_at if ready else None
         with contextlib.suppress(ClientGone):
             if failure is not None:
                 await self._send_error(failure, stream.request_id)
             else:
                 await self._send_json(WsDone(request_id=stream.request_id, finish_reason=stream.metrics.finish_reason,
-                                             metrics=stream.metrics_dict()))
+                                             metrics=metrics))
 
     # ------------------------------------------------------------------------------------ sending
 
