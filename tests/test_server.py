@@ -434,8 +434,9 @@ def test_disconnect_stops_generation_and_frees(server, endpoint, monkeypatch):
     engine = server.service.engine
     # the engine does not wait for the client, so the scripted chat reply is made long enough to be cut off
     monkeypatch.setattr(server.service, "_chat_forcing",
-                        lambda text: {"forced_reply": "A long story. " * 20, "forced_audio_seconds": 30.0})
-    monkeypatch.setattr(server.service, "_read_forcing", lambda text: {"forced_audio_seconds": 30.0})
+                        lambda text, extension=None: {"forced_reply": "A long story. " * 20,
+                                                      "forced_audio_seconds": 30.0})
+    monkeypatch.setattr(server.service, "_read_forcing", lambda text, extension=None: {"forced_audio_seconds": 30.0})
     before = _cancelled_total(server)
     if endpoint == "websocket":
         with connect(server.ws_url) as ws:

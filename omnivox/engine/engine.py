@@ -345,7 +345,8 @@ class Engine:
                 with self._cv:
                     if self._commands:
                         continue
-                    if self._stopping or (idle_since is not None and self.clock() - idle_since > IDLE_STOP_S):
+                    idle_s = self.clock() - idle_since if idle_since is not None else 0.0
+                    if self._stopping or (not self.scheduler.live and idle_s > IDLE_STOP_S):
                         self._thread = None
                         return
                     idle_since = idle_since or self.clock()

@@ -155,7 +155,7 @@ class Scheduler:
             self.finish(live)
 
     def step(self) -> bool:
-        """One iteration; False when there was nothing to do."""
+        """One iteration; False when no work could run (the caller may wait for a new request or event)."""
         self.reap()
         if not self.live:
             return False
@@ -163,6 +163,8 @@ class Scheduler:
         for live in list(self.live):
             self._guard(live, self._advance, live)
         plan = self.plan(now)
+        if not any(plan.values()):
+            return False  # every request waits on something outside the loop (text to come, its listener)
         self._run_vocoder(plan["vocode"])
         self._run_tts(plan["tts"])
         self._run_llm(plan["llm"])
@@ -180,7 +182,8 @@ class Scheduler:
         # a decode step costs about as much for one row as for many: run it when a stream's audio waits on text
         # (its first audio, or a buffer running low), else let look-ahead rows gather for a few iterations
         needed = any(r.llm_waited_for and r.buffered_s(now) < cfg.text_wait_reserve_s for r in llm_rows)
-        llm = llm_rows if needed or (llm_rows and self._llm_idle >= cfg.llm_idle_iterations) else []
+        gather = bool(tts or vocode)  # rows wait to gather only while there is other work to do
+        llm = llm_rows if needed or (llm_rows and (self._llm_idle >= cfg.llm_idle_iterations or not gather)) else []
         def urgent(r: Live) -> bool:
             return r.first_audio_at is not None and r.buffered_s(now) < cfg.underrun_reserve_s
 
