@@ -307,7 +307,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from omnivox.server.loadtest import loadtest_main
+    from omnivox.bench.loadtest import loadtest_main
 
     return loadtest_main(args)
 

@@ -7,10 +7,10 @@ import math
 
 from rich.console import Console
 
+from omnivox.bench.loadtest import Playback, format_summary, loadtest_main, run_loadtest
 from omnivox.bench.report import compare_table
 from omnivox.bench.results import read_results
 from omnivox.bench.workloads import WorkloadItem
-from omnivox.server.loadtest import Playback, format_summary, loadtest_main, run_loadtest
 
 pytest_plugins = ("server_fixtures",)
 

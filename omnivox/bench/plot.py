@@ -61,7 +61,7 @@ def plot_medians(
     workload: dict[str, dict[str, Any]], path: str | Path, title: str, goals: dict[str, float] | None = None
 ) -> Path:
     """Medians with their 95 % CIs, TTFB and RTF, one bar per configuration, on a log axis (a reference path
-    and a path 10x faster stay readable side by side). `workload` is a gpu_suite summary's "workload" part:
+    and a path 10x faster stay readable side by side). `workload` maps configuration names to summaries:
     {name: {"ttfb_s": {"median", "ci95"}, "rtf": {...}}}; entries that failed (no "rtf") are left out. `goals`
     ({"ttfb_s": 0.08, "rtf": 0.04}) are drawn as dashed lines."""
     names = [n for n, entry in workload.items() if "rtf" in entry]
