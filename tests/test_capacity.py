@@ -20,9 +20,10 @@ from omnivox.bench.capacity import (
     streams_playing,
     summarize_rate,
 )
-from omnivox.bench.capacity_client import _audio_of, _gpu_memory, request_for
+from omnivox.bench.capacity_client import _gpu_memory, request_for
 from omnivox.bench.capacity_report import capacity_table, headline_text, plot_capacity
 from omnivox.bench.results import build_results, read_results
+from omnivox.bench.streamed_reply import audio_of
 from omnivox.cli import main
 from omnivox.engine.types import SAMPLE_RATE
 from omnivox.server.app import build_app
@@ -165,7 +166,7 @@ def _pcm_seconds(response: httpx.Response) -> tuple[float, str]:
     for line in response.iter_lines():
         if line.startswith("data: {"):
             event = json.loads(line[6:])
-            samples += len(_audio_of(event)) // 2
+            samples += len(audio_of(event)) // 2
             for choice in event.get("choices") or ():
                 transcript += ((choice.get("delta") or {}).get("audio") or {}).get("transcript") or ""
     return samples / SR, transcript

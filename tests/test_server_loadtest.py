@@ -7,7 +7,8 @@ import math
 
 from rich.console import Console
 
-from omnivox.bench.loadtest import Playback, format_summary, loadtest_main, run_loadtest
+from omnivox.bench.capacity import PlaybackClock
+from omnivox.bench.loadtest import format_summary, loadtest_main, run_loadtest
 from omnivox.bench.report import compare_table
 from omnivox.bench.results import read_results
 from omnivox.bench.workloads import WorkloadItem
@@ -19,7 +20,7 @@ ITEMS = [WorkloadItem("short", "Hello there, friend.", "", 1.0),
 
 
 def test_playback_counts_underruns_from_the_first_chunk():
-    p = Playback(sent_at=10.0)
+    p = PlaybackClock(sent_at=10.0)
     p.receive(24000, now=10.2)  # first second of audio: plays 10.2 .. 11.2
     p.receive(12000, now=11.0)  # in time
     p.receive(12000, now=11.9)  # the audio before it ran out at 11.7: an underrun

@@ -54,7 +54,8 @@ def poisson_arrivals(rate: float, duration_s: float, warmup_s: float, items: Seq
 
 
 class PlaybackClock:
-    """One reply as a listener hears it: call `receive` for each audio chunk with its arrival time."""
+    """One reply as a listener hears it: call `receive` for each audio chunk with its arrival time. The one clock
+    of `omnivox capacity` and `omnivox loadtest`, so both count underruns and TTFB the same way."""
 
     def __init__(self, sent_at: float):
         self.sent_at = sent_at
@@ -65,7 +66,8 @@ class PlaybackClock:
         self.stall_s = 0.0
         self.segments: list[list[float]] = []  # [start, end] of uninterrupted playback
 
-    def receive(self, num_samples: int, audible: bool, now: float) -> None:
+    def receive(self, num_samples: int, now: float, audible: bool = True) -> None:
+        """`audible`: the chunk holds a sample that is not zero (TTFA); a caller that does not time TTFA omits it."""
         if num_samples <= 0:
             return
         if audible and self.audible_at is None:

@@ -14,8 +14,6 @@ under extra.rates; it is rewritten after each rate so an interrupted sweep keeps
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import math
 import resource
 import time
@@ -29,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from omnivox.bench.capacity import Arrival, PlaybackClock, failures, headline, poisson_arrivals, summarize_rate
 from omnivox.bench.results import build_results, write_results
+from omnivox.bench.streamed_reply import stream_reply
 from omnivox.workload import WorkloadItem
 
 GPU_GAUGES = {"omnivox_gpu_memory_allocated_bytes": "gpu_allocated_bytes",
@@ -62,16 +61,6 @@ def request_for(arrival: Arrival, seed: int, forced: bool, model: str | None = N
     return path, body
 
 
-def _audio_of(event: dict[str, Any]) -> bytes:
-    if event.get("type") == "speech.audio.delta":
-        return base64.b64decode(event["audio"])
-    for choice in event.get("choices") or ():
-        data = ((choice.get("delta") or {}).get("audio") or {}).get("data")
-        if data:
-            return base64.b64decode(data)
-    return b""
-
-
 async def stream_one(client: httpx.AsyncClient, url: str, arrival: Arrival, seed: int, forced: bool,
                      origin: float, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Send one request and listen to it to the end; the sample's times are seconds after `origin`."""
@@ -83,31 +72,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, arrival: Arrival, seed
         "warmup": arrival.warmup, "scheduled_s": arrival.at_s, "sent_s": sent - origin,
         "send_lag_s": sent - origin - arrival.at_s, "expected_audio_s": arrival.item.audio_seconds if forced else None,
     }
-    server: dict[str, Any] = {}
-    error = None
-    try:
-        async with client.stream("POST", url + path, json=body) as response:
-            sample["request_id"] = response.headers.get("x-request-id")
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                try:
-                    message = json.loads(text)["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    message = text[:200]
-                error = f"HTTP {response.status_code}: {message}"
-            else:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        error = f"in-band {event['error'].get('code')}: {event['error'].get('message')}"
-                        break
-                    pcm = np.frombuffer(_audio_of(event), dtype="<i2")
-                    playback.receive(pcm.size, bool(np.any(pcm)), clock())
-                    server = event.get("metrics") or server
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        error = f"{type(e).__name__}: {e}"
+    sample["request_id"], error, server = await stream_reply(
+        client, url, path, body, lambda pcm: playback.receive(pcm.size, clock(), audible=bool(np.any(pcm))))
     total = clock() - sent
     sample.update(
         ttfa_s=playback.ttfa_s, ttfb_s=playback.ttfb_s, total_s=total, audio_s=playback.audio_s,

@@ -2,17 +2,17 @@
 
 Each request streams a reply over SSE (`/v1/chat/completions` or `/v1/audio/speech`) and records, on the client:
 TTFB (request sent -> first audio bytes), total time, audio seconds, RTF (total / audio) and underruns (an audio
-chunk that arrives after the audio received before it would have finished playing, playback starting when the
-first chunk arrives). Requests start at `rate` per second (Poisson arrivals, seeded) or all at once, with at most
-`concurrency` in flight. The results file is the bench schema (kind "loadtest"), so `omnivox bench --compare`
-reads it; the server's own per-request metrics (stages, generation time) ride along from the final SSE event.
+chunk that arrives after the audio received before it would have finished playing; the player resumes with it, so
+one slow chunk counts once). Replies are read and timed by the same code as `omnivox capacity`
+(bench.streamed_reply, capacity.PlaybackClock), so the two commands count alike. Requests start at `rate` per
+second (Poisson arrivals, seeded) or all at once, with at most `concurrency` in flight. The results file is the
+bench schema (kind "loadtest"), so `omnivox bench --compare` reads it; the server's own per-request metrics
+(stages, generation time) ride along from the final SSE event.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import math
 import random
 import time
@@ -20,41 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
+from omnivox.bench.capacity import PlaybackClock, percentiles
 from omnivox.bench.results import build_results, write_results
+from omnivox.bench.streamed_reply import stream_reply
 from omnivox.bench.workloads import WorkloadItem, load_workload, split_warmup
-from omnivox.engine.types import SAMPLE_RATE
 
 ENDPOINTS = ("chat", "speech")
-
-
-class Playback:
-    """Client-side playback clock: TTFB, audio received, underruns."""
-
-    def __init__(self, sent_at: float):
-        self.sent_at = sent_at
-        self.first_at: float | None = None
-        self.samples = 0
-        self.underruns = 0
-
-    def receive(self, num_samples: int, now: float | None = None) -> None:
-        if num_samples <= 0:
-            return
-        now = time.perf_counter() if now is None else now
-        if self.first_at is None:
-            self.first_at = now
-        elif now > self.first_at + self.samples / SAMPLE_RATE:
-            self.underruns += 1
-        self.samples += num_samples
-
-    @property
-    def ttfb_s(self) -> float:
-        return self.first_at - self.sent_at if self.first_at is not None else math.nan
-
-    @property
-    def audio_s(self) -> float:
-        return self.samples / SAMPLE_RATE
 
 
 def _request(endpoint: str, item: WorkloadItem, seed: int, max_tokens: int | None, model: str | None) -> tuple:
@@ -76,46 +48,14 @@ def _request(endpoint: str, item: WorkloadItem, seed: int, max_tokens: int | Non
     return path, body
 
 
-def _audio_of(event: dict[str, Any]) -> bytes:
-    if event.get("type") == "speech.audio.delta":
-        return base64.b64decode(event["audio"])
-    for choice in event.get("choices") or ():
-        data = ((choice.get("delta") or {}).get("audio") or {}).get("data")
-        if data:
-            return base64.b64decode(data)
-    return b""
-
-
 async def _one(client: httpx.AsyncClient, url: str, endpoint: str, item: WorkloadItem, trial: int, seed: int,
                max_tokens: int | None, model: str | None) -> dict[str, Any]:
     path, body = _request(endpoint, item, seed, max_tokens, model)
     sample: dict[str, Any] = {"request_id": None, "prompt_id": item.id, "trial": trial, "seed": seed}
     sent = time.perf_counter()
-    playback = Playback(sent)
-    server: dict[str, Any] = {}
-    error = None
-    try:
-        async with client.stream("POST", url + path, json=body) as response:
-            sample["request_id"] = response.headers.get("x-request-id")
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                try:
-                    message = json.loads(text)["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    message = text[:200]
-                error = f"HTTP {response.status_code}: {message}"
-            else:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        error = f"in-band {event['error'].get('code')}: {event['error'].get('message')}"
-                        break
-                    playback.receive(len(_audio_of(event)) // 2)
-                    server = event.get("metrics") or server
-    except httpx.HTTPError as e:
-        error = f"{type(e).__name__}: {e}"
+    playback = PlaybackClock(sent)
+    sample["request_id"], error, server = await stream_reply(
+        client, url, path, body, lambda pcm: playback.receive(pcm.size, time.perf_counter()))
     total = time.perf_counter() - sent
     sample.update(
         ttfb_s=playback.ttfb_s, total_s=total, audio_s=playback.audio_s,
@@ -129,13 +69,6 @@ async def _one(client: httpx.AsyncClient, url: str, endpoint: str, item: Workloa
     return sample
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if x.size == 0:
-        return {"p50": None, "p95": None, "p99": None}
-    return {f"p{q}": float(np.percentile(x, q)) for q in (50, 95, 99)}
-
-
 def summarize(samples: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     ok = [s for s in samples if "error" not in s]
     errors: dict[str, int] = {}
@@ -146,7 +79,7 @@ def summarize(samples: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     audio_s = sum(s["audio_s"] for s in ok)
     return {
         "requests": len(samples), "ok": len(ok), "errors": errors,
-        "ttfb_s": _percentiles([s["ttfb_s"] for s in ok]), "rtf": _percentiles([s["rtf"] for s in ok]),
+        "ttfb_s": percentiles([s["ttfb_s"] for s in ok]), "rtf": percentiles([s["rtf"] for s in ok]),
         "underruns": sum(s["underruns"] for s in ok),
         "requests_with_underruns": sum(1 for s in ok if s["underruns"]),
         "wall_s": wall_s, "throughput_rps": len(ok) / wall_s if wall_s > 0 else None,

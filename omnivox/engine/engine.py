@@ -550,8 +550,18 @@ class Engine:
         """Speak the model's reply to `text`. With `forced_reply`/`forced_audio_seconds` (random weights) the reply
         tokens are teacher-forced and the end of speech is forced after that much audio. Everything is validated
         before any memory is taken."""
-        self._check_text(text)
         sampling = self._check_sampling(sampling or SamplingParams())
+        forcing = self._forcing(forced_reply, forced_audio_seconds)
+        stream, session, prefills = self._open_turn(text, history, session, sampling, ASSISTANT_HEADER, request_id)
+        reply = Reply(self.model, session, sampling, stream.metrics, forcing, self.config.early_first_chunk)
+        self._launch_turn(stream, reply, reply.speech(), reply.llm(), session, prefills, sampling, seed)
+        return stream
+
+    def _open_turn(self, text: str, history: list[tuple[str, str]] | None, session: Session | None,
+                   sampling: SamplingParams, header: str, request_id: str) -> tuple[SpeechStream, Session, list]:
+        """Validates a conversation turn and admits it: (its stream, its session, the prompt prefills). Nothing is
+        taken before every check passed."""
+        self._check_text(text)
         if session is not None and session.closed:
             raise InvalidRequest("this session was closed: start a new one with engine.new_session()")
         if session is not None and session.busy:
@@ -559,39 +569,39 @@ class Engine:
         prefills = self._prompt_ids(session, text, history)
         prompt_len = sum(map(len, prefills))
         history_len = session.length if session is not None else 0
-        header = len(self.model.tokenizer.encode(ASSISTANT_HEADER))
-        needed = history_len + prompt_len + header + sampling.max_new_tokens
+        needed = history_len + prompt_len + len(self.model.tokenizer.encode(header)) + sampling.max_new_tokens
         if needed > self.llm.usable_positions:
             raise ContextTooLong(
                 f"this turn needs {needed} LLM positions (history {history_len}, prompt {prompt_len}, reply up to "
                 f"{sampling.max_new_tokens}) but a session holds {self.llm.usable_positions}: shorten the text or "
                 "start a new session"
             )
-        forcing = self._forcing(forced_reply, forced_audio_seconds)
         metrics = RequestMetrics(request_id=request_id, prompt_tokens=prompt_len)
         stream = SpeechStream(self, metrics, self.clock, self.config.early_first_chunk)
         self._admit(stream)
-        owned = session is None
-        if owned:
+        if session is None:
             session = Session(slot=None, capacity=self.llm.usable_positions, owned_by_request=True)
         session.busy = True
-        reply = Reply(self.model, session, sampling, metrics, forcing, self.config.early_first_chunk)
+        return stream, session, prefills
+
+    def _launch_turn(self, stream: SpeechStream, reply: Reply, speech, reply_llm, session: Session, prefills: list,
+                     sampling: SamplingParams, seed: int | None) -> None:
+        """Queues a conversation turn for the loop: its prompt prefills, then the reply's LLM side and speech side."""
 
         def llm_side():
             for ids in prefills:
                 yield LLMPrefill(ids)
             session.system_prompted = True
             session.turns += 1
-            yield from reply.llm()
+            yield from reply_llm
 
         def start() -> None:
             if session.slot is None:
                 session.slot = self.llm.slots.acquire()
             self._shared_prompt()
-            self._start(stream, reply, Side(reply.speech()), Side(llm_side()), session, sampling, seed)
+            self._start(stream, reply, Side(speech), Side(llm_side()), session, sampling, seed)
 
         self._submit(start)
-        return stream
 
     def _start(self, stream: SpeechStream, reply: Reply, speech: Side, llm: Side | None, session: Session | None,
                sampling: SamplingParams, seed: int | None) -> None:
@@ -620,46 +630,13 @@ class Engine:
         """The model's reply to `text` as text only (no TTS): a SpeechStream whose chunks carry text deltas and no
         audio. Same prompt, multi-turn rules, validation and admission as `stream`; the contract is in
         omnivox/engine/text_reply.py. `forced_reply` (random weights) teacher-forces the reply's tokens."""
-        self._check_text(text)
         sampling = self._check_sampling(sampling or SamplingParams())
-        if session is not None and session.closed:
-            raise InvalidRequest("this session was closed: start a new one with engine.new_session()")
-        if session is not None and session.busy:
-            raise InvalidRequest("this session is already speaking a reply: wait for it or close it")
-        prefills = self._prompt_ids(session, text, history)
-        prompt_len = sum(map(len, prefills))
-        history_len = session.length if session is not None else 0
-        header = len(self.model.tokenizer.encode(TEXT_ASSISTANT_HEADER))
-        needed = history_len + prompt_len + header + sampling.max_new_tokens
-        if needed > self.llm.usable_positions:
-            raise ContextTooLong(
-                f"this turn needs {needed} LLM positions (history {history_len}, prompt {prompt_len}, reply up to "
-                f"{sampling.max_new_tokens}) but a session holds {self.llm.usable_positions}: shorten the text or "
-                "start a new session"
-            )
         forced_ids = self.model.tokenizer.encode(forced_reply) if forced_reply is not None else None
-        metrics = RequestMetrics(request_id=request_id, prompt_tokens=prompt_len)
-        stream = SpeechStream(self, metrics, self.clock, self.config.early_first_chunk)
-        self._admit(stream)
-        if session is None:
-            session = Session(slot=None, capacity=self.llm.usable_positions, owned_by_request=True)
-        session.busy = True
-        reply = Reply(self.model, session, sampling, metrics)  # the loop reads its look-ahead and rewind state
-
-        def llm_side():
-            for ids in prefills:
-                yield LLMPrefill(ids)
-            session.system_prompted = True
-            session.turns += 1
-            yield from text_llm(self.model.tokenizer, session, sampling, metrics, forced_ids)
-
-        def start() -> None:
-            if session.slot is None:
-                session.slot = self.llm.slots.acquire()
-            self._shared_prompt()
-            self._start(stream, reply, Side(text_speech()), Side(llm_side()), session, sampling, seed)
-
-        self._submit(start)
+        stream, session, prefills = self._open_turn(text, history, session, sampling, TEXT_ASSISTANT_HEADER,
+                                                    request_id)
+        reply = Reply(self.model, session, sampling, stream.metrics)  # the loop reads its look-ahead and rewind state
+        llm = text_llm(self.model.tokenizer, session, sampling, stream.metrics, forced_ids)
+        self._launch_turn(stream, reply, text_speech(), llm, session, prefills, sampling, seed)
         return stream
 
     def read_aloud_feed(self, feed: TextFeed, *, seed: int | None = None, sampling: SamplingParams | None = None,
