@@ -159,9 +159,12 @@ def test_llm_decode_runs_when_a_stream_waits_for_text():
     assert scheduler(first).plan(100.0)["llm"] == [first]
     waiting.chunks.append(object())  # a chunk is already there: the speech is not stalled on the LLM
     assert scheduler(waiting, lookahead).plan(100.0)["llm"] == []
-    # stalled, but with plenty of audio buffered: the step waits for more rows (or the idle limit)
+    # stalled, but with plenty of audio buffered: while other work runs, the step waits for more rows (or the idle
+    # limit); with nothing else to run it goes at once
     relaxed = live(NEXT_CHUNK, decode_one(), buffered=CONFIG.text_wait_reserve_s + 1.0)
-    assert scheduler(relaxed).plan(100.0)["llm"] == []
+    stepping = live(tts_step(), buffered=2.0)
+    assert scheduler(relaxed, stepping).plan(100.0)["llm"] == []
+    assert scheduler(relaxed).plan(100.0)["llm"] == [relaxed]
 
 
 def test_llm_look_ahead_runs_only_every_idle_iterations():
