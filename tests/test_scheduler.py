@@ -205,7 +205,7 @@ class Driven:
         monkeypatch.setattr(self.engine, "_submit", self.commands.append)
 
     def iterate(self, n: int = 1) -> None:
-        with self.engine._on_device():
+        with self.engine.on_device():
             for _ in range(n):
                 for command in self.commands:
                     command()

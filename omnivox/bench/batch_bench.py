@@ -28,7 +28,6 @@ from rich.table import Table
 from omnivox.bench.workloads import STANDARD_WORKLOAD, load_workload, split_warmup
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.llm_executor import LLMRow, LLMSampling
-from omnivox.engine.request import Reply
 from omnivox.engine.tts_executor import TTSRow, TTSSampling
 from omnivox.engine.types import SamplingParams
 
@@ -57,7 +56,7 @@ def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) 
     """Step times with `b` active rows, every row at `position` (keys read: the bucket that holds it)."""
     rows_out = []
     num_vq = engine.model.config.tts.num_vq
-    with engine._on_device():
+    with engine.on_device():
         for b in batches:
             llm_handles = [engine.llm.slots.acquire(active=True) for _ in range(b)]
             tts_handles = [engine.tts.slots.acquire(active=True) for _ in range(b)]
@@ -97,7 +96,7 @@ def _drain_all(streams) -> list[tuple[np.ndarray, np.ndarray]]:
 
     def drain(i: int, s) -> None:
         pcm = np.concatenate([c.pcm for c in s] or [np.zeros(0, np.float32)])
-        out[i] = (pcm, np.array(getattr(s.live.reply, "codes_drawn", [])))
+        out[i] = (pcm, np.array(s.live.reply.codes_drawn))
 
     threads = [threading.Thread(target=drain, args=(i, s)) for i, s in enumerate(streams)]
     for t in threads:
@@ -111,14 +110,7 @@ def part_equivalence(engine: Engine, requests: int, seconds: float) -> dict:
     """Fast path, all requests at once, vs the reference path one by one; greedy and seeded."""
     items = split_warmup(load_workload(STANDARD_WORKLOAD))[1]
     reference = engine.with_config(path="reference")
-    tts_call = Reply._tts_call
 
-    def recording_call(reply, seg, num_text_tokens):  # keeps every audio token a reply draws, for the comparison
-        before = seg.num_codes
-        yield from tts_call(reply, seg, num_text_tokens)
-        reply.__dict__.setdefault("codes_drawn", []).extend(seg.codes[before:])
-
-    Reply._tts_call = recording_call
     report = {}
     for mode, sampling in (("greedy", SamplingParams(greedy=True)), ("seeded", SamplingParams())):
         def open_all(eng: Engine, mode=mode, sampling=sampling):
@@ -141,7 +133,6 @@ def part_equivalence(engine: Engine, requests: int, seconds: float) -> dict:
                         "first_differing_audio_token": parted, "agreeing_prefix_share": sum(agree) / total}
         console.print(f"{mode}: codes identical in {same}/{requests} replies, PCM in {pcm_same}/{requests}; first "
                       f"differing audio token {parted}; {100 * sum(agree) / total:.0f} % of tokens before the split")
-    Reply._tts_call = tts_call
     reference.shutdown()
     return report
 

@@ -315,7 +315,9 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _on_device(self) -> Iterator[None]:
+    def on_device(self) -> Iterator[None]:
+        """The loop's device context (its CUDA stream, inference mode, the attention kernels): for code that drives
+        the executors directly, such as the step benchmarks."""
         stream = torch.cuda.stream(self.cuda_stream) if self.cuda_stream is not None else contextlib.nullcontext()
         with torch.inference_mode(), stream, attention_backends(self._attention, self.device):
             yield
@@ -331,7 +333,7 @@ class Engine:
 
     def _run(self) -> None:
         idle_since = None
-        with self._on_device():
+        with self.on_device():
             while True:
                 self.scheduler.reap()  # cancelled requests give their rows back before new ones take any
                 with self._cv:
@@ -366,7 +368,7 @@ class Engine:
     def warm_up(self) -> None:
         """Computes the shared prompt cache and the default voice, and captures every step graph (each batch size
         and key width), so that no request pays for them."""
-        with self._cv, self._on_device():
+        with self._cv, self.on_device():
             self._shared_prompt()
             self.default_speaker()
             self.llm.warm_up()

@@ -141,6 +141,7 @@ class Reply:
         self.audio_released = False  # the first PCM has been handed out
         self._reply_text: list[str] = []
         self.final_sent = False
+        self.codes_drawn: list[np.ndarray] = []  # every audio token the TTS drew for this reply (paths are compared)
 
     # ---- LLM: chunks of 3 tokens ----------------------------------------------------------------------------------
     def llm(self) -> Coroutine:
@@ -213,6 +214,7 @@ class Reply:
                 seg.finished = True
                 break
             seg.codes.append(codes)
+            self.codes_drawn.append(codes)
             kept += 1
         self.audio_tokens_total += kept
         self.segment_new_tokens += kept
