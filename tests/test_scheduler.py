@@ -43,7 +43,7 @@ def live(speech: object = NEXT_CHUNK, llm: object | None = None, *, buffered: fl
     the listener at `now` (None: no audio yet)."""
     r = Live(reply=None, speech=parked(speech), llm=None if read_aloud else parked(llm), session=None,
              sampling=SamplingParams(), metrics=RequestMetrics(), llm_seed=0, tts_seed=1, emit=lambda item: None,
-             arrived=0.0, lookahead=8)
+             lookahead=8)
     if buffered is not None:
         r.first_audio_at, r.audio_s = now - 10.0, 10.0 + buffered
     return r

@@ -620,8 +620,7 @@ class Engine:
                 target._emit(item)
 
         live = Live(reply=reply, speech=speech, llm=llm, session=session, sampling=sampling, metrics=stream.metrics,
-                    llm_seed=llm_seed, tts_seed=tts_seed, emit=emit, arrived=self.clock(),
-                    lookahead=self.config.llm_lookahead)
+                    llm_seed=llm_seed, tts_seed=tts_seed, emit=emit, lookahead=self.config.llm_lookahead)
         stream.live = live
         live.cancelled = stream.cancelled  # closed before the loop took it: it ends at the next reap
         self.scheduler.add(live)

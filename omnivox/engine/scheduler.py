@@ -77,7 +77,6 @@ class Live:
     llm_seed: int
     tts_seed: int
     emit: Callable[[object], None]  # a Piece, an exception, or None at the end
-    arrived: float
     lookahead: int
     llm_counter: int = 0
     tts_counter: int = 0
