@@ -13,3 +13,10 @@ from omnivox.models.synthetic import write_checkpoint
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic snapshot in the official layout (seed 0, bf16). Shared: never modify it in place."""
     return write_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), "tiny", seed=0, progress=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop every engine's loop thread while the interpreter is whole (the atexit hook runs later, during teardown)."""
+    from omnivox.engine.engine import _stop_loops
+
+    _stop_loops()

@@ -9,6 +9,7 @@ on any thread (or an asyncio loop: `SpeechStream.next_async`) read chunks as the
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import threading
@@ -110,6 +111,15 @@ def attention_backends(choice: str, device: torch.device) -> contextlib.Abstract
 
 
 _END = object()
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_loops() -> None:
+    """Stops every engine's loop thread before the interpreter tears down: a daemon thread still inside a torch op
+    at exit aborts the process."""
+    for engine in list(_ENGINES):
+        engine.shutdown()
 
 
 class SpeechStream:
@@ -269,6 +279,7 @@ class Engine:
         self._sessions_open = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        _ENGINES.add(self)
 
     def _slots_from_memory(self) -> int:
         if self.device.type != "cuda":
