@@ -23,8 +23,7 @@ import torch
 
 from omnivox.engine.graphs import GraphCache
 from omnivox.engine.llm_executor import LLMExecutor
-from omnivox.engine.masks import causal_mask
-from omnivox.engine.prefix_cache import PrefixCache
+from omnivox.engine.prefix_cache import PrefixCache, prompt_forward
 from omnivox.engine.request import ASSISTANT_HEADER, Forcing, Piece, Reply
 from omnivox.engine.scheduler import Live, Scheduler, SchedulerConfig, Side
 from omnivox.engine.session import Session
@@ -696,14 +695,9 @@ class Engine:
             c = self.model.config.llm
             pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, len(ids) + len(header),
                           self.model.dtype, self.device)
-            with torch.inference_mode():
-                hidden = None
-                for start, part in ((0, ids), (len(ids), header)):
-                    positions = torch.arange(start, start + len(part), device=self.device)[None]
-                    ids_t = torch.tensor([part], dtype=torch.long, device=self.device)
-                    hidden = self.model.llm(ids_t, positions, pool.view(0, 1), causal_mask(positions, pool.capacity))
-                spk = hidden[0, header.index(tok.special.spk)]
-                self._default_speaker = self.tts.project_speaker(spk)
+            prompt_forward(self.model, pool, 0, ids)
+            hidden = prompt_forward(self.model, pool, len(ids), header)
+            self._default_speaker = self.tts.project_speaker(hidden[header.index(tok.special.spk)])
         return self._default_speaker
 
     def read_aloud(self, text: str, *, seed: int | None = None, sampling: SamplingParams | None = None,

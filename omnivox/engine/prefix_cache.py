@@ -12,6 +12,14 @@ from omnivox.engine.masks import causal_mask
 from omnivox.models.kv_cache import KVPool
 
 
+def prompt_forward(model, pool: KVPool, start: int, ids: list[int]) -> torch.Tensor:
+    """Runs `ids` at positions start.. of a one-row pool (causal); returns post-norm hidden [T, C]."""
+    positions = torch.arange(start, start + len(ids), device=model.device)[None]
+    ids_t = torch.tensor([ids], dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        return model.llm(ids_t, positions, pool.view(0, 1), causal_mask(positions, pool.capacity))[0]
+
+
 class PrefixCache:
     def __init__(self, model, ids: list[int]):
         c = model.config.llm
@@ -19,10 +27,7 @@ class PrefixCache:
         self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max(len(ids), 1), model.dtype,
                            model.device)
         if ids:
-            with torch.inference_mode():
-                positions = torch.arange(len(ids), device=model.device)[None]
-                ids_t = torch.tensor([ids], dtype=torch.long, device=model.device)
-                model.llm(ids_t, positions, self.pool.view(0, 1), causal_mask(positions, len(ids)))
+            prompt_forward(model, self.pool, 0, self.ids)
 
     def copy_into(self, pool: KVPool, row: int, ids: list[int]) -> int:
         """Copies the prefix into `row` if `ids` start with it; returns how many positions that covers (0 if not)."""

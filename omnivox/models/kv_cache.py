@@ -60,12 +60,6 @@ class KVPool:
     def view(self, row: int = 0, batch: int = 1, key_len: int | None = None) -> KVView:
         return KVView(self, row, batch, self.capacity if key_len is None else key_len)
 
-    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
-        """Slot `dst` takes slot `src`'s first `length` positions (all by default)."""
-        end = self.capacity if length is None else length
-        for buf in (*self.k, *self.v):
-            buf[dst, :, :end] = buf[src, :, :end]
-
     def zero_slot(self, slot: int, length: int | None = None) -> None:
         """Zeroes slot `slot`'s first `length` positions (all by default)."""
         end = self.capacity if length is None else length
