@@ -73,9 +73,7 @@ class TTSExecutor:
     def prefill_text(self, row: int, ids: list[int], begin: int, speaker: torch.Tensor | None) -> None:
         """Writes text slots begin..begin+len(ids)-1; text attends only to earlier text (plain causal mask)."""
         ids_t = torch.tensor([ids], dtype=torch.long, device=self.device)
-        embeds = self.tts.embed_text(ids_t)
-        if speaker is not None:
-            embeds = torch.where((ids_t == self.spk_emb)[..., None], speaker.to(embeds.dtype), embeds)
+        embeds = self._text_embeds(ids_t, speaker[None] if speaker is not None else None)
         positions = torch.arange(begin, begin + len(ids), device=self.device)[None]
         width = length_bucket(begin + len(ids), self.widths)
         self.tts(embeds, positions, self.pool.view(row, 1, width), causal_mask(positions, width))
@@ -85,9 +83,10 @@ class TTSExecutor:
         """Several rows' text prefills, each (row, ids, begin, speaker). With graphs, those of at most PREFILL_WIDTH
         tokens run as one batched step over the active rows (per-row positions, padding at the scratch slot); the
         rest (a read-aloud part's whole text) run one at a time."""
-        short = [r for r in rows if len(r[1]) <= PREFILL_WIDTH] if self.graphs.enabled else []
-        for r in rows:
-            if not any(r is x for x in short):
+        batched = [self.graphs.enabled and len(ids) <= PREFILL_WIDTH for _, ids, _, _ in rows]
+        short = [r for r, b in zip(rows, batched, strict=True) if b]
+        for r, b in zip(rows, batched, strict=True):
+            if not b:
                 self.prefill_text(*r)
         if not short:
             return
@@ -108,10 +107,20 @@ class TTSExecutor:
                   "speaker": speaker, "has_speaker": torch.from_numpy(has_speaker).to(self.device)}
         self.graphs.run(("tts_text", batch, width), lambda **kw: self._text_step(width, **kw), inputs)
 
+    def _text_embeds(self, ids: torch.Tensor, speaker: torch.Tensor | None,
+                     has_speaker: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] -> [B, T, C], the speaker vector [B, C] in each row's [spk_emb] slot (rows with `has_speaker`,
+        all rows when it is None; no row when `speaker` is None)."""
+        embeds = self.tts.embed_text(ids)
+        if speaker is None:
+            return embeds
+        is_speaker = ids == self.spk_emb
+        if has_speaker is not None:
+            is_speaker = is_speaker & has_speaker[:, None]
+        return torch.where(is_speaker[..., None], speaker[:, None].to(embeds.dtype), embeds)
+
     def _text_step(self, width: int, ids, positions, speaker, has_speaker) -> torch.Tensor:
-        embeds = self.tts.embed_text(ids)  # [B, T, C]
-        is_speaker = (ids == self.spk_emb) & has_speaker[:, None]
-        embeds = torch.where(is_speaker[..., None], speaker[:, None].to(embeds.dtype), embeds)
+        embeds = self._text_embeds(ids, speaker, has_speaker)
         return self.tts(embeds, positions, self.pool.view(0, ids.shape[0], width), causal_mask(positions, width))
 
     @torch.inference_mode()
