@@ -65,14 +65,14 @@ def mixed(engine: Engine) -> list:
 def record_codes(engine: Engine) -> dict[str, list[np.ndarray]]:
     """The audio codes of every vocoder window, by request id, as the loop hands them to the vocoder."""
     windows: dict[str, list[np.ndarray]] = defaultdict(list)
-    run = engine.scheduler._run_vocoder
+    launch = engine.scheduler._launch_vocoder
 
     def spy(lives):
         for live in lives:
             windows[live.metrics.request_id].append(np.array(live.speech.item.codes))
-        run(lives)
+        return launch(lives)
 
-    engine.scheduler._run_vocoder = spy
+    engine.scheduler._launch_vocoder = spy
     return windows
 
 
@@ -123,6 +123,7 @@ def batched(model):
 def test_a_request_alone_and_in_a_batch_of_eight_is_the_same(model, batched):
     results, sizes = batched
     assert sizes["tts"] >= 4 and sizes["llm"] >= 2 and sizes["vocoder"] >= 2, f"no real batching: {sizes}"
+    assert sizes["prefill"] >= 2, f"LLM prompts were prefilled one at a time: {sizes}"
     engine = Engine(model)
     starts, windows = mixed(engine), record_codes(engine)
     for index in (0, 1, 3, 6):  # free chat, free chat with other parameters, forced chat, read-aloud
@@ -141,6 +142,18 @@ def test_the_reference_path_gives_the_same_audio(model, batched):
     for index, (ours, theirs) in enumerate(zip(ours_all, results, strict=True)):
         assert_same(ours, theirs, f"request {index}")
     assert_clean(reference)
+
+
+def test_compiled_layers_give_the_same_audio(model, batched):
+    """The GPU default (torch.compile of the decoder layers, dynamic shapes: one compile for every batch size, prompt
+    length and key width) on the same eight requests: the same tokens, codes and PCM as the eager fast path."""
+    results, _ = batched
+    compiled = Engine(model, EngineConfig(compile="on"))
+    assert compiled.llm.compiled and compiled.tts.compiled
+    windows = record_codes(compiled)
+    for index, (ours, theirs) in enumerate(zip(drain([s() for s in mixed(compiled)], windows), results, strict=True)):
+        assert_same(ours, theirs, f"request {index}")
+    assert_clean(compiled)
 
 
 # ---- everything in flight together ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from omnivox.config import LLMConfig
-from omnivox.models.kv_cache import KVPool, KVView
+from omnivox.models.kv_cache import KVPool, KVRows, KVView
 from omnivox.models.layers import rotary_tables
 from omnivox.models.qwen2 import Qwen2LM
 
@@ -76,12 +76,16 @@ def causal_rows(positions: torch.Tensor, capacity: int) -> torch.Tensor:
     return (keys[None, :] <= positions[:, None])[None, None]
 
 
-def make_cache(kind: str, cfg: LLMConfig, dtype: torch.dtype, batch: int = 1) -> KVView:
-    """"pool": rows 0..batch-1 of a pool; "rows": the same rows seen from the middle of a larger pool."""
+def make_cache(kind: str, cfg: LLMConfig, dtype: torch.dtype, batch: int = 1) -> KVView | KVRows:
+    """"pool": rows 0..batch-1 of a pool; "rows": the same rows seen from the middle of a larger pool; "indexed":
+    rows picked by index (KVRows), out of order."""
     args = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
     if kind == "pool":
         return KVPool(*args, capacity=CAPACITY, dtype=dtype, device="cpu", slots=batch).view(0, batch)
-    return KVPool(*args, capacity=CAPACITY, dtype=dtype, device="cpu", slots=batch + 3).view(2, batch)
+    if kind == "rows":
+        return KVPool(*args, capacity=CAPACITY, dtype=dtype, device="cpu", slots=batch + 3).view(2, batch)
+    pool = KVPool(*args, capacity=CAPACITY, dtype=dtype, device="cpu", slots=2 * batch + 3)
+    return KVRows(pool, torch.arange(2 * batch + 1, batch, -2), CAPACITY)
 
 
 def prompt_ids(batch: int = 1, seed: int = 1) -> torch.Tensor:
@@ -163,7 +167,7 @@ def test_prompt_logits_fp32_batch2(attn):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("cache_kind", ["pool", "rows"])
+@pytest.mark.parametrize("cache_kind", ["pool", "rows", "indexed"])
 @torch.no_grad()
 def test_greedy_decode_fp32_matches_transformers(cache_kind, tie):
     cfg = tiny_config(tie)
@@ -178,7 +182,7 @@ def test_greedy_decode_fp32_matches_transformers(cache_kind, tie):
     torch.testing.assert_close(ours_last, their_last, **tol, msg=lambda m: f"fp32 logits after 32 steps, 1e-5: {m}")
 
 
-@pytest.mark.parametrize("cache_kind", ["pool", "rows"])
+@pytest.mark.parametrize("cache_kind", ["pool", "rows", "indexed"])
 @torch.no_grad()
 def test_bf16_teacher_forced_decode_close_to_transformers(cache_kind):
     """bf16 argmax can flip on near ties, so both sides are fed the oracle's fp32 greedy tokens instead."""

@@ -7,6 +7,8 @@ model, one loop iteration at a time on the test thread, with a clock the test mo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -158,28 +160,36 @@ def test_llm_decode_runs_when_a_stream_waits_for_text():
     first = live(NEXT_CHUNK, decode_one())  # no audio yet: its first audio waits on text
     assert scheduler(first).plan(100.0)["llm"] == [first]
     waiting.chunks.append(object())  # a chunk is already there: the speech is not stalled on the LLM
-    assert scheduler(waiting, lookahead).plan(100.0)["llm"] == []
-    # stalled, but with plenty of audio buffered: while other work runs, the step waits for more rows (or the idle
-    # limit); with nothing else to run it goes at once
+    assert just_decoded(scheduler(waiting, lookahead)).plan(100.0)["llm"] == []
+    # stalled, but with plenty of audio buffered: while other work runs, the step waits for more rows (or the
+    # gathering time); with nothing else to run it goes at once
     relaxed = live(NEXT_CHUNK, decode_one(), buffered=CONFIG.text_wait_reserve_s + 1.0)
     stepping = live(tts_step(), buffered=2.0)
-    assert scheduler(relaxed, stepping).plan(100.0)["llm"] == []
-    assert scheduler(relaxed).plan(100.0)["llm"] == [relaxed]
+    assert just_decoded(scheduler(relaxed, stepping)).plan(100.0)["llm"] == []
+    assert just_decoded(scheduler(relaxed)).plan(100.0)["llm"] == [relaxed]
+    assert scheduler(relaxed, stepping).plan(100.0)["llm"] == [relaxed], "gathered long enough since the last step"
 
 
-def test_llm_look_ahead_runs_only_every_idle_iterations():
+def just_decoded(s: Scheduler, now: float = 100.0) -> Scheduler:
+    s._last_decode_at = now  # a decode step was launched at `now`
+    return s
+
+
+def test_llm_look_ahead_rows_gather_between_decode_steps():
     ahead = [live(tts_step(), decode_one(), buffered=1.0) for _ in range(2)]
     s = scheduler(*ahead)
     runs = []
-    for _ in range(3 * (CONFIG.llm_idle_iterations + 1)):
-        plan = s.plan(100.0)
+    tick = 1 / 32  # iterations about 31 ms apart (a binary fraction: exact times)
+    period = math.ceil(CONFIG.llm_gather_s / tick)
+    for i in range(3 * period):
+        now = 100.0 + tick * i
+        plan = s.plan(now)
         runs.append(bool(plan["llm"]))
         if plan["llm"]:
-            s._llm_idle = 0  # what running the step does
-        else:
-            s._run_llm([])  # an iteration without a decode
-    period = [False] * CONFIG.llm_idle_iterations + [True]
-    assert runs == period * 3
+            s._last_decode_at = now  # what launching the step does
+    assert runs == ([True] + [False] * (period - 1)) * 3
+    s._decode = object()  # a step in flight: no second one until its tokens are in
+    assert s.plan(200.0)["llm"] == []
 
 
 def test_read_aloud_has_no_llm_work():

@@ -2,8 +2,9 @@
 
     python -m omnivox.bench.batch_bench --dummy-weights --device cuda --out OUT [--parts steps,equivalence,single]
 
-* steps: one LLM decode step, one TTS step and one vocoder batch (29-token windows) at each batch size, timed over
-  the executors' captured graphs (device-synchronised medians). A figure here is per step, not per stream.
+* steps: one LLM decode step, one TTS step, one vocoder batch (29-token windows) and one LLM prefill (32 tokens a
+  row) at each batch size, timed over the executors' captured graphs (device-synchronised medians, host work
+  included). A figure here is per step, not per stream.
 * equivalence: the same requests through the fast path (all at once, batched) and the reference path (eager, one
   row at a time); reports how many replies are identical and, where they part, at which audio token. Run it in
   fp32 (the exactness claim) and in bf16 (agreement rate).
@@ -25,13 +26,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from omnivox.bench.plot import plot_steps
 from omnivox.bench.workloads import STANDARD_WORKLOAD, load_workload, split_warmup
 from omnivox.engine.engine import Engine, EngineConfig
-from omnivox.engine.llm_executor import LLMRow, LLMSampling
+from omnivox.engine.llm_executor import LLMRow, LLMSampling, PrefillRow
 from omnivox.engine.tts_executor import TTSRow, TTSSampling
 from omnivox.engine.types import SamplingParams
 
 console = Console()
+PROMPT_TOKENS = 32  # a user turn plus the reply header, about
 
 
 def _sync(engine: Engine) -> None:
@@ -67,25 +70,29 @@ def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) 
                 codes = np.ones(num_vq, np.int64)
                 tts_rows = [TTSRow(h.row, 302 + position // 4, codes, 40, False, False, ts) for h in tts_handles]
                 windows = [np.ones((29, num_vq), np.int64) for _ in range(b)]
-                llm_s = _time(engine, lambda rows=llm_rows: engine.llm.decode(rows), repeats)
+                llm_s = _time(engine, lambda rows=llm_rows: engine.llm.decode(rows).get(), repeats)
+                prompts = [PrefillRow(h.row, 100, list(range(1000, 1000 + PROMPT_TOKENS))) for h in llm_handles]
+                prefill_s = _time(engine, lambda rows=prompts: engine.llm.prefill(rows).get(), max(repeats // 4, 3))
                 tts_s = _time(engine, lambda rows=tts_rows: engine.tts.step(rows), repeats)
-                voc_s = _time(engine, lambda w=windows: engine.vocoder.decode(w), max(repeats // 4, 3))
+                voc_s = _time(engine, lambda w=windows: engine.vocoder.decode(w).get(), max(repeats // 4, 3))
             finally:
                 for h in llm_handles:
                     engine.llm.slots.release(h)
                 for h in tts_handles:
                     engine.tts.slots.release(h)
             row = {"batch": b, "llm_ms": 1e3 * llm_s, "tts_ms": 1e3 * tts_s, "vocoder_ms": 1e3 * voc_s,
+                   "prefill_ms": 1e3 * prefill_s,
                    # realtime streams one GPU could feed from the TTS step alone (46.875 steps per audio second)
                    "tts_stream_bound": b / (46.875 * tts_s)}
             rows_out.append(row)
             console.print(row)
     table = Table(title=f"step time vs batch size (positions ~{position})")
-    for col in ("batch", "LLM ms", "TTS ms", "vocoder ms (29 tok)", "TTS-bound streams"):
+    for col in ("batch", "LLM ms", "TTS ms", "vocoder ms (29 tok)", f"LLM prefill ms ({PROMPT_TOKENS} tok/row)",
+                "TTS-bound streams"):
         table.add_column(col, justify="right")
     for r in rows_out:
         table.add_row(str(r["batch"]), f"{r['llm_ms']:.2f}", f"{r['tts_ms']:.2f}", f"{r['vocoder_ms']:.2f}",
-                      f"{r['tts_stream_bound']:.0f}")
+                      f"{r['prefill_ms']:.2f}", f"{r['tts_stream_bound']:.0f}")
     console.print(table)
     return rows_out
 
@@ -137,6 +144,12 @@ def part_equivalence(engine: Engine, requests: int, seconds: float) -> dict:
     return report
 
 
+def loop_profile(engine: Engine) -> dict[str, float]:
+    """Host time per loop iteration, by part (waits on the LLM's stream included), since the engine started."""
+    n = max(engine.scheduler.iterations, 1)
+    return {part: round(1e3 * seconds / n, 3) for part, seconds in sorted(engine.scheduler.loop_seconds.items())}
+
+
 def part_single(engine: Engine, trials: int) -> dict:
     """One stream at a time over the standard workload."""
     warm, items = split_warmup(load_workload(STANDARD_WORKLOAD))
@@ -150,7 +163,8 @@ def part_single(engine: Engine, trials: int) -> dict:
             ttfb.append(s.metrics.ttfb_s)
             rtf.append(s.metrics.rtf)
     result = {"n": len(ttfb), "ttfb_p50_ms": 1e3 * statistics.median(ttfb), "rtf_p50": statistics.median(rtf),
-              "ttfb_ms": [1e3 * x for x in ttfb], "rtf": rtf}
+              "ttfb_ms": [1e3 * x for x in ttfb], "rtf": rtf, "loop_ms_per_iteration": loop_profile(engine)}
+    console.print(f"loop, ms per iteration: {result['loop_ms_per_iteration']}")
     console.print(f"single stream: n={result['n']} TTFB p50 {result['ttfb_p50_ms']:.1f} ms, RTF p50 "
                   f"{result['rtf_p50']:.4f}")
     return result
@@ -170,7 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="forced audio length in the equivalence part")
     p.add_argument("--trials", type=int, default=3, help="passes over the workload in the single part")
     p.add_argument("--max-session-tokens", type=int, default=2048)
+    p.add_argument("--plot-steps", nargs="+", metavar="LABEL=FILE.json",
+                   help="draw the steps parts of earlier runs (batch_bench.json files) into --out/steps.png; runs "
+                   "nothing")
     args = p.parse_args(argv)
+    if args.plot_steps:
+        runs = {}
+        for entry in args.plot_steps:
+            label, _, file = entry.partition("=")
+            runs[label] = json.loads(Path(file).read_text())["steps"]
+        path = plot_steps(runs, Path(args.out) / "steps.png", "step time against batch size")
+        console.print(f"wrote {path}")
+        return 0
     parts = args.parts.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     slots = max(batches) if "steps" in parts else 16

@@ -95,3 +95,26 @@ def plot_medians(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_steps(runs: dict[str, list[dict[str, float]]], path: str | Path, title: str) -> Path:
+    """Step time against batch size, one panel per stage (LLM, TTS, DVAE + Vocos), one line per run. `runs` maps a
+    label to `batch_bench --parts steps` rows ({"batch", "llm_ms", "tts_ms", "vocoder_ms"})."""
+    fig = Figure(figsize=(12, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    stages = [("llm_ms", "LLM decode step"), ("tts_ms", "TTS step"), ("vocoder_ms", "DVAE + Vocos (29-token windows)")]
+    for ax, (key, name) in zip(fig.subplots(1, 3), stages, strict=True):
+        for label, rows in runs.items():
+            ax.plot([r["batch"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (rows)")
+        ax.set_ylabel("ms per step")
+        ax.set_title(name)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

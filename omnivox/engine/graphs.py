@@ -1,10 +1,14 @@
-"""CUDA graphs of fixed-shape steps, one per shape key, replayed with fresh inputs.
+"""CUDA graphs of fixed-shape steps, one per shape key, replayed with fresh inputs; results read back without
+blocking the loop.
 
 A step function reads only its input tensors and buffers that outlive the graph (the KV pools, the weights), so
-`run` copies the inputs into the graph's own input buffers and replays. Every graph is captured and replayed on the
-one stream the engine loop runs on, and they share one memory pool, as nano-vllm's `capture_cudagraph` does: the
-engine consumes each output (copies it to the host) before the next replay. With graphs off (always on a CPU) `run`
-calls the function.
+`run` copies the inputs (host arrays, one copy each) into the graph's own input buffers and replays. Each cache
+captures and replays on one CUDA stream and has its own memory pool: graphs of one cache never run at the same
+time, graphs of two caches may (the LLM's beside the TTS's), so they must not share intermediate memory. With
+graphs off (always on a CPU) `run` calls the function.
+
+Step bodies may call compiled layers (omnivox/models/layers.py, `compiled=True`): the compiled code is captured
+inside our graphs, as gpt-fast and nano-vllm capture theirs.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import numpy as np
 import torch
 
-Step = Callable[..., torch.Tensor]
+Step = Callable[..., Any]
 
 
 class GraphCache:
     def __init__(self, device: torch.device, enabled: bool, stream: torch.cuda.Stream | None = None):
+        self.device = device
         self.enabled = enabled and device.type == "cuda"
         self.stream = stream
         self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
@@ -27,36 +33,83 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def run(self, key: Hashable, fn: Step, inputs: dict[str, torch.Tensor]) -> Any:
+    def run(self, key: Hashable, fn: Step, inputs: dict[str, np.ndarray | torch.Tensor]) -> Any:
+        """Runs `fn(**inputs)` (as the graph captured under `key`, with graphs on); inputs may be host arrays."""
         if not self.enabled:
-            return fn(**inputs)
+            return fn(**{name: _on(self.device, value) for name, value in inputs.items()})
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(fn, inputs)
+            entry = self._graphs[key] = self._capture(fn, {k: _on(self.device, v) for k, v in inputs.items()})
         graph, static, output = entry
         for name, value in inputs.items():
-            static[name].copy_(value, non_blocking=True)
+            static[name].copy_(torch.from_numpy(value) if isinstance(value, np.ndarray) else value, non_blocking=True)
         graph.replay()
         return output
 
     def _capture(self, fn: Step, inputs: dict[str, torch.Tensor]):
         static = {name: value.clone() for name, value in inputs.items()}
-        fn(**static)  # warm-up: lazy initialisation and the stream's cuBLAS workspace, outside the capture
+        fn(**static)  # warm-up: compilation, lazy initialisation and the stream's cuBLAS workspace, not captured
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             output = fn(**static)
         return graph, static, output
 
 
+def _on(device: torch.device, value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return (torch.from_numpy(value) if isinstance(value, np.ndarray) else value).to(device)
+
+
+class Pending:
+    """A result on its way back from the device: `get()` waits for it (at once on a CPU or without a stream)."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], convert: Callable[..., Any],
+                 stream: torch.cuda.Stream | None = None):
+        self.convert = convert
+        if stream is None:
+            self.host, self.event = tuple(t.cpu() for t in tensors), None
+            return
+        with torch.cuda.stream(stream):
+            self.host = tuple(t.to("cpu", non_blocking=True) for t in tensors)
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def get(self) -> Any:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.convert(*(t.numpy() for t in self.host))
+
+
+class Ready:
+    """A result already on the host (the reference path's steps, which run one row at a time)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self) -> Any:
+        return self.value
+
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 
 
-def batch_bucket(rows: int, limit: int) -> int:
-    """The captured batch size that holds `rows` rows (at most `limit`, the pool's size)."""
+def batch_bucket(rows: int, limit: int, smallest: int = 1) -> int:
+    """The captured batch size that holds `rows` rows (at least `smallest`, at most `limit`, the pool's size)."""
     for size in BATCH_BUCKETS:
-        if size >= rows:
+        if size >= max(rows, smallest):
             return min(size, limit)
     return limit
+
+
+def batch_buckets(limit: int, smallest: int = 1) -> list[int]:
+    """Every captured batch size a pool of `limit` rows can need."""
+    return sorted({batch_bucket(n, limit, smallest) for n in range(1, limit + 1)})
 
 
 def length_buckets(capacity: int, smallest: int) -> list[int]:

@@ -1,26 +1,43 @@
-"""The LLM executor: a pool of cache rows, prefills at one row, and batched decode steps over the active rows.
+"""The LLM executor: a pool of cache rows, batched prefills over any rows, and batched decode steps over the
+active rows, on the executor's own CUDA stream so they run beside the TTS.
 
 It knows rows, positions and sampling parameters, never requests. A decode step runs on rows 0..B-1 of the pool
 (B: the captured batch size that holds the active rows, omnivox/engine/slots.py keeps them in front); rows without
 a token this step write to the scratch position (the last one, never used by a session) and their output is
 dropped. Masks, sampling and the counter-based random numbers all run inside the step, so it replays as one CUDA
-graph per (batch size, key width).
+graph per (batch size, key width). A prefill runs the prompts of several rows, wherever they are in the pool, as
+one padded batch (pads write to the scratch position), replayed as a CUDA graph per (batch, length, key width).
+
+Both return `Pending` results: the loop launches the LLM's work, runs the TTS and the vocoder meanwhile, and only
+then waits for the tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from omnivox.engine.graphs import GraphCache, batch_bucket, length_bucket, length_buckets
+from omnivox.engine.graphs import (
+    BATCH_BUCKETS,
+    GraphCache,
+    Pending,
+    Ready,
+    batch_bucket,
+    batch_buckets,
+    length_bucket,
+    length_buckets,
+)
 from omnivox.engine.masks import causal_mask
 from omnivox.engine.sampling import LLM_TOP_K_MAX, sample_llm
 from omnivox.engine.slots import SlotTable
-from omnivox.models.kv_cache import KVPool
+from omnivox.models.kv_cache import KVPool, KVRows
 
-WINDOW = 16  # repetition-penalty window width of a decode step (the header + a 3-token call fit)
+WINDOW = 16  # repetition-penalty window width of a step (the header + a 3-token call fit)
+PREFILL_ALIGN = 16  # prefill lengths are padded to a multiple of this (fewer shapes for the compiler)
 
 
 @dataclass
@@ -38,6 +55,8 @@ class LLMSampling:
 
 @dataclass
 class LLMRow:
+    """One decode-step row: `token` at `position`, then one token sampled with the repetition `window`."""
+
     row: int
     token: int
     position: int
@@ -45,103 +64,185 @@ class LLMRow:
     sampling: LLMSampling
 
 
+@dataclass
+class PrefillRow:
+    """`ids` at positions start.. of `row`; with `sampling`, one token is sampled after the last id (a reply's
+    header); with `hidden_at`, the post-norm hidden state at that index of `ids` is handed back (on the device)."""
+
+    row: int
+    start: int
+    ids: list[int]
+    window: list[int] | None = None
+    sampling: LLMSampling | None = None
+    hidden_at: int | None = None
+
+
 class LLMExecutor:
-    def __init__(self, model, slots: int, capacity: int, graphs: GraphCache, one_row_at_a_time: bool = False):
+    def __init__(self, model, slots: int, capacity: int, graphs: GraphCache, one_row_at_a_time: bool = False,
+                 compile: bool = False, stream: torch.cuda.Stream | None = None):
         c = model.config.llm
         self.model, self.llm, self.device = model, model.llm, model.device
         self.capacity = min(capacity, c.max_position_embeddings)
         self.scratch = self.capacity - 1
         self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.capacity, model.dtype,
                            model.device, slots)
-        self.slots = SlotTable(slots, self.pool.swap_slots)
+        self.slots = SlotTable(slots, self._swap)
         self.graphs = graphs
         self.widths = length_buckets(self.capacity, 256)
-        self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1
+        self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1, eager
+        self.compiled = compile  # the layers' compiled halves; batches of 1 are padded to 2 (one compile for all)
+        self.smallest_batch = 2 if compile else 1
+        self.stream = stream
 
     @property
     def usable_positions(self) -> int:
         return self.scratch
 
-    @torch.inference_mode()
-    def prefill(self, row: int, start: int, ids: list[int]) -> torch.Tensor:
-        """Runs `ids` at positions start.. of `row`; returns post-norm hidden [T, C]."""
-        n = len(ids)
-        width = length_bucket(start + n, self.widths)
-        positions = torch.arange(start, start + n, device=self.device)[None]
-        ids_t = torch.tensor([ids], dtype=torch.long, device=self.device)
-        view = self.pool.view(row, 1, width)
-        return self.llm(ids_t, positions, view, causal_mask(positions, width))[0]
-
-    @torch.inference_mode()
-    def sample_one(self, hidden: torch.Tensor, window: list[int], sampling: LLMSampling) -> int:
-        """The next token after a prefill's last hidden state (the reply header's first step)."""
-        logits = self.llm.compute_logits(hidden[None])
-        return int(self._sample(logits, *self._sampling_tensors([(window, sampling)], 1))[0])
-
-    @torch.inference_mode()
-    def decode(self, rows: list[LLMRow]) -> list[int]:
-        """One token for each of `rows` (all of them active rows of the pool); returns the sampled tokens."""
-        if self.one_row_at_a_time:
-            return [self._decode(r.row, 1, [r])[0] for r in rows]
-        return self._decode(0, batch_bucket(self.slots.num_active, self.slots.size), rows)
-
-    def _decode(self, first: int, batch: int, rows: list[LLMRow]) -> list[int]:
-        """One step over pool rows first..first+batch-1, of which `rows` take part."""
-        width = length_bucket(max(r.position for r in rows) + 1, self.widths)
-        ids = np.zeros(batch, np.int64)
-        positions = np.full(batch, self.scratch, np.int64)
-        entries: list[tuple[list[int], LLMSampling] | None] = [None] * batch
-        for r in rows:
-            i = r.row - first
-            ids[i], positions[i], entries[i] = r.token, r.position, (r.window, r.sampling)
-        inputs = {"ids": ids, "positions": positions}
-        window, params = self._sampling_tensors(entries, batch)
-        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
-        inputs.update(window=window, **params)
-        out = self.graphs.run(("llm", first, batch, width), lambda **kw: self._step(first, width, **kw), inputs)
-        tokens = out.cpu().numpy()
-        return [int(tokens[r.row - first]) for r in rows]
-
-    def warm_up(self) -> None:
-        """Captures every (batch size, key width) step graph now; scratch rows only, so no cache is touched."""
-        if not self.graphs.enabled:
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[torch.cuda.Stream | None]:
+        """Runs the block on the executor's stream, after the work the caller's stream has queued (row swaps, cache
+        copies); yields the caller's stream (None without streams)."""
+        if self.stream is None:
+            yield None
             return
-        for batch in sorted({batch_bucket(n, self.slots.size) for n in range(1, self.slots.size + 1)}):
-            for width in self.widths:
-                window, params = self._sampling_tensors([None] * batch, batch)
-                inputs = {
-                    "ids": torch.zeros(batch, dtype=torch.long, device=self.device),
-                    "positions": torch.full((batch,), self.scratch, dtype=torch.long, device=self.device),
-                    "window": window,
-                    **params,
-                }
-                self.graphs.run(("llm", 0, batch, width), lambda w=width, **kw: self._step(0, w, **kw), inputs)
+        caller = torch.cuda.current_stream()
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield caller
 
-    def _step(self, first: int, width: int, ids, positions, window, **params) -> torch.Tensor:
-        positions = positions[:, None]
-        view = self.pool.view(first, ids.shape[0], width)
-        hidden = self.llm(ids[:, None], positions, view, causal_mask(positions, width))[:, -1]
-        return self._sample(self.llm.compute_logits(hidden), window, params)
+    def _swap(self, a: int, b: int) -> None:
+        with self.on_stream():
+            self.pool.swap_slots(a, b)
+
+    @torch.inference_mode()
+    def copy_prefix(self, source: KVPool, row: int, length: int) -> None:
+        """Row `row` starts with `source`'s row 0, positions [0, length) (the shared system prompt)."""
+        with self.on_stream():
+            self.pool.copy_prefix(source, 0, row, length)
+
+    # ---- prefills -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, rows: list[PrefillRow]) -> Pending | Ready:
+        """Runs every row's ids; the result is, per row, (sampled token or None, hidden at `hidden_at` or None)."""
+        if self.one_row_at_a_time:
+            return Ready([self._prefill([r], 1, len(r.ids)).get()[0] for r in rows])
+        return self._prefill(rows, *self._prefill_shape(len(rows), max(len(r.ids) for r in rows)))
 
     @staticmethod
-    def _sample(logits: torch.Tensor, window: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sample_llm(logits, window, **params)
+    def _prefill_shape(rows: int, tokens: int) -> tuple[int, int]:
+        """(batch, length) of the captured prefill that holds `rows` rows of up to `tokens` ids: at least 2 rows
+        (one compile for every batch size), lengths in powers of two from PREFILL_ALIGN."""
+        length = PREFILL_ALIGN
+        while length < tokens:
+            length *= 2
+        return batch_bucket(max(rows, 2), BATCH_BUCKETS[-1]), length
 
-    def _sampling_tensors(self, entries, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        window = np.zeros((batch, WINDOW), np.int64)
-        temperature, top_p, penalty = np.ones(batch, np.float32), np.ones(batch, np.float32), np.ones(batch, np.float32)
-        top_k, seeds, counters = np.ones(batch, np.int64), np.zeros(batch, np.int64), np.zeros(batch, np.int64)
-        greedy = np.ones(batch, bool)
+    def _prefill(self, rows: list[PrefillRow], batch: int, length: int) -> Pending:
+        width = length_bucket(max(r.start + len(r.ids) for r in rows), self.widths)
+        ids = np.zeros((batch, length), np.int64)
+        positions = np.full((batch, length), self.scratch, np.int64)
+        pool_rows = np.full(batch, rows[0].row, np.int64)  # a padding row writes to row 0's scratch position
+        last = np.zeros(batch, np.int64)
+        entries = []
+        for i, r in enumerate(rows):
+            n = len(r.ids)
+            ids[i, :n], positions[i, :n], pool_rows[i], last[i] = r.ids, np.arange(r.start, r.start + n), r.row, n - 1
+            entries.append((r.window, r.sampling) if r.sampling is not None else None)
+        ints, floats = self._pack(entries, batch)
+        inputs = dict(ids=ids, positions=positions, rows=pool_rows, last=last, ints=ints, floats=floats)
+        with self.on_stream() as caller:
+            tokens, hidden = self.graphs.run(("prefill", batch, length, width),
+                                             lambda **kw: self._prefill_step(width, **kw), inputs)
+            wanted = {}
+            for i, r in enumerate(rows):
+                if r.hidden_at is not None:
+                    wanted[i] = hidden[i, r.hidden_at].clone()  # the graph's output is overwritten by its next replay
+                    if caller is not None:
+                        wanted[i].record_stream(caller)  # read later on the caller's stream
+            sampled = [r.sampling is not None for r in rows]
+
+            def results(tokens: np.ndarray) -> list[tuple[int | None, torch.Tensor | None]]:
+                return [(int(tokens[i]) if sampled[i] else None, wanted.get(i)) for i in range(len(rows))]
+
+            return Pending((tokens,), results, self.stream)
+
+    def _prefill_step(self, width: int, ids, positions, rows, last, ints, floats):
+        view = KVRows(self.pool, rows, width)
+        hidden = self.llm(ids, positions, view, causal_mask(positions, width), compiled=self.compiled)  # [B,T,C]
+        final = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # [B, C]
+        return self._sample(self.llm.compute_logits(final), ints, floats), hidden
+
+    # ---- decode steps -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, rows: list[LLMRow]) -> Pending | Ready:
+        """One token for each of `rows` (all of them active rows of the pool); the result is the sampled tokens."""
+        if self.one_row_at_a_time:
+            return Ready([self._decode(r.row, 1, [r]).get()[0] for r in rows])
+        return self._decode(0, batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch), rows)
+
+    def _decode(self, first: int, batch: int, rows: list[LLMRow]) -> Pending:
+        """One step over pool rows first..first+batch-1, of which `rows` take part."""
+        width = length_bucket(max(r.position for r in rows) + 1, self.widths)
+        entries: list[tuple[list[int], LLMSampling] | None] = [None] * batch
+        for r in rows:
+            entries[r.row - first] = (r.window, r.sampling)
+        ints, floats = self._pack(entries, batch)
+        for r in rows:
+            ints[r.row - first, :2] = r.token, r.position
+        with self.on_stream():
+            out = self.graphs.run(("llm", first, batch, width),
+                                  lambda **kw: self._step(first, width, **kw), {"ints": ints, "floats": floats})
+            index = [r.row - first for r in rows]
+            return Pending((out,), lambda tokens: [int(tokens[i]) for i in index], self.stream)
+
+    def warm_up(self) -> None:
+        """Captures every (batch size, key width) decode graph and the prefill graphs of the common shapes now;
+        every row writes to the scratch position only, so no cache is touched."""
+        if not self.graphs.enabled:
+            return
+        with self.on_stream():
+            for batch in batch_buckets(self.slots.size, self.smallest_batch):
+                for width in self.widths:
+                    ints, floats = self._pack([None] * batch, batch)
+                    self.graphs.run(("llm", 0, batch, width), lambda w=width, **kw: self._step(0, w, **kw),
+                                    {"ints": ints, "floats": floats})
+            for batch in (2, 4, 8, 16, 32):  # the prefills of up to 32 new conversations at once
+                for length in (PREFILL_ALIGN, 2 * PREFILL_ALIGN, 4 * PREFILL_ALIGN):
+                    for width in self.widths:
+                        ints, floats = self._pack([None] * batch, batch)
+                        inputs = dict(ids=np.zeros((batch, length), np.int64),
+                                      positions=np.full((batch, length), self.scratch, np.int64),
+                                      rows=np.zeros(batch, np.int64), last=np.zeros(batch, np.int64),
+                                      ints=ints, floats=floats)
+                        self.graphs.run(("prefill", batch, length, width),
+                                        lambda w=width, **kw: self._prefill_step(w, **kw), inputs)
+
+    def _step(self, first: int, width: int, ints, floats) -> torch.Tensor:
+        ids, positions = ints[:, :1], ints[:, 1:2]
+        view = self.pool.view(first, ids.shape[0], width)
+        hidden = self.llm(ids, positions, view, causal_mask(positions, width), compiled=self.compiled)[:, -1]
+        return self._sample(self.llm.compute_logits(hidden), ints, floats)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+        return sample_llm(logits, ints[:, 6:], temperature=floats[:, 0], top_k=ints[:, 2], top_p=floats[:, 1],
+                          repetition_penalty=floats[:, 2], greedy=ints[:, 3] != 0, seeds=ints[:, 4],
+                          counters=ints[:, 5])
+
+    def _pack(self, entries, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The step's inputs in two host arrays: ints [B, 6 + WINDOW] (token, position, top_k, greedy, seed,
+        counter, window) and floats [B, 3] (temperature, top_p, penalty); token and position are left for the
+        caller. Rows without an entry sample greedily at the scratch position."""
+        ints = np.zeros((batch, 6 + WINDOW), np.int64)
+        ints[:, 1], ints[:, 2], ints[:, 3] = self.scratch, 1, 1
+        floats = np.ones((batch, 3), np.float32)
         for i, entry in enumerate(entries):
             if entry is None:
                 continue
             ids, s = entry
             ids = ids[-WINDOW:]
-            window[i] = ids + [ids[0]] * (WINDOW - len(ids))  # padding repeats an id: penalised once all the same
-            temperature[i], top_p[i], penalty[i] = s.temperature, s.top_p, s.repetition_penalty
-            top_k[i] = LLM_TOP_K_MAX if s.top_k <= 0 else min(s.top_k, LLM_TOP_K_MAX)
-            greedy[i], seeds[i], counters[i] = s.greedy, s.seed, s.counter
-        host = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, greedy=greedy,
-                    seeds=seeds, counters=counters)
-        params = {k: torch.from_numpy(v).to(self.device) for k, v in host.items()}
-        return torch.from_numpy(window).to(self.device), params
+            ints[i, 6:] = ids + [ids[0]] * (WINDOW - len(ids))  # padding repeats an id: penalised once all the same
+            ints[i, 2] = LLM_TOP_K_MAX if s.top_k <= 0 else min(s.top_k, LLM_TOP_K_MAX)
+            ints[i, 3:6] = s.greedy, s.seed, s.counter
+            floats[i] = s.temperature, s.top_p, s.repetition_penalty
+        return ints, floats

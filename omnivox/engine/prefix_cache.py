@@ -29,10 +29,8 @@ class PrefixCache:
         if ids:
             prompt_forward(model, self.pool, 0, self.ids)
 
-    def copy_into(self, pool: KVPool, row: int, ids: list[int]) -> int:
-        """Copies the prefix into `row` if `ids` start with it; returns how many positions that covers (0 if not)."""
+    def covers(self, ids: list[int]) -> int:
+        """How many leading positions of `ids` this prefix's cache holds (all of it, or 0 if `ids` do not start with
+        it); a new row takes them with `KVPool.copy_prefix` from `pool`'s row 0."""
         n = len(self.ids)
-        if n == 0 or ids[:n] != self.ids:
-            return 0
-        pool.copy_prefix(self.pool, 0, row, n)
-        return n
+        return n if n and ids[:n] == self.ids else 0

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from functools import partial
 
-from omnivox.engine.llm_executor import LLMExecutor, LLMRow, LLMSampling
+from omnivox.engine.graphs import Pending, Ready
+from omnivox.engine.llm_executor import LLMExecutor, LLMRow, LLMSampling, PrefillRow
 from omnivox.engine.request import LLMChunk, Piece, Reply
 from omnivox.engine.session import Session
 from omnivox.engine.slots import SlotHandle
@@ -85,6 +87,7 @@ class Live:
     first_audio_at: float | None = None
     audio_s: float = 0.0
     cancelled: bool = False
+    llm_inflight: bool = False  # its LLM work was launched and its result is not in yet
     order: int = field(default_factory=itertools.count().__next__)
 
     def buffered_s(self, now: float) -> float:
@@ -100,7 +103,7 @@ class Live:
 @dataclass
 class SchedulerConfig:
     prefill_token_budget: int = 2048  # LLM prefill tokens per iteration
-    llm_idle_iterations: int = 4  # run a decode step for pending look-ahead rows at least this often
+    llm_gather_s: float = 0.1  # look-ahead rows gather this long between decode steps while other work runs
     text_wait_reserve_s: float = 1.0  # a stream waiting on text with less audio buffered gets a decode step now
     underrun_reserve_s: float = 0.3  # a stream with less buffered than this is about to underrun
     ahead_limit_s: float = 20.0  # a stream with more buffered than this waits
@@ -115,7 +118,10 @@ class Scheduler:
         self.clock = clock
         self.live: list[Live] = []
         self.iterations = 0
-        self._llm_idle = 0
+        self._last_decode_at = -float("inf")
+        self._decode: Launched | None = None  # the LLM's work in flight on its stream (at most one of each)
+        self._prefill: Launched | None = None
+        self.loop_seconds: defaultdict[str, float] = defaultdict(float)  # host time by part of the iteration
         self.on_batch: Callable[[str, int], None] | None = None  # observer of each batch's size (metrics)
 
     # ---- requests in and out ----------------------------------------------------------------------------------
@@ -154,22 +160,53 @@ class Scheduler:
             self.finish(live)
 
     def step(self) -> bool:
-        """One iteration; False when no work could run (the caller may wait for a new request or event)."""
+        """One iteration; False when no work could run (the caller may wait for a new request or event).
+
+        The LLM's work runs on its own stream: launched here, its results are taken in a later iteration once
+        ready, so the TTS steps of every stream go on meanwhile. An iteration with nothing else to run waits for it.
+        """
         self.reap()
+        resolved = self._resolve_llm(block=False)
         if not self.live:
-            return False
+            return bool(self._resolve_llm(block=True) or resolved)
         now = self.clock()
         for live in list(self.live):
             self._guard(live, self._advance, live)
         plan = self.plan(now)
-        if not any(plan.values()):
-            return False  # every request waits on something outside the loop (text to come, its listener)
-        self._run_vocoder(plan["vocode"])
-        self._run_tts(plan["tts"])
-        self._run_llm(plan["llm"])
-        self._run_prefills(plan["prefill"])
+        self.loop_seconds["advance"] += self.clock() - now
+        self._launch_llm_work(plan, now)
+        speech = [r for r in plan["prefill"] if r.speech is _side(r)]
+        if plan["vocode"] or plan["tts"] or speech:
+            audio = self._launch_vocoder(plan["vocode"])
+            self._run_tts(plan["tts"])
+            self._run_speech_prefills(speech)
+            self._resolve_vocoder(audio)
+            self._relaunch_llm()
+        elif not self._resolve_llm(block=True):  # nothing to do but wait for the LLM
+            return bool(resolved or plan["llm"])
         self.iterations += 1
         return True
+
+    def _launch_llm_work(self, plan: dict[str, list[Live]], now: float) -> None:
+        if plan["llm"]:
+            self._decode = self._launch_llm(plan["llm"])
+            self._last_decode_at = now
+        if self._prefill is None:
+            llm_prefills = [r for r in plan["prefill"] if r.llm is not None and _side(r) is r.llm]
+            self._prefill = self._launch_llm_prefills(llm_prefills)
+
+    def _relaunch_llm(self) -> None:
+        """LLM work that finished during the speech work hands its results over now, and the LLM's next work is
+        launched at once rather than at the next iteration (a new stream's text comes one step after another)."""
+        resolved = self._resolve_llm(block=False)
+        if not resolved:
+            return
+        now = self.clock()
+        for live in resolved:
+            if live in self.live:
+                self._guard(live, self._advance, live)
+        self._launch_llm_work(self.plan(now), now)
+        self.loop_seconds["relaunch_llm"] += self.clock() - now
 
     def plan(self, now: float) -> dict[str, list[Live]]:
         """Which requests' pending work runs this iteration (pure: reads the requests and the clock)."""
@@ -177,31 +214,37 @@ class Scheduler:
         go = [r for r in self.live if r.buffered_s(now) <= cfg.ahead_limit_s]
         vocode = [r for r in go if r.speech.waiting_on(Vocode)]
         tts = [r for r in go if r.speech.waiting_on(TTSStep)]
-        llm_rows = [r for r in go if r.llm is not None and r.llm.waiting_on(LLMDecode) and len(r.llm.item.ids) == 1]
+        llm_rows = [r for r in go if r.llm is not None and not r.llm_inflight and r.llm.waiting_on(LLMDecode)
+                    and len(r.llm.item.ids) == 1] if self._decode is None else []
         # a decode step costs about as much for one row as for many: run it when a stream's audio waits on text
         # (its first audio, or a buffer running low), else let look-ahead rows gather for a few iterations
         needed = any(r.llm_waited_for and r.buffered_s(now) < cfg.text_wait_reserve_s for r in llm_rows)
         gather = bool(tts or vocode)  # rows wait to gather only while there is other work to do
-        llm = llm_rows if needed or (llm_rows and (self._llm_idle >= cfg.llm_idle_iterations or not gather)) else []
+        gathered = now - self._last_decode_at >= cfg.llm_gather_s
+        llm = llm_rows if needed or (llm_rows and (gathered or not gather)) else []
         def urgent(r: Live) -> bool:
             return r.first_audio_at is not None and r.buffered_s(now) < cfg.underrun_reserve_s
 
-        prefills = [r for r in go if _prefill_work(r) is not None]
+        llm_busy = self._prefill is not None
+        prefills = [r for r in go if _prefill_work(r) is not None
+                    and not (_side(r) is r.llm and (r.llm_inflight or llm_busy))]
         prefills.sort(key=lambda r: (not urgent(r), r.first_audio_at is not None, r.buffered_s(now), r.order))
         if any(urgent(r) for r in self.live):
             prefills = prefills[:1]
         return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
 
     def stats(self, now: float) -> dict[str, dict[str, float]]:
-        """Queue depths by kind of work and the buffered audio of the streams that have audio (for /metrics)."""
+        """Queue depths by kind of work, the buffered audio of the streams that have audio, and the loop's host time
+        by part of the iteration (for /metrics)."""
         kinds = {"tts_step": TTSStep, "vocoder": Vocode, "tts_prefill": (TTSPrefillText, TTSPrefillAudio)}
         waiting = {name: sum(r.speech.waiting_on(kind) for r in self.live) for name, kind in kinds.items()}
         waiting["llm"] = sum(r.llm is not None and r.llm.waiting_on((LLMDecode, LLMPrefill)) for r in self.live)
         waiting["text"] = sum(r.llm_waited_for for r in self.live)
         buffered = [r.buffered_s(now) for r in self.live if r.first_audio_at is not None]
+        stats = {"waiting": waiting, "loop_s": dict(self.loop_seconds), "iterations": self.iterations}
         if not buffered:
-            return {"waiting": waiting, "buffered_s": {"min": 0.0, "mean": 0.0}}
-        return {"waiting": waiting, "buffered_s": {"min": min(buffered), "mean": sum(buffered) / len(buffered)}}
+            return stats | {"buffered_s": {"min": 0.0, "mean": 0.0}}
+        return stats | {"buffered_s": {"min": min(buffered), "mean": sum(buffered) / len(buffered)}}
 
     # ---- coroutines ---------------------------------------------------------------------------------------------
     def _advance(self, live: Live) -> None:
@@ -263,27 +306,59 @@ class Scheduler:
             self.finish(live, exc)
 
     # ---- running batches ----------------------------------------------------------------------------------------
-    def _timed(self, stage: str, lives: list[Live], run: Callable[[], list]) -> list:
+    def _launch(self, stage: str, lives: list[Live], run: Callable[[], object], part: str = "") -> Launched | None:
+        """Starts a batch (`run` returns a Pending result); a failure ends the requests that took part. Its host
+        time is booked to `part` of the loop, if given."""
         t0 = self.clock()
         try:
-            out = run()
+            return Launched(stage, lives, run(), t0)
         except Exception as exc:
             for live in lives:
                 self.finish(live, exc)
+            return None
+        finally:
+            if part:
+                self.loop_seconds[part] += self.clock() - t0
+
+    def _collect(self, launched: Launched | None) -> list:
+        """Waits for a launched batch's results; books its time to its requests and its size to the observer."""
+        if launched is None:
             return []
-        dt = self.clock() - t0
-        for live in lives:
-            live.metrics.stages[stage] = live.metrics.stages.get(stage, 0.0) + dt
+        t0 = self.clock()
+        try:
+            out = launched.pending.get()
+        except Exception as exc:
+            for live in launched.lives:
+                self.finish(live, exc)
+            return []
+        now = self.clock()
+        if isinstance(launched.pending, Pending):
+            self.loop_seconds["wait_" + launched.stage] += now - t0
+        for live in launched.lives:
+            live.metrics.stages[launched.stage] = live.metrics.stages.get(launched.stage, 0.0) + now - launched.t0
         if self.on_batch is not None:
-            self.on_batch({"audio": "vocoder", "tts_init": "prefill"}.get(stage, stage), len(lives))
+            self.on_batch("vocoder" if launched.stage == "audio" else launched.stage, len(launched.lives))
         return out
 
-    def _run_vocoder(self, lives: list[Live]) -> None:
+    def _run(self, stage: str, lives: list[Live], run: Callable[[], list], part: str = "") -> list:
+        """A batch run to its end at once (on the loop's stream); its time is booked to `part` of the loop."""
+        t0 = self.clock()
+        out = self._collect(self._launch(stage, lives, lambda: Ready(run())))
+        self.loop_seconds[part or stage] += self.clock() - t0
+        return out
+
+    def _launch_vocoder(self, lives: list[Live]) -> Launched | None:
+        """Audio windows, launched ahead of the TTS step on the same stream; the PCM is taken after that step."""
         if not lives:
-            return
-        pcms = self._timed("audio", lives, lambda: self.vocoder.decode([r.speech.item.codes for r in lives]))
-        for live, pcm in zip(lives, pcms, strict=False):
+            return None
+        return self._launch("audio", lives, lambda: self.vocoder.decode([r.speech.item.codes for r in lives]),
+                            "audio")
+
+    def _resolve_vocoder(self, launched: Launched | None) -> None:
+        t0 = self.clock()
+        for live, pcm in zip(launched.lives if launched else (), self._collect(launched), strict=False):
             live.speech.resolve(pcm)
+        self.loop_seconds["audio"] += self.clock() - t0
 
     def _run_tts(self, lives: list[Live]) -> None:
         if not lives:
@@ -295,71 +370,103 @@ class Scheduler:
                                    live.tts_counter)
             rows.append(TTSRow(live.tts_slot.row, w.position, w.prev_codes, w.num_text_tokens, w.ban_eos,
                                w.force_eos, sampling))
-        codes = self._timed("tts", lives, lambda: self.tts.step(rows))
+        codes = self._run("tts", lives, lambda: self.tts.step(rows))
         for live, c in zip(lives, codes, strict=False):
             live.tts_counter += 1
             live.speech.resolve(c)
 
     def _llm_sampling(self, live: Live) -> LLMSampling:
         s = live.sampling
-        return LLMSampling(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.greedy, live.llm_seed,
-                           live.llm_counter)
+        sampling = LLMSampling(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.greedy, live.llm_seed,
+                               live.llm_counter)
+        live.llm_counter += 1
+        return sampling
 
-    def _run_llm(self, lives: list[Live]) -> None:
-        if not lives:
-            self._llm_idle += 1
-            return
-        self._llm_idle = 0
+    def _launch_llm(self, lives: list[Live]) -> Launched | None:
         rows = []
         for live in lives:
             w = live.llm.item
             rows.append(LLMRow(live.session.slot.row, w.ids[0], live.session.length, w.window,
                                self._llm_sampling(live)))
-        tokens = self._timed("llm", lives, lambda: self.llm.decode(rows))
-        for live, token in zip(lives, tokens, strict=False):
             live.session.length += 1
-            live.llm_counter += 1
-            live.llm.resolve((token, None))
+            live.llm_inflight = True
+        return self._launch("llm", lives, lambda: self.llm.decode(rows), "launch_llm")
 
-    def _run_prefills(self, lives: list[Live]) -> None:
+    def _launch_llm_prefills(self, lives: list[Live]) -> Launched | None:
+        """The LLM prompt prefills and reply headers of `lives` (in priority order) as one batch, within the token
+        budget; the rest wait for a later iteration."""
+        budget, rows, taking = self.config.prefill_token_budget, [], []
+        for live in lives:
+            item, session = live.llm.item, live.session
+            covered = self.prefix.covers(item.ids) if isinstance(item, LLMPrefill) and session.length == 0 else 0
+            ids = item.ids[covered:]
+            if ids and rows and len(ids) > budget:
+                break
+            if covered:  # a new conversation starts from the shared system prompt's cache
+                self.llm.copy_prefix(self.prefix.pool, session.slot.row, covered)
+                session.length = covered
+            if not ids:
+                live.llm.resolve(None)
+                continue
+            budget -= len(ids)
+            if isinstance(item, LLMDecode):
+                rows.append(PrefillRow(session.slot.row, session.length, ids, item.window, self._llm_sampling(live),
+                                       item.hidden_at))
+            else:
+                rows.append(PrefillRow(session.slot.row, session.length, ids))
+            session.length += len(ids)
+            live.llm_inflight = True
+            taking.append(live)
+        if not rows:
+            return None
+        return self._launch("prefill", taking, lambda: self.llm.prefill(rows), "launch_prefill")
+
+    def _resolve_llm(self, block: bool) -> list[Live]:
+        """Hands the LLM's finished work to its requests (waiting for what is in flight if `block`); returns them."""
+        done = []
+        for name in ("_decode", "_prefill"):
+            launched: Launched | None = getattr(self, name)
+            if launched is None or not (block or launched.pending.ready()):
+                continue
+            setattr(self, name, None)
+            done += launched.lives
+            for live, out in zip(launched.lives, self._collect(launched), strict=False):
+                live.llm_inflight = False
+                if live not in self.live:
+                    continue
+                if isinstance(live.llm.item, LLMPrefill):
+                    live.llm.resolve(None)
+                else:
+                    live.llm.resolve(out if isinstance(out, tuple) else (out, None))
+        return done
+
+    def _run_speech_prefills(self, lives: list[Live]) -> None:
+        """TTS text prefills (batched) and segment-restart audio prefills (one at a time)."""
         texts = [r for r in lives if r.speech.waiting_on(TTSPrefillText)]
         if texts:
             items = [(r.tts_slot.row, r.speech.item.ids, r.speech.item.begin, r.speech.item.speaker) for r in texts]
-            if self._timed("tts", texts, lambda: [self.tts.prefill_text_rows(items)]):
+            if self._run("tts", texts, lambda: [self.tts.prefill_text_rows(items)], "tts_prefill"):
                 for live in texts:
                     live.speech.resolve(None)
-        budget = self.config.prefill_token_budget
         for live in lives:
-            if live in texts:
-                continue
-            side, item = _prefill_work(live)
-            cost = len(getattr(item, "ids", ())) if isinstance(item, (LLMPrefill, LLMDecode)) else 0
-            if cost and budget <= 0:
-                break
-            budget -= cost
-            stage = "prefill" if isinstance(item, LLMPrefill) else ("llm" if isinstance(item, LLMDecode) else "tts")
-            result = self._timed(stage, [live], lambda live=live, item=item: [self._prefill(live, item)])
-            if result:
-                side.resolve(result[0])
+            if live.speech.waiting_on(TTSPrefillAudio):
+                row, item = live.tts_slot.row, live.speech.item
+                run = partial(self.tts.prefill_audio, row, item.codes, item.num_text_tokens)
+                if self._run("tts", [live], lambda run=run: [run()], "tts_prefill"):
+                    live.speech.resolve(None)
 
-    def _prefill(self, live: Live, item: object) -> object:
-        if isinstance(item, TTSPrefillAudio):
-            self.tts.prefill_audio(live.tts_slot.row, item.codes, item.num_text_tokens)
-            return None
-        session = live.session
-        ids = item.ids
-        if isinstance(item, LLMPrefill) and session.length == 0:
-            ids = ids[self.prefix.copy_into(self.llm.pool, session.slot.row, ids):]
-            session.length = len(item.ids) - len(ids)
-        if not ids:
-            return None
-        hidden = self.llm.prefill(session.slot.row, session.length, ids)
-        session.length += len(ids)
-        if isinstance(item, LLMPrefill):
-            return None
-        token = self.llm.sample_one(hidden[-1], item.window, self._llm_sampling(live))
-        live.llm_counter += 1
-        return token, (hidden[item.hidden_at] if item.hidden_at is not None else None)
+
+@dataclass
+class Launched:
+    stage: str
+    lives: list[Live]
+    pending: Pending | Ready
+    t0: float
+
+
+def _side(live: Live) -> Side | None:
+    work = _prefill_work(live)
+    return work[0] if work is not None else None
 
 
 def _prefill_work(live: Live) -> tuple[Side, object] | None:

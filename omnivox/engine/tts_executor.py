@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from omnivox.engine.graphs import GraphCache, batch_bucket, length_bucket, length_buckets
+from omnivox.engine.graphs import GraphCache, batch_bucket, batch_buckets, length_bucket, length_buckets
 from omnivox.engine.masks import causal_mask, tts_audio_mask
 from omnivox.engine.sampling import sample_tts
 from omnivox.engine.slots import SlotTable
@@ -44,7 +44,8 @@ class TTSRow:
 
 
 class TTSExecutor:
-    def __init__(self, model, slots: int, capacity: int, graphs: GraphCache, one_row_at_a_time: bool = False):
+    def __init__(self, model, slots: int, capacity: int, graphs: GraphCache, one_row_at_a_time: bool = False,
+                 compile: bool = False):
         c = model.config.tts
         self.model, self.tts, self.device = model, model.tts, model.device
         self.capacity = min(capacity, c.max_position_embeddings)
@@ -57,7 +58,9 @@ class TTSExecutor:
         self.slots = SlotTable(slots, self.pool.swap_slots)
         self.graphs = graphs
         self.widths = length_buckets(self.capacity, 512)
-        self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1
+        self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1, eager
+        self.compiled = compile  # the layers' compiled halves; batches of 1 are padded to 2 (one compile for all)
+        self.smallest_batch = 2 if compile else 1
 
     @torch.inference_mode()
     def clear_condition_slots(self, row: int) -> None:
@@ -90,7 +93,7 @@ class TTSExecutor:
                 self.prefill_text(*r)
         if not short:
             return
-        batch = batch_bucket(self.slots.num_active, self.slots.size)
+        batch = batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch)
         width = length_bucket(max(begin + len(ids) for _, ids, begin, _ in short), self.widths)
         ids_h = np.zeros((batch, PREFILL_WIDTH), np.int64)
         positions = np.full((batch, PREFILL_WIDTH), self.scratch, np.int64)
@@ -102,9 +105,7 @@ class TTSExecutor:
             if spk is not None:
                 has_speaker[row] = True
                 speaker[row] = spk
-        inputs = {"ids": torch.from_numpy(ids_h).to(self.device),
-                  "positions": torch.from_numpy(positions).to(self.device),
-                  "speaker": speaker, "has_speaker": torch.from_numpy(has_speaker).to(self.device)}
+        inputs = {"ids": ids_h, "positions": positions, "speaker": speaker, "has_speaker": has_speaker}
         self.graphs.run(("tts_text", batch, width), lambda **kw: self._text_step(width, **kw), inputs)
 
     def _text_embeds(self, ids: torch.Tensor, speaker: torch.Tensor | None,
@@ -121,7 +122,8 @@ class TTSExecutor:
 
     def _text_step(self, width: int, ids, positions, speaker, has_speaker) -> torch.Tensor:
         embeds = self._text_embeds(ids, speaker, has_speaker)
-        return self.tts(embeds, positions, self.pool.view(0, ids.shape[0], width), causal_mask(positions, width))
+        view = self.pool.view(0, ids.shape[0], width)
+        return self.tts(embeds, positions, view, causal_mask(positions, width), compiled=self.compiled)
 
     @torch.inference_mode()
     def prefill_audio(self, row: int, codes: np.ndarray, num_text_tokens: int) -> None:
@@ -142,25 +144,23 @@ class TTSExecutor:
         """One audio token for each of `rows` (active rows of the pool); returns each row's codes [num_vq]."""
         if self.one_row_at_a_time:
             return [self._step_rows(r.row, 1, [r])[0] for r in rows]
-        return self._step_rows(0, batch_bucket(self.slots.num_active, self.slots.size), rows)
+        return self._step_rows(0, batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch), rows)
 
     def _step_rows(self, first: int, batch: int, rows: list[TTSRow]) -> list[np.ndarray]:
         """One step over pool rows first..first+batch-1, of which `rows` take part."""
         width = length_bucket(max(r.position for r in rows) + 1, self.widths)
-        host = self._blank(batch)
+        ints, floats = self._blank(batch)
+        q = self.num_vq
         for r in rows:
             i, s = r.row - first, r.sampling
-            host["positions"][i] = r.position
-            host["first_step"][i] = r.prev_codes is None
-            if r.prev_codes is not None:
-                host["prev_codes"][i] = r.prev_codes
-            host["num_text"][i] = r.num_text_tokens
-            host["ban_eos"][i], host["force_eos"][i] = r.ban_eos, r.force_eos
-            host["temperature"][i] = s.temperature
-            host["top_p"][i], host["top_k"][i], host["greedy"][i] = s.top_p, s.top_k, s.greedy
-            host["seeds"][i], host["counters"][i] = s.seed, s.counter
-        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in host.items()}
-        out = self.graphs.run(("tts", first, batch, width), lambda **kw: self._step(first, width, **kw), inputs)
+            first_step = r.prev_codes is None
+            ints[i, :8] = r.position, first_step, r.num_text_tokens, r.ban_eos, r.force_eos, s.top_k, s.greedy, s.seed
+            ints[i, 8] = s.counter
+            if not first_step:
+                ints[i, 9:9 + q] = r.prev_codes
+            floats[i, :q], floats[i, q] = s.temperature, s.top_p
+        out = self.graphs.run(("tts", first, batch, width), lambda **kw: self._step(first, width, **kw),
+                              {"ints": ints, "floats": floats})
         codes = out.cpu().numpy()
         return [codes[r.row - first] for r in rows]
 
@@ -168,45 +168,36 @@ class TTSExecutor:
         """Captures every (batch size, key width) step and text-prefill graph now; scratch rows only."""
         if not self.graphs.enabled:
             return
-        for batch in sorted({batch_bucket(n, self.slots.size) for n in range(1, self.slots.size + 1)}):
+        for batch in batch_buckets(self.slots.size, self.smallest_batch):
             for width in self.widths:
-                inputs = {k: torch.from_numpy(v).to(self.device) for k, v in self._blank(batch).items()}
-                self.graphs.run(("tts", 0, batch, width), lambda w=width, **kw: self._step(0, w, **kw), inputs)
+                ints, floats = self._blank(batch)
+                self.graphs.run(("tts", 0, batch, width), lambda w=width, **kw: self._step(0, w, **kw),
+                                {"ints": ints, "floats": floats})
                 text = {
-                    "ids": torch.zeros(batch, PREFILL_WIDTH, dtype=torch.long, device=self.device),
-                    "positions": torch.full((batch, PREFILL_WIDTH), self.scratch, dtype=torch.long,
-                                            device=self.device),
+                    "ids": np.zeros((batch, PREFILL_WIDTH), np.int64),
+                    "positions": np.full((batch, PREFILL_WIDTH), self.scratch, np.int64),
                     "speaker": torch.zeros(batch, self.tts.cfg.hidden_size, dtype=self.model.dtype,
                                            device=self.device),
-                    "has_speaker": torch.zeros(batch, dtype=torch.bool, device=self.device),
+                    "has_speaker": np.zeros(batch, bool),
                 }
                 self.graphs.run(("tts_text", batch, width), lambda w=width, **kw: self._text_step(w, **kw), text)
 
-    def _blank(self, batch: int) -> dict[str, np.ndarray]:
-        """Inputs of a step in which no row takes part (every row at the scratch slot)."""
-        return {
-            "positions": np.full(batch, self.scratch, np.int64),
-            "first_step": np.zeros(batch, bool),
-            "prev_codes": np.zeros((batch, self.num_vq), np.int64),
-            "num_text": np.zeros(batch, np.int64),
-            "ban_eos": np.zeros(batch, bool),
-            "force_eos": np.zeros(batch, bool),
-            "temperature": np.ones((batch, self.num_vq), np.float32),
-            "top_p": np.ones(batch, np.float32),
-            "top_k": np.ones(batch, np.int64),
-            "greedy": np.ones(batch, bool),
-            "seeds": np.zeros(batch, np.int64),
-            "counters": np.zeros(batch, np.int64),
-        }
+    def _blank(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """A step's inputs in two host arrays, every row at the scratch slot (taking no part). ints [B, 9 + Q]:
+        position, first step, text tokens, ban EOS, force EOS, top_k, greedy, seed, counter, previous codes [Q];
+        floats [B, Q + 1]: temperature per codebook, top_p."""
+        ints = np.zeros((batch, 9 + self.num_vq), np.int64)
+        ints[:, 0], ints[:, 5], ints[:, 6] = self.scratch, 1, 1
+        return ints, np.ones((batch, self.num_vq + 1), np.float32)
 
-    def _step(self, first, width, positions, first_step, prev_codes, num_text, ban_eos, force_eos, temperature,
-              top_p, top_k, greedy, seeds, counters) -> torch.Tensor:
-        batch = positions.shape[0]
-        bos = self.tts.embed_text(torch.full((batch, 1), self.audio_bos, device=positions.device))
-        embeds = torch.where(first_step[:, None, None], bos, self.tts.embed_codes(prev_codes[:, None]))  # [B, 1, C]
+    def _step(self, first: int, width: int, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+        batch, q = ints.shape[0], self.num_vq
+        positions, first_step, num_text = ints[:, 0], ints[:, 1] != 0, ints[:, 2]
+        bos = self.tts.embed_text(torch.full((batch, 1), self.audio_bos, device=ints.device))
+        embeds = torch.where(first_step[:, None, None], bos, self.tts.embed_codes(ints[:, None, 9:9 + q]))  # [B,1,C]
         mask = tts_audio_mask(positions, num_text, positions + 1, width)
-        hidden = self.tts(embeds, positions[:, None], self.pool.view(first, batch, width), mask)
+        hidden = self.tts(embeds, positions[:, None], self.pool.view(first, batch, width), mask, self.compiled)
         logits = self.tts.compute_logits(hidden)[:, -1]  # [B, num_vq, num_codes]
-        return sample_tts(logits, temperature=temperature, top_p=top_p, top_k=top_k, first_audio_step=first_step,
-                          ban_eos=ban_eos, force_eos=force_eos, greedy=greedy, eos_id=self.eos_code, seeds=seeds,
-                          counters=counters)
+        return sample_tts(logits, temperature=floats[:, :q], top_p=floats[:, q], top_k=ints[:, 5],
+                          first_audio_step=first_step, ban_eos=ints[:, 3] != 0, force_eos=ints[:, 4] != 0,
+                          greedy=ints[:, 6] != 0, eos_id=self.eos_code, seeds=ints[:, 7], counters=ints[:, 8])

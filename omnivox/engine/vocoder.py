@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from omnivox.engine.graphs import GraphCache, batch_bucket
+from omnivox.engine.graphs import GraphCache, Pending, batch_bucket, batch_buckets
 
 GRAPHED_WINDOWS = (25, 29)  # a segment's first call; every later call (25 new tokens + 4 of context)
 
@@ -36,33 +36,37 @@ class VocoderExecutor:
         return self.vocos.decode(mel.float())  # Vocos in float32
 
     @torch.inference_mode()
-    def decode(self, windows: list[np.ndarray]) -> list[np.ndarray]:
-        """windows: codes [T_i, num_vq] -> float32 PCM [T_i * 512] on the host, in order."""
+    def decode(self, windows: list[np.ndarray]) -> Pending:
+        """windows: codes [T_i, num_vq] -> float32 PCM [T_i * 512] each, in order, on its way to the host."""
         groups: dict[int, list[int]] = defaultdict(list)
         for i, w in enumerate(windows):
             groups[len(w) if self.batched else -1 - i].append(i)
-        out: list[np.ndarray | None] = [None] * len(windows)
-        for indices in groups.values():
-            pcm = self._group([windows[i] for i in indices])
-            for j, i in enumerate(indices):
-                out[i] = pcm[j]
-        return out
+        parts = [self._group([windows[i] for i in indices]) for indices in groups.values()]
 
-    def _group(self, windows: list[np.ndarray]) -> np.ndarray:
+        def in_order(*pcms: np.ndarray) -> list[np.ndarray]:
+            out: list[np.ndarray | None] = [None] * len(windows)
+            for indices, pcm in zip(groups.values(), pcms, strict=True):
+                for j, i in enumerate(indices):
+                    out[i] = pcm[j]
+            return out
+
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        return Pending(tuple(parts), in_order, stream)
+
+    def _group(self, windows: list[np.ndarray]) -> torch.Tensor:
         length = len(windows[0])
         if self.graphs is None or not self.graphs.enabled or length not in GRAPHED_WINDOWS:
-            return self._decode(torch.from_numpy(np.stack(windows)).to(self.device)).cpu().numpy()
+            return self._decode(torch.from_numpy(np.stack(windows)).to(self.device))
         batch = batch_bucket(len(windows), self.max_batch)
         codes = np.zeros((batch, length, self.num_vq), np.int64)
         codes[: len(windows)] = np.stack(windows)
-        pcm = self.graphs.run(("vocoder", batch, length), lambda codes: self._decode(codes),
-                              {"codes": torch.from_numpy(codes).to(self.device)})
-        return pcm[: len(windows)].cpu().numpy()
+        pcm = self.graphs.run(("vocoder", batch, length), lambda codes: self._decode(codes), {"codes": codes})
+        return pcm[: len(windows)]  # the graph's output: copied to the host before the next replay
 
     def warm_up(self) -> None:
         """Captures the vocoder graphs for every batch size and graphed window length."""
         if self.graphs is None or not self.graphs.enabled:
             return
-        for batch in sorted({batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
+        for batch in batch_buckets(self.max_batch):
             for length in GRAPHED_WINDOWS:
-                self._group([np.zeros((length, self.num_vq), np.int64)] * batch)
+                self._group([np.zeros((length, self.num_vq), np.int64)] * batch).cpu()

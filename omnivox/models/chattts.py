@@ -82,9 +82,11 @@ class ConditionalChatTTS(nn.Module):
         positions: torch.Tensor,
         cache: KVView | None,
         mask: torch.Tensor | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
-        """embeds: [B, T, C]; positions: long [T] or [B, T] (slot index). Returns post-norm hidden [B, T, C]."""
-        return self.model(embeds, positions, cache, mask)
+        """embeds: [B, T, C]; positions: long [T] or [B, T] (slot index). Returns post-norm hidden [B, T, C].
+        `compiled`: see `DecoderStack.forward`."""
+        return self.model(embeds, positions, cache, mask, compiled)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, T, C] -> float32 [B, T, num_vq, num_audio_tokens]; each head runs in the model dtype."""

@@ -84,3 +84,23 @@ class KVPool:
     @property
     def slot_bytes(self) -> int:
         return self.nbytes // self.slots
+
+
+class KVRows:
+    """Rows `rows` of a pool (a long tensor [batch], any rows in any order), keys [0, key_len): for prefills of a
+    few rows spread over the pool. Writes go straight into the pool; the keys returned are a gathered copy."""
+
+    def __init__(self, pool: KVPool, rows: torch.Tensor, key_len: int):
+        self.pool, self.rows, self.key_len = pool, rows, key_len
+
+    def update(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [batch, kv_heads, T, head_dim]; positions: long [batch, T] or [T] (the same for every row)."""
+        keys, values = self.pool.k[layer], self.pool.v[layer]
+        if positions.dim() == 1:
+            positions = positions.expand(k.shape[0], -1)
+        rows = self.rows[:, None].expand_as(positions)
+        keys[rows, :, positions] = k.transpose(1, 2)  # indexed dims first: [batch, T, kv_heads, head_dim]
+        values[rows, :, positions] = v.transpose(1, 2)
+        return keys[self.rows, :, : self.key_len], values[self.rows, :, : self.key_len]

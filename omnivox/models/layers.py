@@ -95,6 +95,32 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
+    def project(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, C] -> rotated q [B, H, T, D], rotated k and v [B, KV, T, D]."""
+        batch, q_len, _ = x.shape
+        q = self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, rope), apply_rotary(k, rope), v
+
+    def attend_cached(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVView | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Writes k/v into the cache, attends over every key it returns: [B, T, H * D] before `o_proj`."""
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, positions, k, v)  # [B, KV, Tk, D]
+        if mask is not None:
+            mask = mask[..., : k.shape[2]]
+        out = attend(q, k, v, mask, self.scale)  # [B, H, T, D]
+        batch, _, q_len, _ = q.shape
+        return out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -103,17 +129,7 @@ class Attention(nn.Module):
         cache: KVView | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        batch, q_len, _ = x.shape
-        q = self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        v = self.v_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, positions, k, v)  # [B, KV, Tk, D]
-        if mask is not None:
-            mask = mask[..., : k.shape[2]]
-        out = attend(q, k, v, mask, self.scale)  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
+        return self.o_proj(self.attend_cached(*self.project(x, rope), positions, cache, mask))
 
 
 class GatedMLP(nn.Module):
@@ -156,9 +172,31 @@ class DecoderLayer(nn.Module):
         rope: Rope,
         cache: KVView | None,
         mask: torch.Tensor | None,
+        compiled: bool = False,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, mask)
+        inputs, outputs = self.compiled_halves() if compiled else (self.attention_inputs, self.attention_outputs)
+        q, k, v = inputs(x, rope)
+        return outputs(x, self.self_attn.attend_cached(q, k, v, positions, cache, mask))
+
+    def attention_inputs(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """norm -> q/k/v -> rotary: no cache, so the same code for every layer (see `compiled_halves`)."""
+        return self.self_attn.project(self.input_layernorm(x), rope)
+
+    def attention_outputs(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """o_proj -> residual -> norm -> MLP -> residual."""
+        x = x + self.self_attn.o_proj(attended)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def compiled_halves(self) -> tuple:
+        """torch.compile of the two cache-free halves (dynamic shapes), made on first use: they fuse the elementwise
+        work around the products. Every layer runs the same code, so the compiled code is shared and compiling a
+        stack costs about one layer; the cache write and the attention stay eager (they differ per layer and view)."""
+        if "_compiled" not in self.__dict__:
+            self.__dict__["_compiled"] = (
+                torch.compile(self.attention_inputs, dynamic=True, fullgraph=True),
+                torch.compile(self.attention_outputs, dynamic=True, fullgraph=True),
+            )
+        return self.__dict__["_compiled"]
 
 
 class DecoderStack(nn.Module):
@@ -205,10 +243,12 @@ class DecoderStack(nn.Module):
         positions: torch.Tensor,
         cache: KVView | None,
         mask: torch.Tensor | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
-        """x: [B, T, C] embeddings; positions: long [T] or [B, T]; returns post-norm hidden [B, T, C]."""
+        """x: [B, T, C] embeddings; positions: long [T] or [B, T]; returns post-norm hidden [B, T, C]. `compiled`:
+        the layers' compiled halves (`DecoderLayer.compiled_halves`) instead of the eager ones."""
         cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)  # [(B,) T, D]
         rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         for layer in self.layers:
-            x = layer(x, positions, rope, cache, mask)
+            x = layer(x, positions, rope, cache, mask, compiled)
         return self.norm(x)

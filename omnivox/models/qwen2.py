@@ -54,11 +54,12 @@ class Qwen2LM(nn.Module):
         cache: KVView | None,
         mask: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """ids: long [B, T] (or `embeds` [B, T, C] instead); positions: long [T] or [B, T].
-        Returns post-norm hidden [B, T, C]."""
+        Returns post-norm hidden [B, T, C]. `compiled`: see `DecoderStack.forward`."""
         x = self.embed(ids) if embeds is None else embeds
-        return self.model(x, positions, cache, mask)
+        return self.model(x, positions, cache, mask, compiled)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., C] -> float32 logits [..., V] (head in model dtype, then upcast, as transformers does)."""

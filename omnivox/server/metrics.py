@@ -47,6 +47,10 @@ class ServerMetrics:
         self.buffered = Gauge("omnivox_stream_buffered_seconds",
                               "Audio delivered but not yet played, over the live streams that have audio",
                               ["stat"], registry=r)
+        self.loop_seconds = Gauge("omnivox_loop_seconds", "Seconds the engine loop spent in each part of its "
+                                  "iterations since start-up (host time; wait_* = waiting on the LLM's stream)",
+                                  ["part"], registry=r)
+        self.loop_iterations = Gauge("omnivox_loop_iterations", "Engine loop iterations since start-up", registry=r)
         self._engine = None
         self.underruns = Counter(
             "omnivox_underruns",
@@ -103,4 +107,7 @@ class ServerMetrics:
                 self.waiting.labels(work).set(count)
             for stat, value in loop["buffered_s"].items():
                 self.buffered.labels(stat).set(value)
+            for part, seconds in loop.get("loop_s", {}).items():
+                self.loop_seconds.labels(part).set(seconds)
+            self.loop_iterations.set(loop.get("iterations", 0))
         return generate_latest(self.registry)
