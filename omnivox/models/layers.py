@@ -81,7 +81,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class Attention(nn.Module):
-    """Rotary multi-head attention with GQA over a KV cache supplied by the caller."""
+    """Rotary multi-head attention with GQA over a KV cache supplied by the caller, in two calls: `project` (no
+    cache: compiled with the layer's first half) and `attend_cached`; `o_proj` is applied by the layer."""
 
     def __init__(
         self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int, qkv_bias: bool
@@ -120,16 +121,6 @@ class Attention(nn.Module):
         out = attend(q, k, v, mask, self.scale)  # [B, H, T, D]
         batch, _, q_len, _ = q.shape
         return out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: Rope,
-        cache: KVView | None,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        return self.o_proj(self.attend_cached(*self.project(x, rope), positions, cache, mask))
 
 
 class GatedMLP(nn.Module):
