@@ -42,7 +42,7 @@ class GraphCache:
             entry = self._graphs[key] = self._capture(fn, {k: _on(self.device, v) for k, v in inputs.items()})
         graph, static, output = entry
         for name, value in inputs.items():
-            static[name].copy_(torch.from_numpy(value) if isinstance(value, np.ndarray) else value, non_blocking=True)
+            static[name].copy_(_tensor(value), non_blocking=True)
         graph.replay()
         return output
 
@@ -55,8 +55,12 @@ class GraphCache:
         return graph, static, output
 
 
+def _tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
 def _on(device: torch.device, value: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return (torch.from_numpy(value) if isinstance(value, np.ndarray) else value).to(device)
+    return _tensor(value).to(device)
 
 
 class Pending:

@@ -2,8 +2,9 @@
 
 A live request (`Live`) holds its reply's two coroutines (omnivox/engine/request.py), its cache rows, its random
 keys and its playback clock. `advance` runs each coroutine until it asks for device work or waits; the iteration
-then runs, in order: vocoder windows (audio leaves first), one TTS step for every row that wants one, an LLM decode
-step when a stream needs text (or the LLM has idled for a few iterations), and prefills within a token budget.
+then launches the LLM's work on its own stream (a decode step when a stream needs text, else every `llm_gather_s`
+for the rows running ahead; the pending prompt prefills within a token budget) and runs, meanwhile, the vocoder
+windows, one TTS step for every row that wants one and the TTS prefills. LLM results are taken when ready.
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
@@ -88,6 +89,7 @@ class Live:
     audio_s: float = 0.0
     cancelled: bool = False
     llm_inflight: bool = False  # its LLM work was launched and its result is not in yet
+    ended: bool = False  # finished: no longer in the loop (results still in flight for it are dropped)
     order: int = field(default_factory=itertools.count().__next__)
 
     def buffered_s(self, now: float) -> float:
@@ -135,6 +137,7 @@ class Scheduler:
         if live not in self.live:
             return
         self.live.remove(live)
+        live.ended = True
         for side in (live.speech, live.llm):
             if side is not None:
                 side.gen.close()
@@ -203,7 +206,7 @@ class Scheduler:
             return
         now = self.clock()
         for live in resolved:
-            if live in self.live:
+            if not live.ended:
                 self._guard(live, self._advance, live)
         self._launch_llm_work(self.plan(now), now)
         self.loop_seconds["relaunch_llm"] += self.clock() - now
@@ -226,8 +229,12 @@ class Scheduler:
             return r.first_audio_at is not None and r.buffered_s(now) < cfg.underrun_reserve_s
 
         llm_busy = self._prefill is not None
-        prefills = [r for r in go if _prefill_work(r) is not None
-                    and not (_side(r) is r.llm and (r.llm_inflight or llm_busy))]
+
+        def ready(r: Live) -> bool:  # prefill work to run, unless it is the LLM's and the LLM is busy with it
+            side = _side(r)
+            return side is not None and not (side is r.llm and (r.llm_inflight or llm_busy))
+
+        prefills = [r for r in go if ready(r)]
         prefills.sort(key=lambda r: (not urgent(r), r.first_audio_at is not None, r.buffered_s(now), r.order))
         if any(urgent(r) for r in self.live):
             prefills = prefills[:1]
@@ -432,7 +439,7 @@ class Scheduler:
             done += launched.lives
             for live, out in zip(launched.lives, self._collect(launched), strict=False):
                 live.llm_inflight = False
-                if live not in self.live:
+                if live.ended:
                     continue
                 if isinstance(live.llm.item, LLMPrefill):
                     live.llm.resolve(None)
