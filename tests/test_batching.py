@@ -18,13 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from omnivox.config import tiny_config
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.slots import SlotTable
 from omnivox.engine.types import SAMPLES_PER_AUDIO_TOKEN, SamplingParams
 from omnivox.errors import EngineBusy
 from omnivox.models.kv_cache import KVPool
-from omnivox.models.loader import build_dummy_model
 
 FREE = SamplingParams(max_new_tokens=4)
 MATE = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.2,
@@ -36,11 +34,6 @@ RESTART_REPLY = " ".join(SENTENCES)  # just over 120 BERT tokens: one segment re
 
 def samples(seconds: float) -> int:
     return round(seconds * 46.875) * SAMPLES_PER_AUDIO_TOKEN
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
 
 
 def mixed(engine: Engine) -> list:

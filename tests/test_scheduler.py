@@ -11,9 +11,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from omnivox.config import tiny_config
 from omnivox.engine.engine import Engine
 from omnivox.engine.request import Piece
 from omnivox.engine.scheduler import Live, Scheduler, SchedulerConfig, Side
@@ -27,7 +25,6 @@ from omnivox.engine.work import (
     TTSStep,
     Vocode,
 )
-from omnivox.models.loader import build_dummy_model
 
 CONFIG = SchedulerConfig()
 
@@ -199,11 +196,6 @@ def test_read_aloud_has_no_llm_work():
 
 
 # ---- a real request on the tiny model, driven one iteration at a time --------------------------------------------
-@pytest.fixture(scope="module")
-def model():
-    return build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
-
-
 class Driven:
     """An engine whose loop the test runs: commands and iterations on the test thread, with a clock it sets."""
 

@@ -8,29 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from omnivox.config import tiny_config
 from omnivox.engine import request as request_module
 from omnivox.engine.crossfade import OVERLAP, Framer, blend
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.masks import tts_audio_mask
 from omnivox.engine.types import SAMPLES_PER_AUDIO_TOKEN, SamplingParams
 from omnivox.errors import ContextTooLong, EngineBusy, InvalidRequest
-from omnivox.models.loader import build_dummy_model
 
 REPLY = "Glad to hear that. Is there anything on your mind that you would like to talk about, or should I suggest?"
 LONG_REPLY = " ".join(
     f"This is sentence number {i} of a long answer that keeps going for quite a while." for i in range(20)
 )
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
-
-
-@pytest.fixture()
-def engine(model):
-    return Engine(model)
 
 
 class Spy:

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from omnivox.config import tiny_config
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.text_reply import TEXT_ASSISTANT_HEADER
 from omnivox.engine.types import SamplingParams
 from omnivox.engine.work import LLMDecode
 from omnivox.errors import ContextTooLong, EngineBusy, InvalidRequest
-from omnivox.models.loader import build_dummy_model
 
 REPLY = "Glad to hear that! Is there anything on your mind?"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
-
-
-@pytest.fixture()
-def engine(model):
-    return Engine(model)
 
 
 def reply_text(stream) -> tuple[str, list]:
