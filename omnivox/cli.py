@@ -42,9 +42,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--attention",
-        default="sdpa",
-        choices=["sdpa", "efficient", "math", "cudnn"],
-        help="SDPA backend on a GPU; sdpa = memory-efficient with math fallback; cudnn only when asked (not "
+        default="auto",
+        choices=["auto", "products", "sdpa", "efficient", "math", "cudnn"],
+        help="attention kernels; auto = products on a GPU (decode steps by two matrix products, prefills by SDPA), "
+        "sdpa on a CPU; sdpa = memory-efficient with math fallback on a GPU; cudnn only when asked (not "
         "deterministic run to run in bf16); flash is not offered (it takes no mask)",
     )
     p.add_argument(

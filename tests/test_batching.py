@@ -149,6 +149,23 @@ def test_compiled_layers_give_the_same_audio(model, batched):
     assert_clean(compiled)
 
 
+def test_decode_attention_by_products_gives_the_same_audio(model, batched):
+    """The GPU default attention (a step's query rows through two matrix products, omnivox/models/layers.py) on the
+    same eight requests: the same tokens, codes and PCM as SDPA."""
+    results, _ = batched
+    products = Engine(model, EngineConfig(attention="products"))
+    calls = []
+    real = torch.bmm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "bmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        windows = record_codes(products)
+        ours_all = drain([s() for s in mixed(products)], windows)
+    assert calls, "the products path ran"
+    for index, (ours, theirs) in enumerate(zip(ours_all, results, strict=True)):
+        assert_same(ours, theirs, f"request {index}")
+    assert_clean(products)
+
+
 # ---- everything in flight together ------------------------------------------------------------------------------
 def session_turns(engine: Engine, windows: dict, before_second=None):
     session = engine.new_session()

@@ -48,9 +48,11 @@ def live(speech: object = NEXT_CHUNK, llm: object | None = None, *, buffered: fl
     return r
 
 
-def scheduler(*lives: Live, **config) -> Scheduler:
+def scheduler(*lives: Live, _last_vocode_at: float | None = None, **config) -> Scheduler:
     s = Scheduler(None, None, None, None, SchedulerConfig(**config), clock=lambda: 0.0)
     s.live.extend(lives)
+    if _last_vocode_at is not None:
+        s._last_vocode_at = _last_vocode_at  # a vocoder batch was launched then
     return s
 
 
@@ -139,8 +141,8 @@ def test_a_stream_far_ahead_is_left_out_of_every_kind_of_work():
         "llm": lambda b: live(NEXT_CHUNK, decode_one(), buffered=b),
     }
     for kind, make in kinds.items():
-        # the LLM case's stream waits on text with less than text_wait_reserve_s buffered, so its step is needed
-        far, near = make(ahead), make(CONFIG.text_wait_reserve_s / 2 if kind == "llm" else 5.0)
+        # the LLM case's stream waits on text with less than low_buffer_s buffered, so its step is needed
+        far, near = make(ahead), make(CONFIG.low_buffer_s / 2 if kind == "llm" else 5.0)
         plan = scheduler(far, near).plan(100.0)
         assert plan[kind] == [near], f"{kind}: the stream {ahead} s ahead waits"
         later = ahead - CONFIG.ahead_limit_s + 0.5
@@ -149,7 +151,7 @@ def test_a_stream_far_ahead_is_left_out_of_every_kind_of_work():
 
 # ---- LLM decode -------------------------------------------------------------------------------------------------
 def test_llm_decode_runs_when_a_stream_waits_for_text():
-    low = CONFIG.text_wait_reserve_s / 2
+    low = CONFIG.low_buffer_s / 2
     waiting = live(NEXT_CHUNK, decode_one(), buffered=low)  # speech stalled on the next chunk, little audio left
     lookahead = live(tts_step(), decode_one(), buffered=low)  # LLM running ahead of its speech
     plan = scheduler(waiting, lookahead).plan(100.0)
@@ -160,7 +162,7 @@ def test_llm_decode_runs_when_a_stream_waits_for_text():
     assert just_decoded(scheduler(waiting, lookahead)).plan(100.0)["llm"] == []
     # stalled, but with plenty of audio buffered: while other work runs, the step waits for more rows (or the
     # gathering time); with nothing else to run it goes at once
-    relaxed = live(NEXT_CHUNK, decode_one(), buffered=CONFIG.text_wait_reserve_s + 1.0)
+    relaxed = live(NEXT_CHUNK, decode_one(), buffered=CONFIG.low_buffer_s + 1.0)
     stepping = live(tts_step(), buffered=2.0)
     assert just_decoded(scheduler(relaxed, stepping)).plan(100.0)["llm"] == []
     assert just_decoded(scheduler(relaxed)).plan(100.0)["llm"] == [relaxed]
@@ -187,6 +189,26 @@ def test_llm_look_ahead_rows_gather_between_decode_steps():
     assert runs == ([True] + [False] * (period - 1)) * 3
     s._decode = object()  # a step in flight: no second one until its tokens are in
     assert s.plan(200.0)["llm"] == []
+
+
+# ---- vocoder windows ---------------------------------------------------------------------------------------------
+def window() -> Vocode:
+    return Vocode(np.zeros((29, 4), np.int64))
+
+
+def test_vocoder_windows_of_streams_with_audio_to_spare_gather():
+    spare = [live(window(), buffered=CONFIG.low_buffer_s + 1.0) for _ in range(2)]
+    stepping = live(tts_step(), buffered=2.0)
+    s = scheduler(*spare, stepping)
+    s._last_vocode_at = 100.0  # a vocoder batch was launched at 100.0
+    assert s.plan(100.0)["vocode"] == [], "they wait for more windows while TTS steps run"
+    assert s.plan(100.0 + 1.01 * CONFIG.vocoder_gather_s)["vocode"] == spare, "... for vocoder_gather_s at most"
+    full = [live(window(), buffered=5.0) for _ in range(CONFIG.vocoder_gather_rows)]
+    assert scheduler(*full, stepping, _last_vocode_at=100.0).plan(100.0)["vocode"] == full, "or until enough wait"
+    assert scheduler(*spare, _last_vocode_at=100.0).plan(100.0)["vocode"] == spare, "nothing else to run: at once"
+    for needy in (live(window()), live(window(), buffered=CONFIG.low_buffer_s / 2)):  # first audio; low buffer
+        plan = scheduler(*spare, needy, stepping, _last_vocode_at=100.0).plan(100.0)
+        assert plan["vocode"] == [*spare, needy], "a window that a listener waits for takes the others along"
 
 
 def test_read_aloud_has_no_llm_work():
@@ -260,3 +282,20 @@ def test_a_new_stream_gets_its_first_audio_while_an_older_one_is_paused(model, m
     loop.iterate(2)
     assert loop.engine.scheduler.live == [] and loop.engine.stats()["tts_rows_used"] == 0
     assert loop.engine.stats()["llm_rows_used"] == 0
+
+
+def test_an_iteration_with_a_live_request_never_reports_idle(model, monkeypatch):
+    """`step()` returning False lets the loop sleep (up to 0.1 s) until new work comes: it must not do so while a
+    request can move, e.g. after a prompt wholly covered by the shared prefix is resolved without a launch."""
+    loop = Driven(model, monkeypatch)
+    stream = loop.engine.stream("Hi", seed=0, forced_reply="Hello there.", forced_audio_seconds=0.5)
+    idle_with_work = 0
+    with loop.engine.on_device():
+        for command in loop.commands:
+            command()
+        for _ in range(2000):
+            if stream.done:
+                break
+            idle_with_work += not loop.engine.scheduler.step() and bool(loop.engine.scheduler.live)
+    assert stream.done and list(stream)[-1].is_last
+    assert idle_with_work == 0

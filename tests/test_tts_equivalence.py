@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaModel
 from omnivox.config import TTSConfig
 from omnivox.models.chattts import ConditionalChatTTS, fold_weight_norm
 from omnivox.models.kv_cache import KVPool
-from omnivox.models.layers import attend
+from omnivox.models.layers import attend, short_queries_by_products
 
 SEQ_LEN = 24
 PREFILL_LEN = 10
@@ -150,6 +150,22 @@ def test_attend_matches_explicit_masked_softmax(kv_heads, mask_batch):
         scores = scores.masked_fill(~mask, float("-inf"))
     expected = scores.softmax(-1) @ v_rep
     torch.testing.assert_close(attend(q, k, v, mask, 8**-0.5), expected, atol=1e-6, rtol=1e-6)
+    with short_queries_by_products():  # 5 rows x at most 4 groups: within SHORT_QUERY_ROWS, so the products run
+        torch.testing.assert_close(attend(q, k, v, mask, 8**-0.5), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_products_take_decode_shapes_only(monkeypatch):
+    """Inside `short_queries_by_products` a step's few query rows skip SDPA; a long prefill still uses it."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw))
+    k = v = torch.randn(1, 1, 20, 8)
+    with short_queries_by_products():
+        attend(torch.randn(1, 4, 1, 8), k, v, None, 1.0)  # 4 rows per kv head: products
+        attend(torch.randn(1, 4, 17, 8), k, v, None, 1.0)  # 68 rows: SDPA
+    attend(torch.randn(1, 4, 1, 8), k, v, None, 1.0)  # outside the block: SDPA
+    assert calls == [68, 4]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

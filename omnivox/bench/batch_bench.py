@@ -9,6 +9,8 @@
   row at a time); reports how many replies are identical and, where they part, at which audio token. Run it in
   fp32 (the exactness claim) and in bf16 (agreement rate).
 * single: one stream at a time over the standard workload (TTFB / RTF medians), for the single-stream regression.
+* profile: the GPU kernels of one LLM decode step, TTS step and vocoder batch at each batch size (run eagerly
+  under torch.profiler, the same kernels the graphs replay): where a step's time goes.
 Writes `batch_bench.json` under --out and prints a table per part.
 """
 
@@ -95,6 +97,69 @@ def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) 
                       f"{r['prefill_ms']:.2f}", f"{r['tts_stream_bound']:.0f}")
     console.print(table)
     return rows_out
+
+
+def _kernel_table(engine: Engine, fn, steps: int) -> list[dict]:
+    """Device time per step of each kernel `fn` launches, most expensive first (on a CPU: each op's own time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.device.type == "cuda"
+    fn()
+    _sync(engine)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(engine)
+
+    def spent(e) -> float:
+        return e.device_time_total if cuda else e.self_cpu_time_total
+
+    kernels = sorted((e for e in prof.key_averages() if spent(e) > 0), key=spent, reverse=True)
+    return [{"kernel": e.key[:90], "ms": spent(e) / 1e3 / steps, "calls": e.count / steps} for e in kernels]
+
+
+def part_profile(engine: Engine, batches: list[int], position: int, steps: int, top: int = 8) -> dict:
+    """Kernels per step of each stage at each batch size, with the graphs off (the kernels are the same)."""
+    saved = [cache.enabled for cache in engine.graphs]
+    for cache in engine.graphs:
+        cache.enabled = False
+    num_vq = engine.model.config.tts.num_vq
+    report: dict = {}
+    try:
+        with engine.on_device():
+            for b in batches:
+                llm_handles = [engine.llm.slots.acquire(active=True) for _ in range(b)]
+                tts_handles = [engine.tts.slots.acquire(active=True) for _ in range(b)]
+                try:
+                    ls = LLMSampling(0.7, 100, 0.8, 1.05, False, 1, 0)
+                    llm_rows = [LLMRow(h.row, 100 + i, position, [1, 2, 3], ls) for i, h in enumerate(llm_handles)]
+                    ts = TTSSampling((0.1, 0.3, 0.1, 0.3), 0.7, 20, False, 1, 0)
+                    codes = np.ones(num_vq, np.int64)
+                    tts_rows = [TTSRow(h.row, 302 + position // 4, codes, 40, False, False, ts) for h in tts_handles]
+                    windows = [np.ones((29, num_vq), np.int64) for _ in range(b)]
+                    stages = {"llm": lambda r=llm_rows: engine.llm.decode(r).get(),
+                              "tts": lambda r=tts_rows: engine.tts.step(r),
+                              "vocoder": lambda w=windows: engine.vocoder.decode(w).get()}
+                    for stage, fn in stages.items():
+                        kernels = _kernel_table(engine, fn, steps)
+                        total = sum(k["ms"] for k in kernels)
+                        report[f"{stage}@{b}"] = {"kernel_ms": total, "kernels": kernels[:30]}
+                        table = Table(title=f"{stage}, batch {b}: {total:.2f} ms of kernels per step")
+                        for col in ("kernel", "ms/step", "calls/step", "share"):
+                            table.add_column(col, justify="right" if col != "kernel" else "left")
+                        for k in kernels[:top]:
+                            table.add_row(k["kernel"][:70], f"{k['ms']:.3f}", f"{k['calls']:.0f}",
+                                          f"{100 * k['ms'] / total:.0f} %")
+                        console.print(table)
+                finally:
+                    for h in llm_handles:
+                        engine.llm.slots.release(h)
+                    for h in tts_handles:
+                        engine.tts.slots.release(h)
+    finally:
+        for cache, enabled in zip(engine.graphs, saved, strict=True):
+            cache.enabled = enabled
+    return report
 
 
 def _drain_all(streams) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -184,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="forced audio length in the equivalence part")
     p.add_argument("--trials", type=int, default=3, help="passes over the workload in the single part")
     p.add_argument("--max-session-tokens", type=int, default=2048)
+    p.add_argument("--attention", default="auto", help="EngineConfig.attention (auto, products, sdpa, ...)")
     p.add_argument("--plot-steps", nargs="+", metavar="LABEL=FILE.json",
                    help="draw the steps parts of earlier runs (batch_bench.json files) into --out/steps.png; runs "
                    "nothing")
@@ -198,17 +264,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parts = args.parts.split(",")
     batches = [int(b) for b in args.batches.split(",")]
-    slots = max(batches) if "steps" in parts else 16
-    config = EngineConfig(max_concurrent_requests=slots, max_session_tokens=args.max_session_tokens, max_sessions=0)
+    slots = max(batches) if {"steps", "profile"} & set(parts) else 16
+    config = EngineConfig(max_concurrent_requests=slots, max_session_tokens=args.max_session_tokens, max_sessions=0,
+                          attention=args.attention)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(None, device=args.device, dtype=args.precision, dummy_weights=args.dummy_weights,
                                     config=config)
     console.print(f"engine built in {time.perf_counter() - t0:.1f} s: {engine.stream_slots} stream slots, "
                   f"{engine.model.dtype}, {engine.device}")
     results: dict = {"device": str(engine.device), "dtype": str(engine.model.dtype), "torch": torch.__version__,
+                     "attention": args.attention,
                      "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None}
     if "steps" in parts:
         results["steps"] = part_steps(engine, batches, args.position, args.repeats)
+    if "profile" in parts:
+        results["profile"] = part_profile(engine, batches, args.position, max(args.repeats // 4, 3))
     if "equivalence" in parts:
         results["equivalence"] = part_equivalence(engine, args.requests, args.seconds)
     if "single" in parts:

@@ -37,11 +37,12 @@ from omnivox.engine.vocoder import VocoderExecutor
 from omnivox.engine.work import LLMPrefill
 from omnivox.errors import ContextTooLong, EngineBusy, InvalidRequest
 from omnivox.models.kv_cache import KVPool
+from omnivox.models.layers import short_queries_by_products
 from omnivox.models.loader import SpeechModel
 
 DEFAULT_SYSTEM_PROMPT = SYSTEM_PROMPTS[DEFAULT_PRESET]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
-ATTENTION = ("sdpa", "efficient", "math", "cudnn")
+ATTENTION = ("auto", "products", "sdpa", "efficient", "math", "cudnn")
 CPU_STREAM_SLOTS = 8
 MAX_AUTO_STREAM_SLOTS = 256
 IDLE_STOP_S = 1.0  # the loop thread ends after this long without work (a new request starts it again)
@@ -66,7 +67,9 @@ class EngineConfig:
     # torch.compile of the decoder layers on the fast path (omnivox/models/layers.py, `compiled_halves`): "auto" = on
     # a GPU (about 40 s once at start-up; a TTS step at batch 1 then takes 2.1 ms instead of 3.5), off on a CPU
     compile: str = "auto"
-    attention: str = "sdpa"  # sdpa (GPU: efficient, math fallback) | efficient | math | cudnn
+    # auto = products on a GPU, sdpa on a CPU; products: a decode step's few query rows attend through two matrix
+    # products, prefills through sdpa; sdpa (GPU: efficient, math fallback) | efficient | math | cudnn: SDPA kernels
+    attention: str = "auto"
     llm_lookahead: int = 8  # LLM chunks a reply may make ahead of its speech, once its first audio is out
     tts_capacity: int = 2560  # TTS positions per segment: 302 condition slots + up to 2048 audio tokens + scratch
     memory_fraction: float = 0.85  # share of free GPU memory the automatic slot count may use for caches
@@ -95,21 +98,26 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def attention_backends(choice: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The SDPA kernels the loop may use. On a GPU `sdpa` means memory-efficient with math as the fallback:
-    cuDNN attention gave other bf16 outputs from run to run on the H200, and flash takes no mask."""
+    """The attention kernels the loop may use. On a GPU SDPA means memory-efficient with math as the fallback:
+    cuDNN attention gave other bf16 outputs from run to run on the H200, and flash takes no mask. `products` adds
+    the decode steps' matrix products (omnivox/models/layers.py, `short_queries_by_products`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if choice not in ATTENTION:
         raise InvalidRequest(f"unknown attention {choice!r}: use one of {', '.join(ATTENTION)}")
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    kernels = {
-        "sdpa": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-        "math": [SDPBackend.MATH],
-        "cudnn": [SDPBackend.CUDNN_ATTENTION],
-    }[choice]
-    return sdpa_kernel(kernels)
+    if choice == "auto":
+        choice = "products" if device.type == "cuda" else "sdpa"
+    stack = contextlib.ExitStack()
+    if choice == "products":
+        stack.enter_context(short_queries_by_products())
+    if device.type == "cuda":
+        kernels = {
+            "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+            "math": [SDPBackend.MATH],
+            "cudnn": [SDPBackend.CUDNN_ATTENTION],
+        }.get(choice, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        stack.enter_context(sdpa_kernel(kernels))
+    return stack
 
 
 _END = object()

@@ -9,7 +9,8 @@ windows, one TTS step for every row that wants one and the TTS prefills. LLM res
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
 is about to underrun, prefills are held to one per iteration (they delay every stream's next step); a stream more
-than `ahead_limit_s` ahead waits (its rows idle).
+than `ahead_limit_s` ahead waits (its rows idle). Vocoder windows of streams with audio to spare gather into larger
+batches for up to `vocoder_gather_s`.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ class Live:
 class SchedulerConfig:
     prefill_token_budget: int = 2048  # LLM prefill tokens per iteration
     llm_gather_s: float = 0.1  # look-ahead rows gather this long between decode steps while other work runs
-    text_wait_reserve_s: float = 1.0  # a stream waiting on text with less audio buffered gets a decode step now
+    low_buffer_s: float = 1.0  # a stream with less audio buffered gets its decode step or vocoder window now
+    vocoder_gather_s: float = 0.05  # windows of streams with audio to spare gather this long while TTS steps run
+    vocoder_gather_rows: int = 8  # ... or until this many wait
     underrun_reserve_s: float = 0.3  # a stream with less buffered than this is about to underrun
     ahead_limit_s: float = 20.0  # a stream with more buffered than this waits
 
@@ -121,6 +124,7 @@ class Scheduler:
         self.live: list[Live] = []
         self.iterations = 0
         self._last_decode_at = -float("inf")
+        self._last_vocode_at = -float("inf")
         self._decode: Launched | None = None  # the LLM's work in flight on its stream (at most one of each)
         self._prefill: Launched | None = None
         self.loop_seconds: defaultdict[str, float] = defaultdict(float)  # host time by part of the iteration
@@ -177,7 +181,7 @@ class Scheduler:
             self._guard(live, self._advance, live)
         plan = self.plan(now)
         self.loop_seconds["advance"] += self.clock() - now
-        self._launch_llm_work(plan, now)
+        launched = self._launch_llm_work(plan, now)
         speech = [r for r in plan["prefill"] if r.speech is _side(r)]
         if plan["vocode"] or plan["tts"] or speech:
             audio = self._launch_vocoder(plan["vocode"])
@@ -186,17 +190,22 @@ class Scheduler:
             self._resolve_vocoder(audio)
             self._relaunch_llm()
         elif not self._resolve_llm(block=True):  # nothing to do but wait for the LLM
-            return bool(resolved or plan["llm"])
+            return bool(resolved or launched)
         self.iterations += 1
         return True
 
-    def _launch_llm_work(self, plan: dict[str, list[Live]], now: float) -> None:
+    def _launch_llm_work(self, plan: dict[str, list[Live]], now: float) -> bool:
+        """Launches the planned decode step and prefills; True if any request moved (a prompt wholly covered by
+        the shared prefix moves without a launch), so the loop goes on rather than wait for new work."""
+        moved = bool(plan["llm"])
         if plan["llm"]:
             self._decode = self._launch_llm(plan["llm"])
             self._last_decode_at = now
         if self._prefill is None:
             llm_prefills = [r for r in plan["prefill"] if r.llm is not None and _side(r) is r.llm]
+            moved |= bool(llm_prefills)
             self._prefill = self._launch_llm_prefills(llm_prefills)
+        return moved
 
     def _relaunch_llm(self) -> None:
         """LLM work that finished during the speech work hands its results over now, and the LLM's next work is
@@ -217,11 +226,16 @@ class Scheduler:
         go = [r for r in self.live if r.buffered_s(now) <= cfg.ahead_limit_s]
         vocode = [r for r in go if r.speech.waiting_on(Vocode)]
         tts = [r for r in go if r.speech.waiting_on(TTSStep)]
+        # a vocoder batch of eight windows costs about what one costs: windows of streams with audio to spare wait
+        # for more (while TTS steps run), one that a first audio or a low buffer needs goes now
+        if tts and vocode and now - self._last_vocode_at < cfg.vocoder_gather_s and len(vocode) < \
+                cfg.vocoder_gather_rows and all(r.buffered_s(now) >= cfg.low_buffer_s for r in vocode):
+            vocode = []
         llm_rows = [r for r in go if r.llm is not None and not r.llm_inflight and r.llm.waiting_on(LLMDecode)
                     and len(r.llm.item.ids) == 1] if self._decode is None else []
         # a decode step costs about as much for one row as for many: run it when a stream's audio waits on text
         # (its first audio, or a buffer running low), else let look-ahead rows gather for a few iterations
-        needed = any(r.llm_waited_for and r.buffered_s(now) < cfg.text_wait_reserve_s for r in llm_rows)
+        needed = any(r.llm_waited_for and r.buffered_s(now) < cfg.low_buffer_s for r in llm_rows)
         gather = bool(tts or vocode)  # rows wait to gather only while there is other work to do
         gathered = now - self._last_decode_at >= cfg.llm_gather_s
         llm = llm_rows if needed or (llm_rows and (gathered or not gather)) else []
@@ -358,6 +372,7 @@ class Scheduler:
         """Audio windows, launched ahead of the TTS step on the same stream; the PCM is taken after that step."""
         if not lives:
             return None
+        self._last_vocode_at = self.clock()
         return self._launch("audio", lives, lambda: self.vocoder.decode([r.speech.item.codes for r in lives]),
                             "audio")
 
