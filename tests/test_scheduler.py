@@ -158,8 +158,11 @@ def test_llm_decode_runs_when_a_stream_waits_for_text():
     assert plan["llm"] == [waiting, lookahead], "every pending decode row rides along with the needed one"
     first = live(NEXT_CHUNK, decode_one())  # no audio yet: its first audio waits on text
     assert scheduler(first).plan(100.0)["llm"] == [first]
-    waiting.chunks.append(object())  # a chunk is already there: the speech is not stalled on the LLM
-    assert just_decoded(scheduler(waiting, lookahead)).plan(100.0)["llm"] == []
+    waiting.chunks.append(object())  # a chunk is already there: the speech is not stalled on the LLM, but with
+    assert just_decoded(scheduler(waiting)).plan(100.0)["llm"] == [waiting], "little buffered it needs text soon"
+    young = live(tts_step(), decode_one())  # in its first TTS call, no audio yet: its look-ahead rides along only
+    assert just_decoded(scheduler(young)).plan(100.0)["llm"] == []
+    assert just_decoded(scheduler(young, waiting)).plan(100.0)["llm"] == [young, waiting]
     # stalled, but with plenty of audio buffered: while other work runs, the step waits for more rows (or the
     # gathering time); with nothing else to run it goes at once
     relaxed = live(NEXT_CHUNK, decode_one(), buffered=CONFIG.low_buffer_s + 1.0)
@@ -175,7 +178,7 @@ def just_decoded(s: Scheduler, now: float = 100.0) -> Scheduler:
 
 
 def test_llm_look_ahead_rows_gather_between_decode_steps():
-    ahead = [live(tts_step(), decode_one(), buffered=1.0) for _ in range(2)]
+    ahead = [live(tts_step(), decode_one(), buffered=CONFIG.low_buffer_s + 1.0) for _ in range(2)]
     s = scheduler(*ahead)
     runs = []
     tick = 1 / 32  # iterations about 31 ms apart (a binary fraction: exact times)

@@ -75,7 +75,7 @@ def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) 
                 llm_s = _time(engine, lambda rows=llm_rows: engine.llm.decode(rows).get(), repeats)
                 prompts = [PrefillRow(h.row, 100, list(range(1000, 1000 + PROMPT_TOKENS))) for h in llm_handles]
                 prefill_s = _time(engine, lambda rows=prompts: engine.llm.prefill(rows).get(), max(repeats // 4, 3))
-                tts_s = _time(engine, lambda rows=tts_rows: engine.tts.step(rows), repeats)
+                tts_s = _time(engine, lambda rows=tts_rows: engine.tts.step(rows).get(), repeats)
                 voc_s = _time(engine, lambda w=windows: engine.vocoder.decode(w).get(), max(repeats // 4, 3))
             finally:
                 for h in llm_handles:
@@ -138,7 +138,7 @@ def part_profile(engine: Engine, batches: list[int], position: int, steps: int, 
                     tts_rows = [TTSRow(h.row, 302 + position // 4, codes, 40, False, False, ts) for h in tts_handles]
                     windows = [np.ones((29, num_vq), np.int64) for _ in range(b)]
                     stages = {"llm": lambda r=llm_rows: engine.llm.decode(r).get(),
-                              "tts": lambda r=tts_rows: engine.tts.step(r),
+                              "tts": lambda r=tts_rows: engine.tts.step(r).get(),
                               "vocoder": lambda w=windows: engine.vocoder.decode(w).get()}
                     for stage, fn in stages.items():
                         kernels = _kernel_table(engine, fn, steps)

@@ -164,7 +164,9 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
     skipped: list[float] = []
     interrupted: list[float] = []
     stop_reason: list[str] = []
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    # idle connections are dropped well before the server's keep-alive timeout (uvicorn: 5 s): reusing one the server
+    # is closing at that moment fails the request with a ReadError (seen once in a 94-request sweep)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits) as client:
         info = await _server_info(client, url)
         forced = bool(info.get("random_weights", info.get("dummy_weights", False)))

@@ -70,7 +70,7 @@ class EngineConfig:
     # auto = products on a GPU, sdpa on a CPU; products: a decode step's few query rows attend through two matrix
     # products, prefills through sdpa; sdpa (GPU: efficient, math fallback) | efficient | math | cudnn: SDPA kernels
     attention: str = "auto"
-    llm_lookahead: int = 8  # LLM chunks a reply may make ahead of its speech, once its first audio is out
+    llm_lookahead: int = 8  # LLM chunks a reply may make ahead of its speech
     tts_capacity: int = 2560  # TTS positions per segment: 302 condition slots + up to 2048 audio tokens + scratch
     memory_fraction: float = 0.85  # share of free GPU memory the automatic slot count may use for caches
 
@@ -276,18 +276,21 @@ class Engine:
         if config.compile not in ("auto", "on", "off"):
             raise InvalidRequest(f"unknown compile setting {config.compile!r}: use auto, on or off")
         self.compiled = not reference and (config.compile == "on" or (config.compile == "auto" and cuda))
-        # the loop's stream runs the TTS and the vocoder; the LLM's own, lower-priority stream runs beside it
+        # the loop's stream runs the TTS; the vocoder's stream beside it (same priority), the LLM's own, lower-priority
+        # stream beside both. Each stream has its own graphs (their memory pools must not be shared)
         self.cuda_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         llm_stream = torch.cuda.Stream(self.device) if cuda and not reference else None
+        vocoder_stream = torch.cuda.Stream(self.device, priority=-1) if cuda and not reference else None
         use_graphs = config.cuda_graphs and not reference
         graphs = GraphCache(self.device, enabled=use_graphs, stream=self.cuda_stream)
         llm_graphs = GraphCache(self.device, enabled=use_graphs, stream=llm_stream)
+        vocoder_graphs = GraphCache(self.device, enabled=use_graphs, stream=vocoder_stream)
         self.llm = LLMExecutor(model, self.stream_slots + config.max_sessions, config.max_session_tokens + 1,
                                llm_graphs, one_row_at_a_time=reference, compile=self.compiled, stream=llm_stream)
         self.tts = TTSExecutor(model, self.stream_slots, config.tts_capacity, graphs, one_row_at_a_time=reference,
                                compile=self.compiled)
-        self.vocoder = VocoderExecutor(model, graphs, max_batch=self.stream_slots)
-        self.graphs = (graphs, llm_graphs)
+        self.vocoder = VocoderExecutor(model, vocoder_graphs, max_batch=self.stream_slots, stream=vocoder_stream)
+        self.graphs = (graphs, llm_graphs, vocoder_graphs)
         self._prefix: PrefixCache | None = None
         self._default_speaker: torch.Tensor | None = None
         self.scheduler = Scheduler(self.llm, self.tts, self.vocoder, None, SchedulerConfig(), clock)

@@ -2,9 +2,11 @@
 
 A live request (`Live`) holds its reply's two coroutines (omnivox/engine/request.py), its cache rows, its random
 keys and its playback clock. `advance` runs each coroutine until it asks for device work or waits; the iteration
-then launches the LLM's work on its own stream (a decode step when a stream needs text, else every `llm_gather_s`
-for the rows running ahead; the pending prompt prefills within a token budget) and runs, meanwhile, the vocoder
-windows, one TTS step for every row that wants one and the TTS prefills. LLM results are taken when ready.
+then launches the LLM's work on its own stream (a decode step when a stream needs text now or soon, else every
+`llm_gather_s` for the rows running ahead; the pending prompt prefills within a token budget) and launches,
+meanwhile, the vocoder windows (on the vocoder's stream), one TTS step for every row that wants one and the TTS
+prefills. While it waits for the TTS step and the vocoder, LLM work that finishes hands its results over and the
+LLM's next work is launched at once.
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
@@ -41,6 +43,8 @@ from omnivox.engine.work import (
     TTSStep,
     Vocode,
 )
+
+SPIN_S = 5e-5  # how long the loop sleeps between looks at the device while it waits for a TTS step
 
 
 class Side:
@@ -185,8 +189,10 @@ class Scheduler:
         speech = [r for r in plan["prefill"] if r.speech is _side(r)]
         if plan["vocode"] or plan["tts"] or speech:
             audio = self._launch_vocoder(plan["vocode"])
-            self._run_tts(plan["tts"])
+            tts = self._launch_tts(plan["tts"])
             self._run_speech_prefills(speech)
+            self._await_speech(tts, audio)
+            self._resolve_tts(tts)
             self._resolve_vocoder(audio)
             self._relaunch_llm()
         elif not self._resolve_llm(block=True):  # nothing to do but wait for the LLM
@@ -233,9 +239,12 @@ class Scheduler:
             vocode = []
         llm_rows = [r for r in go if r.llm is not None and not r.llm_inflight and r.llm.waiting_on(LLMDecode)
                     and len(r.llm.item.ids) == 1] if self._decode is None else []
-        # a decode step costs about as much for one row as for many: run it when a stream's audio waits on text
-        # (its first audio, or a buffer running low), else let look-ahead rows gather for a few iterations
-        needed = any(r.llm_waited_for and r.buffered_s(now) < cfg.low_buffer_s for r in llm_rows)
+        # a decode step costs about as much for one row as for many: run it when a stream's audio waits on text (its
+        # first audio, or a buffer running low) or will soon (audio out, little buffered: the next TTS call's text
+        # must be there before the buffer runs dry), else let look-ahead rows gather for a few iterations; rows of a
+        # stream in its first TTS call ride along with the steps that run
+        needed = any(r.buffered_s(now) < cfg.low_buffer_s and (r.llm_waited_for or r.first_audio_at is not None)
+                     for r in llm_rows)
         gather = bool(tts or vocode)  # rows wait to gather only while there is other work to do
         gathered = now - self._last_decode_at >= cfg.llm_gather_s
         llm = llm_rows if needed or (llm_rows and (gathered or not gather)) else []
@@ -295,10 +304,9 @@ class Scheduler:
                 return
 
     def _llm_may_run(self, live: Live) -> bool:
-        """The LLM makes a chunk when the speech waits for one, or runs ahead (once audio is out) up to the limit."""
-        if live.llm_waited_for:
-            return True
-        return live.reply.audio_released and len(live.chunks) < live.lookahead
+        """The LLM makes a chunk when the speech waits for one, or runs ahead of it up to the limit: during the first
+        TTS call too, so the second call's text is there before the first chunk has played."""
+        return live.llm_waited_for or len(live.chunks) < live.lookahead
 
     def _handle_speech(self, live: Live, item: object) -> None:
         if isinstance(item, Piece):
@@ -382,9 +390,10 @@ class Scheduler:
             live.speech.resolve(pcm)
         self.loop_seconds["audio"] += self.clock() - t0
 
-    def _run_tts(self, lives: list[Live]) -> None:
+    def _launch_tts(self, lives: list[Live]) -> Launched | None:
+        """One TTS step for `lives`, on the loop's stream; its codes are taken by `_resolve_tts`."""
         if not lives:
-            return
+            return None
         rows = []
         for live in lives:
             s, w = live.sampling, live.speech.item
@@ -392,10 +401,31 @@ class Scheduler:
                                    live.tts_counter)
             rows.append(TTSRow(live.tts_slot.row, w.position, w.prev_codes, w.num_text_tokens, w.ban_eos,
                                w.force_eos, sampling))
-        codes = self._run("tts", lives, lambda: self.tts.step(rows))
-        for live, c in zip(lives, codes, strict=False):
+        return self._launch("tts", lives, lambda: self.tts.step(rows), "tts")
+
+    def _resolve_tts(self, launched: Launched | None) -> None:
+        t0 = self.clock()
+        for live, codes in zip(launched.lives if launched else (), self._collect(launched), strict=False):
             live.tts_counter += 1
-            live.speech.resolve(c)
+            live.speech.resolve(codes)
+        self.loop_seconds["tts"] += self.clock() - t0
+
+    def _await_speech(self, *launched: Launched | None) -> None:
+        """Waits for the speech batches in flight; LLM work that finishes meanwhile hands its results over and the
+        LLM's next work is launched at once, so the LLM's stream does not idle behind the TTS step."""
+        pending = [x.pending for x in launched if x is not None]
+        t0 = self.clock()
+        while not all(p.ready() for p in pending):
+            if self._llm_ready():
+                self.loop_seconds["await_speech"] += self.clock() - t0
+                self._relaunch_llm()
+                t0 = self.clock()
+            else:
+                time.sleep(SPIN_S)
+        self.loop_seconds["await_speech"] += self.clock() - t0
+
+    def _llm_ready(self) -> bool:
+        return any(x is not None and x.pending.ready() for x in (self._decode, self._prefill))
 
     def _llm_sampling(self, live: Live) -> LLMSampling:
         s = live.sampling

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from omnivox.engine.graphs import GraphCache, batch_bucket, batch_buckets, length_bucket, length_buckets
+from omnivox.engine.graphs import (
+    GraphCache,
+    Pending,
+    Ready,
+    batch_bucket,
+    batch_buckets,
+    length_bucket,
+    length_buckets,
+)
 from omnivox.engine.masks import causal_mask, tts_audio_mask
 from omnivox.engine.sampling import sample_tts
 from omnivox.engine.slots import SlotTable
@@ -140,13 +148,13 @@ class TTSExecutor:
         self.tts(embeds, positions, self.pool.view(row, 1, width), mask)
 
     @torch.inference_mode()
-    def step(self, rows: list[TTSRow]) -> list[np.ndarray]:
-        """One audio token for each of `rows` (active rows of the pool); returns each row's codes [num_vq]."""
+    def step(self, rows: list[TTSRow]) -> Pending | Ready:
+        """One audio token for each of `rows` (active rows of the pool); the result is each row's codes [num_vq]."""
         if self.one_row_at_a_time:
-            return [self._step_rows(r.row, 1, [r])[0] for r in rows]
+            return Ready([self._step_rows(r.row, 1, [r]).get()[0] for r in rows])
         return self._step_rows(0, batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch), rows)
 
-    def _step_rows(self, first: int, batch: int, rows: list[TTSRow]) -> list[np.ndarray]:
+    def _step_rows(self, first: int, batch: int, rows: list[TTSRow]) -> Pending:
         """One step over pool rows first..first+batch-1, of which `rows` take part."""
         width = length_bucket(max(r.position for r in rows) + 1, self.widths)
         ints, floats = self._blank(batch)
@@ -161,8 +169,9 @@ class TTSExecutor:
             floats[i, :q], floats[i, q] = s.temperature, s.top_p
         out = self.graphs.run(("tts", first, batch, width), lambda **kw: self._step(first, width, **kw),
                               {"ints": ints, "floats": floats})
-        codes = out.cpu().numpy()
-        return [codes[r.row - first] for r in rows]
+        index = [r.row - first for r in rows]
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        return Pending((out,), lambda codes: [codes[i] for i in index], stream)
 
     def warm_up(self) -> None:
         """Captures every (batch size, key width) step and text-prefill graph now; scratch rows only."""

@@ -13,6 +13,7 @@ last bits).
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import numpy as np
@@ -24,12 +25,17 @@ GRAPHED_WINDOWS = (25, 29)  # a segment's first call; every later call (25 new t
 
 
 class VocoderExecutor:
-    def __init__(self, model, graphs: GraphCache | None = None, max_batch: int = 1, batched: bool | None = None):
+    def __init__(self, model, graphs: GraphCache | None = None, max_batch: int = 1, batched: bool | None = None,
+                 stream: torch.cuda.Stream | None = None):
         self.dvae, self.vocos, self.device = model.dvae, model.vocos, model.device
         self.num_vq = model.config.tts.num_vq
         self.batched = self.device.type == "cuda" if batched is None else batched
         self.graphs = graphs
         self.max_batch = max_batch
+        self.stream = stream  # its own stream: windows decode beside the TTS step (they share no tensors)
+
+    def _on_stream(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         mel = self.dvae.decode(codes)  # model dtype
@@ -41,7 +47,6 @@ class VocoderExecutor:
         groups: dict[int, list[int]] = defaultdict(list)
         for i, w in enumerate(windows):
             groups[len(w) if self.batched else -1 - i].append(i)
-        parts = [self._group([windows[i] for i in indices]) for indices in groups.values()]
 
         def in_order(*pcms: np.ndarray) -> list[np.ndarray]:
             out: list[np.ndarray | None] = [None] * len(windows)
@@ -50,8 +55,10 @@ class VocoderExecutor:
                     out[i] = pcm[j]
             return out
 
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        return Pending(tuple(parts), in_order, stream)
+        with self._on_stream():
+            parts = [self._group([windows[i] for i in indices]) for indices in groups.values()]
+            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            return Pending(tuple(parts), in_order, stream)
 
     def _group(self, windows: list[np.ndarray]) -> torch.Tensor:
         length = len(windows[0])
@@ -67,6 +74,7 @@ class VocoderExecutor:
         """Captures the vocoder graphs for every batch size and graphed window length."""
         if self.graphs is None or not self.graphs.enabled:
             return
-        for batch in batch_buckets(self.max_batch):
-            for length in GRAPHED_WINDOWS:
-                self._group([np.zeros((length, self.num_vq), np.int64)] * batch).cpu()
+        with self._on_stream():
+            for batch in batch_buckets(self.max_batch):
+                for length in GRAPHED_WINDOWS:
+                    self._group([np.zeros((length, self.num_vq), np.int64)] * batch).cpu()
