@@ -44,7 +44,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--attention",
         default="auto",
         choices=["auto", "products", "sdpa", "efficient", "math", "cudnn"],
-        help="attention kernels; auto = products on a GPU (decode steps by two matrix products, prefills by SDPA), "
+        help="attention kernels; auto = products on a GPU (queries of up to 16 rows per kv head by two matrix "
+        "products, longer ones by SDPA), "
         "sdpa on a CPU; sdpa = memory-efficient with math fallback on a GPU; cudnn only when asked (not "
         "deterministic run to run in bf16); flash is not offered (it takes no mask)",
     )

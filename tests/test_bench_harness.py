@@ -135,3 +135,20 @@ def test_engine_warm_up_runs_once_before_any_request():
     engine = WarmingEngine()
     run_bench(engine, ITEMS, trials=1, progress=False)
     assert [c["request_id"] for c in engine.calls] == ["<graphs>", "warmup", "t0-p1", "t0-p2"]
+
+
+def test_batch_bench_steps_and_profile_run_on_the_tiny_model(tmp_path):
+    """`batch_bench --parts steps,profile`: a step time per stage and batch size, and each stage's op table."""
+    import json
+
+    from omnivox.bench import batch_bench
+
+    assert batch_bench.main(["--out", str(tmp_path), "--parts", "steps,profile", "--batches", "1,2",
+                             "--repeats", "2"]) == 0
+    results = json.loads((tmp_path / "batch_bench.json").read_text())
+    assert [r["batch"] for r in results["steps"]] == [1, 2]
+    assert all(r[k] > 0 for r in results["steps"] for k in ("llm_ms", "tts_ms", "vocoder_ms", "prefill_ms"))
+    assert set(results["profile"]) == {f"{stage}@{b}" for stage in ("llm", "tts", "vocoder") for b in (1, 2)}
+    ops = results["profile"]["tts@2"]["kernels"]
+    assert results["profile"]["tts@2"]["kernel_ms"] > 0 and all(k["calls"] > 0 for k in ops)
+    assert any("mm" in k["kernel"] or "linear" in k["kernel"] for k in ops), "the step's products are listed"

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from omnivox.engine.engine import Engine
+from omnivox.engine.live import Live, Side
 from omnivox.engine.request import Piece
-from omnivox.engine.scheduler import Live, Scheduler, SchedulerConfig, Side
+from omnivox.engine.scheduler import Scheduler, SchedulerConfig
 from omnivox.engine.types import SAMPLE_RATE, RequestMetrics, SamplingParams
 from omnivox.engine.work import (
     NEXT_CHUNK,
@@ -202,8 +203,7 @@ def window() -> Vocode:
 def test_vocoder_windows_of_streams_with_audio_to_spare_gather():
     spare = [live(window(), buffered=CONFIG.low_buffer_s + 1.0) for _ in range(2)]
     stepping = live(tts_step(), buffered=2.0)
-    s = scheduler(*spare, stepping)
-    s._last_vocode_at = 100.0  # a vocoder batch was launched at 100.0
+    s = scheduler(*spare, stepping, _last_vocode_at=100.0)  # a vocoder batch was launched at 100.0
     assert s.plan(100.0)["vocode"] == [], "they wait for more windows while TTS steps run"
     assert s.plan(100.0 + 1.01 * CONFIG.vocoder_gather_s)["vocode"] == spare, "... for vocoder_gather_s at most"
     full = [live(window(), buffered=5.0) for _ in range(CONFIG.vocoder_gather_rows)]

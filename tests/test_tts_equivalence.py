@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaModel
 from omnivox.config import TTSConfig
 from omnivox.models.chattts import ConditionalChatTTS, fold_weight_norm
 from omnivox.models.kv_cache import KVPool
-from omnivox.models.layers import attend, short_queries_by_products
+from omnivox.models.layers import SHORT_QUERY_ROWS, attend, short_queries_by_products
 
 SEQ_LEN = 24
 PREFILL_LEN = 10
@@ -138,11 +138,11 @@ def test_incremental_with_cache_matches_whole_sequence(cache_kind):
 @pytest.mark.parametrize("mask_batch", [1, 2, None])
 def test_attend_matches_explicit_masked_softmax(kv_heads, mask_batch):
     gen = torch.Generator().manual_seed(2)
-    q = torch.randn(2, 4, 5, 8, generator=gen)
+    q = torch.randn(2, 4, 4, 8, generator=gen)
     k, v = torch.randn(2, kv_heads, 9, 8, generator=gen), torch.randn(2, kv_heads, 9, 8, generator=gen)
     mask = None
     if mask_batch is not None:
-        mask = torch.rand(mask_batch, 1, 5, 9, generator=gen) > 0.4
+        mask = torch.rand(mask_batch, 1, 4, 9, generator=gen) > 0.4
         mask[..., 0] = True
     k_rep, v_rep = (t.repeat_interleave(4 // kv_heads, dim=1) for t in (k, v))  # [2, 4, 9, 8]
     scores = q @ k_rep.transpose(-1, -2) * 8**-0.5
@@ -150,7 +150,8 @@ def test_attend_matches_explicit_masked_softmax(kv_heads, mask_batch):
         scores = scores.masked_fill(~mask, float("-inf"))
     expected = scores.softmax(-1) @ v_rep
     torch.testing.assert_close(attend(q, k, v, mask, 8**-0.5), expected, atol=1e-6, rtol=1e-6)
-    with short_queries_by_products():  # 5 rows x at most 4 groups: within SHORT_QUERY_ROWS, so the products run
+    assert 4 * (4 // kv_heads) <= SHORT_QUERY_ROWS  # 4 query rows x up to 4 groups: the products run below
+    with short_queries_by_products():
         torch.testing.assert_close(attend(q, k, v, mask, 8**-0.5), expected, atol=1e-6, rtol=1e-6)
 
 

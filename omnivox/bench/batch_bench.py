@@ -17,6 +17,7 @@ Writes `batch_bench.json` under --out and prints a table per part.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import threading
@@ -57,31 +58,38 @@ def _time(engine: Engine, fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+@contextlib.contextmanager
+def _step_rows(engine: Engine, batch: int, position: int):
+    """`batch` active rows in each pool, every row at `position`: (LLM handles, LLM rows, TTS rows, 29-token vocoder
+    windows); the rows are given back on exit."""
+    num_vq = engine.model.config.tts.num_vq
+    llm_handles = [engine.llm.slots.acquire(active=True) for _ in range(batch)]
+    tts_handles = [engine.tts.slots.acquire(active=True) for _ in range(batch)]
+    try:
+        ls = LLMSampling(0.7, 100, 0.8, 1.05, False, 1, 0)
+        llm_rows = [LLMRow(h.row, 100 + i, position, [1, 2, 3], ls) for i, h in enumerate(llm_handles)]
+        ts = TTSSampling((0.1, 0.3, 0.1, 0.3), 0.7, 20, False, 1, 0)
+        codes = np.ones(num_vq, np.int64)
+        tts_rows = [TTSRow(h.row, 302 + position // 4, codes, 40, False, False, ts) for h in tts_handles]
+        yield llm_handles, llm_rows, tts_rows, [np.ones((29, num_vq), np.int64) for _ in range(batch)]
+    finally:
+        for h in llm_handles:
+            engine.llm.slots.release(h)
+        for h in tts_handles:
+            engine.tts.slots.release(h)
+
+
 def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) -> list[dict]:
     """Step times with `b` active rows, every row at `position` (keys read: the bucket that holds it)."""
     rows_out = []
-    num_vq = engine.model.config.tts.num_vq
     with engine.on_device():
         for b in batches:
-            llm_handles = [engine.llm.slots.acquire(active=True) for _ in range(b)]
-            tts_handles = [engine.tts.slots.acquire(active=True) for _ in range(b)]
-            try:
-                ls = LLMSampling(0.7, 100, 0.8, 1.05, False, 1, 0)
-                llm_rows = [LLMRow(h.row, 100 + i, position, [1, 2, 3], ls) for i, h in enumerate(llm_handles)]
-                ts = TTSSampling((0.1, 0.3, 0.1, 0.3), 0.7, 20, False, 1, 0)
-                codes = np.ones(num_vq, np.int64)
-                tts_rows = [TTSRow(h.row, 302 + position // 4, codes, 40, False, False, ts) for h in tts_handles]
-                windows = [np.ones((29, num_vq), np.int64) for _ in range(b)]
+            with _step_rows(engine, b, position) as (llm_handles, llm_rows, tts_rows, windows):
                 llm_s = _time(engine, lambda rows=llm_rows: engine.llm.decode(rows).get(), repeats)
                 prompts = [PrefillRow(h.row, 100, list(range(1000, 1000 + PROMPT_TOKENS))) for h in llm_handles]
                 prefill_s = _time(engine, lambda rows=prompts: engine.llm.prefill(rows).get(), max(repeats // 4, 3))
                 tts_s = _time(engine, lambda rows=tts_rows: engine.tts.step(rows).get(), repeats)
                 voc_s = _time(engine, lambda w=windows: engine.vocoder.decode(w).get(), max(repeats // 4, 3))
-            finally:
-                for h in llm_handles:
-                    engine.llm.slots.release(h)
-                for h in tts_handles:
-                    engine.tts.slots.release(h)
             row = {"batch": b, "llm_ms": 1e3 * llm_s, "tts_ms": 1e3 * tts_s, "vocoder_ms": 1e3 * voc_s,
                    "prefill_ms": 1e3 * prefill_s,
                    # realtime streams one GPU could feed from the TTS step alone (46.875 steps per audio second)
@@ -123,20 +131,11 @@ def part_profile(engine: Engine, batches: list[int], position: int, steps: int, 
     saved = [cache.enabled for cache in engine.graphs]
     for cache in engine.graphs:
         cache.enabled = False
-    num_vq = engine.model.config.tts.num_vq
     report: dict = {}
     try:
         with engine.on_device():
             for b in batches:
-                llm_handles = [engine.llm.slots.acquire(active=True) for _ in range(b)]
-                tts_handles = [engine.tts.slots.acquire(active=True) for _ in range(b)]
-                try:
-                    ls = LLMSampling(0.7, 100, 0.8, 1.05, False, 1, 0)
-                    llm_rows = [LLMRow(h.row, 100 + i, position, [1, 2, 3], ls) for i, h in enumerate(llm_handles)]
-                    ts = TTSSampling((0.1, 0.3, 0.1, 0.3), 0.7, 20, False, 1, 0)
-                    codes = np.ones(num_vq, np.int64)
-                    tts_rows = [TTSRow(h.row, 302 + position // 4, codes, 40, False, False, ts) for h in tts_handles]
-                    windows = [np.ones((29, num_vq), np.int64) for _ in range(b)]
+                with _step_rows(engine, b, position) as (_, llm_rows, tts_rows, windows):
                     stages = {"llm": lambda r=llm_rows: engine.llm.decode(r).get(),
                               "tts": lambda r=tts_rows: engine.tts.step(r).get(),
                               "vocoder": lambda w=windows: engine.vocoder.decode(w).get()}
@@ -151,11 +150,6 @@ def part_profile(engine: Engine, batches: list[int], position: int, steps: int, 
                             table.add_row(k["kernel"][:70], f"{k['ms']:.3f}", f"{k['calls']:.0f}",
                                           f"{100 * k['ms'] / total:.0f} %")
                         console.print(table)
-                finally:
-                    for h in llm_handles:
-                        engine.llm.slots.release(h)
-                    for h in tts_handles:
-                        engine.tts.slots.release(h)
     finally:
         for cache, enabled in zip(engine.graphs, saved, strict=True):
             cache.enabled = enabled
@@ -250,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=3, help="passes over the workload in the single part")
     p.add_argument("--max-session-tokens", type=int, default=2048)
     p.add_argument("--attention", default="auto", help="EngineConfig.attention (auto, products, sdpa, ...)")
+    p.add_argument("--compile", default="auto", help="EngineConfig.compile (auto, on, off)")
     p.add_argument("--plot-steps", nargs="+", metavar="LABEL=FILE.json",
                    help="draw the steps parts of earlier runs (batch_bench.json files) into --out/steps.png; runs "
                    "nothing")
@@ -266,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     slots = max(batches) if {"steps", "profile"} & set(parts) else 16
     config = EngineConfig(max_concurrent_requests=slots, max_session_tokens=args.max_session_tokens, max_sessions=0,
-                          attention=args.attention)
+                          attention=args.attention, compile=args.compile)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(None, device=args.device, dtype=args.precision, dummy_weights=args.dummy_weights,
                                     config=config)

@@ -22,10 +22,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from omnivox.engine.graphs import GraphCache
+from omnivox.engine.live import Live, Side
 from omnivox.engine.llm_executor import LLMExecutor
 from omnivox.engine.prefix_cache import PrefixCache, prompt_forward
 from omnivox.engine.request import ASSISTANT_HEADER, Forcing, Piece, Reply
-from omnivox.engine.scheduler import Live, Scheduler, SchedulerConfig, Side
+from omnivox.engine.scheduler import Scheduler, SchedulerConfig
 from omnivox.engine.session import Session
 from omnivox.engine.system_prompts import DEFAULT_PRESET, SYSTEM_PROMPTS
 from omnivox.engine.text import detect_language, normalize_for_tts
@@ -67,8 +68,9 @@ class EngineConfig:
     # torch.compile of the decoder layers on the fast path (omnivox/models/layers.py, `compiled_halves`): "auto" = on
     # a GPU (about 40 s once at start-up; a TTS step at batch 1 then takes 2.1 ms instead of 3.5), off on a CPU
     compile: str = "auto"
-    # auto = products on a GPU, sdpa on a CPU; products: a decode step's few query rows attend through two matrix
-    # products, prefills through sdpa; sdpa (GPU: efficient, math fallback) | efficient | math | cudnn: SDPA kernels
+    # auto = products on a GPU, sdpa on a CPU; products: queries of up to 16 rows per kv head (decode steps, TTS text
+    # prefills) attend through two matrix products, longer ones through sdpa; sdpa (GPU: efficient, math fallback) |
+    # efficient | math | cudnn: SDPA kernels only
     attention: str = "auto"
     llm_lookahead: int = 8  # LLM chunks a reply may make ahead of its speech
     tts_capacity: int = 2560  # TTS positions per segment: 302 condition slots + up to 2048 audio tokens + scratch
@@ -268,8 +270,9 @@ class Engine:
         self.clock = clock
         self.model_load_s = model_load_s
         self.sample_rate = model.config.vocos.sample_rate
+        if config.attention not in ATTENTION:
+            raise InvalidRequest(f"unknown attention {config.attention!r}: use one of {', '.join(ATTENTION)}")
         self._attention = config.attention
-        attention_backends(config.attention, self.device)  # validates the name
         self.stream_slots = config.max_concurrent_requests or self._slots_from_memory()
         reference = config.path == "reference"
         cuda = self.device.type == "cuda"

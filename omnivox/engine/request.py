@@ -138,7 +138,6 @@ class Reply:
         self.segment_budget: int | None = None  # forced audio tokens of a segment that ends at a cut
         self.last_restart: Restart | None = None
         self.consumed_length: int | None = None  # session length after the last chunk the speech consumed
-        self.audio_released = False  # the first PCM has been handed out
         self._reply_text: list[str] = []
         self.final_sent = False
         self.codes_drawn: list[np.ndarray] = []  # every audio token the TTS drew for this reply (paths are compared)
@@ -228,10 +227,7 @@ class Reply:
         window = seg.window(max(seg.num_decoded - DECODE_LEFT_CONTEXT, 0))
         seg.num_decoded = seg.num_codes
         pcm = yield Vocode(window)
-        released = framer.push(pcm)
-        if released is not None and len(released):
-            self.audio_released = True
-        return released
+        return framer.push(pcm)
 
     def _call_and_decode(self, seg: Segment, num_text_tokens: int, framer: Framer):
         yield from self._tts_call(seg, num_text_tokens)

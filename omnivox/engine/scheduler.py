@@ -1,12 +1,12 @@
 """The engine loop: each iteration gathers the ready work of every live request and runs it as batches.
 
-A live request (`Live`) holds its reply's two coroutines (omnivox/engine/request.py), its cache rows, its random
-keys and its playback clock. `advance` runs each coroutine until it asks for device work or waits; the iteration
-then launches the LLM's work on its own stream (a decode step when a stream needs text now or soon, else every
-`llm_gather_s` for the rows running ahead; the pending prompt prefills within a token budget) and launches,
-meanwhile, the vocoder windows (on the vocoder's stream), one TTS step for every row that wants one and the TTS
-prefills. While it waits for the TTS step and the vocoder, LLM work that finishes hands its results over and the
-LLM's next work is launched at once.
+A live request (`Live`, omnivox/engine/live.py) holds its reply's two coroutines (omnivox/engine/request.py), its
+cache rows, its random keys and its playback clock. `advance` runs each coroutine until it asks for device work or
+waits; the iteration then launches the LLM's work on its own stream (a decode step when a stream needs text now or
+soon, else every `llm_gather_s` for the rows running ahead; the pending prompt prefills within a token budget) and
+launches, meanwhile, the vocoder windows (on the vocoder's stream), one TTS step for every row that wants one and
+the TTS prefills. While it waits for the TTS step and the vocoder, LLM work that finishes hands its results over and
+the LLM's next work is launched at once (it starts on the device when the TTS step ends).
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
@@ -17,20 +17,18 @@ batches for up to `vocoder_gather_s`.
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 from omnivox.engine.graphs import Pending, Ready
+from omnivox.engine.live import Live
 from omnivox.engine.llm_executor import LLMExecutor, LLMRow, LLMSampling, PrefillRow
-from omnivox.engine.request import LLMChunk, Piece, Reply
-from omnivox.engine.session import Session
-from omnivox.engine.slots import SlotHandle
+from omnivox.engine.request import LLMChunk, Piece
 from omnivox.engine.tts_executor import TTSExecutor, TTSRow, TTSSampling
-from omnivox.engine.types import SAMPLE_RATE, RequestMetrics, SamplingParams
+from omnivox.engine.types import SAMPLE_RATE
 from omnivox.engine.vocoder import VocoderExecutor
 from omnivox.engine.work import (
     NEXT_CHUNK,
@@ -45,66 +43,6 @@ from omnivox.engine.work import (
 )
 
 SPIN_S = 5e-5  # how long the loop sleeps between looks at the device while it waits for a TTS step
-
-
-class Side:
-    """One coroutine of a request and the work it waits on."""
-
-    def __init__(self, gen: Generator):
-        self.gen = gen
-        self.item: object = None
-        self.result: object = None
-        self.ready = True  # the coroutine may be resumed (with `result`)
-        self.done = False
-
-    def resolve(self, result: object) -> None:
-        self.result, self.ready = result, True
-
-    def resume(self) -> object:
-        value, self.result, self.ready = self.result, None, False
-        try:
-            self.item = self.gen.send(value)
-        except StopIteration:
-            self.done, self.item = True, None
-        return self.item
-
-    def waiting_on(self, kind: type) -> bool:
-        return not self.ready and not self.done and isinstance(self.item, kind)
-
-
-@dataclass(eq=False)
-class Live:
-    """A request the loop is serving."""
-
-    reply: Reply
-    speech: Side
-    llm: Side | None  # None for read-aloud
-    session: Session | None
-    sampling: SamplingParams
-    metrics: RequestMetrics
-    llm_seed: int
-    tts_seed: int
-    emit: Callable[[object], None]  # a Piece, an exception, or None at the end
-    lookahead: int
-    llm_counter: int = 0
-    tts_counter: int = 0
-    tts_slot: SlotHandle | None = None
-    chunks: deque[LLMChunk] = field(default_factory=deque)
-    first_audio_at: float | None = None
-    audio_s: float = 0.0
-    cancelled: bool = False
-    llm_inflight: bool = False  # its LLM work was launched and its result is not in yet
-    ended: bool = False  # finished: no longer in the loop (results still in flight for it are dropped)
-    order: int = field(default_factory=itertools.count().__next__)
-
-    def buffered_s(self, now: float) -> float:
-        """Audio delivered but not yet played by a realtime listener (0 before the first audio)."""
-        return 0.0 if self.first_audio_at is None else self.first_audio_at + self.audio_s - now
-
-    @property
-    def llm_waited_for(self) -> bool:
-        """The speech is stalled on the next LLM chunk."""
-        return self.speech.item is NEXT_CHUNK and not self.speech.ready and not self.chunks
 
 
 @dataclass
@@ -186,7 +124,7 @@ class Scheduler:
         plan = self.plan(now)
         self.loop_seconds["advance"] += self.clock() - now
         launched = self._launch_llm_work(plan, now)
-        speech = [r for r in plan["prefill"] if r.speech is _side(r)]
+        speech = [r for r in plan["prefill"] if r.speech is r.prefill_side()]
         if plan["vocode"] or plan["tts"] or speech:
             audio = self._launch_vocoder(plan["vocode"])
             tts = self._launch_tts(plan["tts"])
@@ -208,7 +146,7 @@ class Scheduler:
             self._decode = self._launch_llm(plan["llm"])
             self._last_decode_at = now
         if self._prefill is None:
-            llm_prefills = [r for r in plan["prefill"] if r.llm is not None and _side(r) is r.llm]
+            llm_prefills = [r for r in plan["prefill"] if r.llm is not None and r.prefill_side() is r.llm]
             moved |= bool(llm_prefills)
             self._prefill = self._launch_llm_prefills(llm_prefills)
         return moved
@@ -254,7 +192,7 @@ class Scheduler:
         llm_busy = self._prefill is not None
 
         def ready(r: Live) -> bool:  # prefill work to run, unless it is the LLM's and the LLM is busy with it
-            side = _side(r)
+            side = r.prefill_side()
             return side is not None and not (side is r.llm and (r.llm_inflight or llm_busy))
 
         prefills = [r for r in go if ready(r)]
@@ -377,7 +315,7 @@ class Scheduler:
         return out
 
     def _launch_vocoder(self, lives: list[Live]) -> Launched | None:
-        """Audio windows, launched ahead of the TTS step on the same stream; the PCM is taken after that step."""
+        """Audio windows, launched ahead of the TTS step (on the vocoder's stream); the PCM is taken after it."""
         if not lives:
             return None
         self._last_vocode_at = self.clock()
@@ -412,7 +350,8 @@ class Scheduler:
 
     def _await_speech(self, *launched: Launched | None) -> None:
         """Waits for the speech batches in flight; LLM work that finishes meanwhile hands its results over and the
-        LLM's next work is launched at once, so the LLM's stream does not idle behind the TTS step."""
+        LLM's next work is launched at once. It is queued behind the TTS step (the LLM's stream waits for the work
+        queued on this one) but starts as soon as the step ends, not when the iteration does."""
         pending = [x.pending for x in launched if x is not None]
         t0 = self.clock()
         while not all(p.ready() for p in pending):
@@ -514,18 +453,3 @@ class Launched:
     lives: list[Live]
     pending: Pending | Ready
     t0: float
-
-
-def _side(live: Live) -> Side | None:
-    work = _prefill_work(live)
-    return work[0] if work is not None else None
-
-
-def _prefill_work(live: Live) -> tuple[Side, object] | None:
-    """The request's pending prefill-like work (run one request at a time), if any."""
-    if live.speech.waiting_on((TTSPrefillText, TTSPrefillAudio)):
-        return live.speech, live.speech.item
-    llm = live.llm
-    if llm is not None and (llm.waiting_on(LLMPrefill) or (llm.waiting_on(LLMDecode) and len(llm.item.ids) > 1)):
-        return llm, llm.item
-    return None

@@ -67,15 +67,15 @@ def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return (x * cos) + (rotate_half(x) * sin)
 
 
-SHORT_QUERY_ROWS = 16  # query rows per kv head up to which `short_queries_by_products` applies (decode steps)
+SHORT_QUERY_ROWS = 16  # query rows per kv head up to which `short_queries_by_products` applies
 _SHORT_QUERY_PRODUCTS: contextvars.ContextVar[bool] = contextvars.ContextVar("short_query_products", default=False)
 
 
 @contextlib.contextmanager
 def short_queries_by_products(enabled: bool = True) -> Iterator[None]:
-    """Within the block, attention of at most SHORT_QUERY_ROWS query rows per kv head (the steps of a decode) runs
-    as two batched matrix products instead of SDPA: SDPA's masked kernels tile 64 query rows, so a step's one or
-    seven rows waste most of their work (65 % of a TTS step at batch 128 on an H200)."""
+    """Within the block, attention of at most SHORT_QUERY_ROWS query rows per kv head (decode steps, TTS text
+    prefills) runs as two batched matrix products instead of SDPA: SDPA's masked kernels tile 64 query rows, so a
+    step's one or seven rows waste most of their work (65 % of a TTS step at batch 128 on an H200)."""
     token = _SHORT_QUERY_PRODUCTS.set(enabled)
     try:
         yield
@@ -105,13 +105,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 def _attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                         groups: int) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v with fp32 scores and softmax, as the fused kernels keep them; the
-    probabilities go back to the value dtype for the second product, as theirs do. q: [B, KV, G*Tq, D]."""
+    probabilities go back to the value dtype for the second product, as theirs do. q: [B, KV, G*Tq, D]. Every
+    query row must see at least one key (the engine's masks always show key 0): a row with none gives NaN."""
     batch, kv_heads, rows, head_dim = q.shape
     keys, values = k.flatten(0, 1), v.flatten(0, 1)  # [B*KV, Tk, D]: views for cache slices
     if q.dtype == torch.float32:
         scores = torch.bmm(q.flatten(0, 1), keys.transpose(1, 2))
-    else:
+    elif q.is_cuda:  # reduced-precision inputs, fp32 products (no fp32 copy of the keys)
         scores = torch.bmm(q.flatten(0, 1), keys.transpose(1, 2), out_dtype=torch.float32)
+    else:  # the CPU has no mixed-dtype bmm
+        scores = torch.bmm(q.flatten(0, 1).float(), keys.transpose(1, 2).float())
     scores = scores.view(batch, kv_heads, groups, rows // groups, -1) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # [B or 1, 1, 1, Tq, Tk] over the groups

@@ -1,0 +1,88 @@
+"""A request as the engine loop holds it: its reply's two coroutine sides, its rows, random keys and playback clock.
+
+The scheduler (omnivox/engine/scheduler.py) reads these to plan an iteration and resolves their sides with the
+results of the batches it runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+from omnivox.engine.request import LLMChunk, Reply
+from omnivox.engine.session import Session
+from omnivox.engine.slots import SlotHandle
+from omnivox.engine.types import RequestMetrics, SamplingParams
+from omnivox.engine.work import NEXT_CHUNK, LLMDecode, LLMPrefill, TTSPrefillAudio, TTSPrefillText
+
+
+class Side:
+    """One coroutine of a request and the work it waits on."""
+
+    def __init__(self, gen: Generator):
+        self.gen = gen
+        self.item: object = None
+        self.result: object = None
+        self.ready = True  # the coroutine may be resumed (with `result`)
+        self.done = False
+
+    def resolve(self, result: object) -> None:
+        self.result, self.ready = result, True
+
+    def resume(self) -> object:
+        value, self.result, self.ready = self.result, None, False
+        try:
+            self.item = self.gen.send(value)
+        except StopIteration:
+            self.done, self.item = True, None
+        return self.item
+
+    def waiting_on(self, kind: type) -> bool:
+        return not self.ready and not self.done and isinstance(self.item, kind)
+
+
+@dataclass(eq=False)
+class Live:
+    """A request the loop is serving."""
+
+    reply: Reply
+    speech: Side
+    llm: Side | None  # None for read-aloud
+    session: Session | None
+    sampling: SamplingParams
+    metrics: RequestMetrics
+    llm_seed: int
+    tts_seed: int
+    emit: Callable[[object], None]  # a Piece, an exception, or None at the end
+    lookahead: int
+    llm_counter: int = 0
+    tts_counter: int = 0
+    tts_slot: SlotHandle | None = None
+    chunks: deque[LLMChunk] = field(default_factory=deque)
+    first_audio_at: float | None = None
+    audio_s: float = 0.0
+    cancelled: bool = False
+    llm_inflight: bool = False  # its LLM work was launched and its result is not in yet
+    ended: bool = False  # finished: no longer in the loop (results still in flight for it are dropped)
+    order: int = field(default_factory=itertools.count().__next__)
+
+    def buffered_s(self, now: float) -> float:
+        """Audio delivered but not yet played by a realtime listener (0 before the first audio)."""
+        return 0.0 if self.first_audio_at is None else self.first_audio_at + self.audio_s - now
+
+    @property
+    def llm_waited_for(self) -> bool:
+        """The speech is stalled on the next LLM chunk."""
+        return self.speech.item is NEXT_CHUNK and not self.speech.ready and not self.chunks
+
+    def prefill_side(self) -> Side | None:
+        """The side whose pending work is prefill-like (a TTS text or audio prefill, an LLM prompt or reply header:
+        several tokens at once), if any."""
+        if self.speech.waiting_on((TTSPrefillText, TTSPrefillAudio)):
+            return self.speech
+        llm = self.llm
+        if llm is not None and (llm.waiting_on(LLMPrefill) or (llm.waiting_on(LLMDecode) and len(llm.item.ids) > 1)):
+            return llm
+        return None
