@@ -15,7 +15,7 @@ import pytest
 from omnivox.engine.engine import Engine
 from omnivox.engine.live import Live, Side
 from omnivox.engine.request import Piece
-from omnivox.engine.scheduler import Scheduler, SchedulerConfig
+from omnivox.engine.scheduler import Launched, Scheduler, SchedulerConfig
 from omnivox.engine.types import SAMPLE_RATE, RequestMetrics, SamplingParams
 from omnivox.engine.work import (
     NEXT_CHUNK,
@@ -212,6 +212,33 @@ def test_vocoder_windows_of_streams_with_audio_to_spare_gather():
     for needy in (live(window()), live(window(), buffered=CONFIG.low_buffer_s / 2)):  # first audio; low buffer
         plan = scheduler(*spare, needy, stepping, _last_vocode_at=100.0).plan(100.0)
         assert plan["vocode"] == [*spare, needy], "a window that a listener waits for takes the others along"
+
+
+class Polled:
+    """A device result that is ready after `polls` looks."""
+
+    def __init__(self, polls: int):
+        self.polls = polls
+
+    def ready(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+
+def test_finished_llm_work_is_relaunched_while_the_tts_step_runs(monkeypatch):
+    s = scheduler()
+    tts, audio = Launched("tts", [], Polled(3), 0.0), Launched("audio", [], Polled(1), 0.0)
+    s._decode = Launched("llm", [], Polled(1), 0.0)  # its tokens are in after the first look
+    relaunched = []
+
+    def relaunch():
+        relaunched.append(tts.pending.polls)
+        s._decode = None  # what taking its results does
+
+    monkeypatch.setattr(s, "_relaunch_llm", relaunch)
+    s._await_speech(tts, audio)
+    assert relaunched == [1], "taken and relaunched once, while the TTS step was still running"
+    assert tts.pending.ready() and audio.pending.ready()
 
 
 def test_read_aloud_has_no_llm_work():
