@@ -9,6 +9,7 @@ out=${1:-${OUT:-out/batched}}
 batches=${BATCHES:-1,2,4,8,16,32,64,128,256}
 py=${PYTHON:-python3}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the old engine runs from its own tree
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 run() {  # name, seconds, command...
     local name=$1 limit=$2; shift 2
@@ -22,8 +23,10 @@ run eq32 150 "${bb[@]}" --out /tmp/bb-eq32 --parts equivalence --precision fp32 
 run eq16 150 "${bb[@]}" --out /tmp/bb-eq16 --parts equivalence,single --requests 16 --seconds 2 --trials 3
 for part in steps eq32 eq16; do cp "/tmp/bb-$part/batch_bench.json" "$out/$part.json" 2>/dev/null; done
 if [ -n "${OLD_TREE:-}" ]; then
-    run old 200 env PYTHONPATH="$OLD_TREE:$PYTHONPATH" "$py" -m omnivox.cli bench --dummy-weights --device cuda \
-        --path fast --trials 3 --out /tmp/bb-old
+    # from the old tree's root: `python -m` puts the working directory first on the path, so with PYTHONPATH alone
+    # the old engine's figures would be this tree's
+    (cd "$OLD_TREE" && run old 200 env PYTHONPATH="$OLD_TREE:$PYTHONPATH" "$py" -m omnivox.cli bench --dummy-weights \
+        --device cuda --path fast --trials 3 --out /tmp/bb-old)
     cp /tmp/bb-old/results.json "$out/old.json" 2>/dev/null
     grep -E "ttfb|rtf|TTFB|RTF" "$out/old.log" | tail -8
 fi

@@ -71,7 +71,13 @@ def test_playback_clock_ttfa_is_the_first_audible_chunk_and_a_stall_counts_once(
     assert math.isclose(clock.ttfb_s, 0.1) and math.isclose(clock.ttfa_s, 0.3)
     assert clock.underruns == 1 and math.isclose(clock.stall_s, 0.4) and clock.audio_s == 3.0
     assert np.allclose(clock.segments, [[100.1, 101.1], [101.5, 103.5]])
+    assert math.isclose(clock.min_slack_s, -0.4), "the least audio queued when a chunk came: the stall, negative"
     assert math.isnan(PlaybackClock(0.0).ttfa_s)
+    smooth = PlaybackClock(0.0)
+    for at in (0.1, 0.4, 0.7):
+        smooth.receive(SR // 2, now=at)  # each half second arrives 0.2 s before the audio queued runs out
+    assert math.isclose(smooth.min_slack_s, 0.2) and smooth.underruns == 0
+    assert PlaybackClock(0.0).min_slack_s == math.inf, "no second chunk: no slack measured"
 
 
 def test_streams_playing_mean_and_peak_on_a_fake_clock():
@@ -101,7 +107,8 @@ def _sample(ttfa: float, chunks: list[tuple[float, float]], **extra) -> dict:
         clock.receive(int(seconds * SR), audible=True, now=at)
     assert math.isclose(clock.ttfa_s, ttfa)
     return {"ttfa_s": clock.ttfa_s, "rtf": 0.5, "audio_s": clock.audio_s, "underruns": clock.underruns,
-            "segments": clock.segments, "finish_reason": "eos", "warmup": False, **extra}
+            "segments": clock.segments, "finish_reason": "eos", "warmup": False,
+            "min_slack_s": clock.min_slack_s if math.isfinite(clock.min_slack_s) else None, **extra}
 
 
 def test_a_late_chunk_an_error_or_an_incomplete_reply_fails_the_rate():
@@ -109,9 +116,12 @@ def test_a_late_chunk_an_error_or_an_incomplete_reply_fails_the_rate():
     ok = summarize_rate(good, 1.0, (0.0, 3.0))
     assert ok["requests"] == ok["completed"] == 5 and failures(ok, 0.3) == []
 
+    assert math.isclose(ok["min_slack_p5_s"], 0.2), "every reply's second chunk came 0.2 s before it was due"
+
     late = good[:4] + [_sample(0.1, [(0.1, 1.0), (1.2, 1.0)])]  # arrives 0.1 s after the first second ran out
     s = summarize_rate(late, 1.0, (0.0, 3.0))
     assert s["underruns"] == 1 and s["requests_with_underruns"] == 1
+    assert s["min_slack_p5_s"] < 0, "the late reply pulls the 5th percentile below zero"
     assert failures(s, 0.3) == ["1 underruns in 1 requests"]
 
     errored = good[:4] + [{"ttfa_s": None, "rtf": None, "audio_s": 0.0, "underruns": 0, "segments": [],

@@ -65,6 +65,7 @@ class PlaybackClock:
         self.underruns = 0
         self.stall_s = 0.0
         self.segments: list[list[float]] = []  # [start, end] of uninterrupted playback
+        self.min_slack_s = math.inf  # least audio still queued when a later chunk arrived (< 0: it stalled that long)
 
     def receive(self, num_samples: int, now: float, audible: bool = True) -> None:
         """`audible`: the chunk holds a sample that is not zero (TTFA); a caller that does not time TTFA omits it."""
@@ -76,12 +77,15 @@ class PlaybackClock:
         if self.first_at is None:
             self.first_at = now
             self.segments.append([now, now + seconds])
-        elif now > self.segments[-1][1]:  # the audio before this chunk has finished playing: a stall
-            self.underruns += 1
-            self.stall_s += now - self.segments[-1][1]
-            self.segments.append([now, now + seconds])
         else:
-            self.segments[-1][1] += seconds
+            queued = self.segments[-1][1] - now  # audio left to play when this chunk arrives
+            self.min_slack_s = min(self.min_slack_s, queued)
+            if queued < 0:  # the audio before this chunk has finished playing: a stall
+                self.underruns += 1
+                self.stall_s -= queued
+                self.segments.append([now, now + seconds])
+            else:
+                self.segments[-1][1] += seconds
         self.samples += num_samples
 
     @property
@@ -123,6 +127,11 @@ def percentiles(values: Iterable[float | None]) -> dict[str, float | None]:
     return {f"p{q}": float(np.percentile(x, q)) for q in (50, 95, 99)}
 
 
+def _p5(values: Iterable[float | None]) -> float | None:
+    x = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.percentile(x, 5)) if x else None
+
+
 def is_complete(sample: dict[str, Any]) -> bool:
     """A reply the listener got to the end of: no error, the server's own end of reply, some audio."""
     return not sample.get("error") and sample.get("finish_reason") in COMPLETE_REASONS and (sample.get("audio_s")
@@ -152,6 +161,8 @@ def summarize_rate(samples: list[dict[str, Any]], rate: float, window: tuple[flo
         "ttfa_s": percentiles(s.get("ttfa_s") for s in complete),
         "rtf": percentiles(s.get("rtf") for s in complete),
         "underruns": sum(int(s.get("underruns") or 0) for s in measured),
+        # how close the replies came to an underrun: p5 of each reply's least audio queued when a chunk arrived
+        "min_slack_p5_s": _p5(s.get("min_slack_s") for s in complete),
         "requests_with_underruns": sum(1 for s in measured if s.get("underruns")),
         "streams_playing_mean": mean,
         "streams_playing_peak": peak,

@@ -79,6 +79,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, arrival: Arrival, seed
         ttfa_s=playback.ttfa_s, ttfb_s=playback.ttfb_s, total_s=total, audio_s=playback.audio_s,
         rtf=total / playback.audio_s if playback.samples else math.inf, underruns=playback.underruns,
         stall_s=playback.stall_s, segments=[[a - origin, b - origin] for a, b in playback.segments],
+        min_slack_s=playback.min_slack_s if math.isfinite(playback.min_slack_s) else None,
         finish_reason=server.get("finish_reason", "error" if error else "incomplete"),
         server_ttfb_s=server.get("ttfb_s", math.nan), generation_s=server.get("generation_s", math.nan),
     )

@@ -30,7 +30,7 @@ def capacity_table(results: dict[str, Any]) -> Table:
                         f"<= {bound * 1000:.0f} ms",
                   caption=_caption(results))
     for column in ("rate/s", "requests", "done", "errors", "TTFA p50", "p95", "p99 ms", "RTF p50", "underruns (reqs)",
-                   "playing mean", "peak", "GPU GiB alloc/resv", "verdict"):
+                   "slack p5 ms", "playing mean", "peak", "GPU GiB alloc/resv", "verdict"):
         table.add_column(column, justify="left" if column == "verdict" else "right")
     for s in results["extra"]["rates"]:
         t = s["ttfa_s"]
@@ -39,7 +39,8 @@ def capacity_table(results: dict[str, Any]) -> Table:
         table.add_row(
             f"{s['rate']:g}", str(s["requests"]), str(s["completed"]), str(s["errors"]), _ms(t["p50"]), _ms(t["p95"]),
             _ms(t["p99"]), "—" if rtf is None else f"{rtf:.2f}",
-            f"{s['underruns']} ({s['requests_with_underruns']})", f"{s['streams_playing_mean']:.1f}",
+            f"{s['underruns']} ({s['requests_with_underruns']})", _ms(s.get("min_slack_p5_s")),
+            f"{s['streams_playing_mean']:.1f}",
             str(s["streams_playing_peak"]),
             f"{_gib(s.get('gpu_memory'), 'gpu_allocated_bytes')}/{_gib(s.get('gpu_memory'), 'gpu_reserved_bytes')}",
             verdict,
