@@ -120,16 +120,10 @@ def streams_playing(segments: Iterable[Sequence[float]], start: float, end: floa
     return playing / (end - start), peak
 
 
-def percentiles(values: Iterable[float | None]) -> dict[str, float | None]:
+def percentiles(values: Iterable[float | None], qs: tuple[int, ...] = (50, 95, 99)) -> dict[str, float | None]:
+    """{"p50": ..., ...} over the finite values (None when there are none)."""
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if x.size == 0:
-        return {"p50": None, "p95": None, "p99": None}
-    return {f"p{q}": float(np.percentile(x, q)) for q in (50, 95, 99)}
-
-
-def _p5(values: Iterable[float | None]) -> float | None:
-    x = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.percentile(x, 5)) if x else None
+    return {f"p{q}": float(np.percentile(x, q)) if x.size else None for q in qs}
 
 
 def is_complete(sample: dict[str, Any]) -> bool:
@@ -162,7 +156,7 @@ def summarize_rate(samples: list[dict[str, Any]], rate: float, window: tuple[flo
         "rtf": percentiles(s.get("rtf") for s in complete),
         "underruns": sum(int(s.get("underruns") or 0) for s in measured),
         # how close the replies came to an underrun: p5 of each reply's least audio queued when a chunk arrived
-        "min_slack_p5_s": _p5(s.get("min_slack_s") for s in complete),
+        "min_slack_p5_s": percentiles((s.get("min_slack_s") for s in complete), (5,))["p5"],
         "requests_with_underruns": sum(1 for s in measured if s.get("underruns")),
         "streams_playing_mean": mean,
         "streams_playing_peak": peak,

@@ -99,27 +99,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def attention_backends(choice: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The attention kernels the loop may use. On a GPU SDPA means memory-efficient with math as the fallback:
-    cuDNN attention gave other bf16 outputs from run to run on the H200, and flash takes no mask. `products` adds
-    the decode steps' matrix products (omnivox/models/layers.py, `short_queries_by_products`)."""
+@contextlib.contextmanager
+def attention_backends(choice: str, device: torch.device) -> Iterator[None]:
+    """The attention kernels the loop may use (`choice` is one of ATTENTION, checked when the engine is built). On a
+    GPU SDPA means memory-efficient with math as the fallback: cuDNN attention gave other bf16 outputs from run to
+    run on the H200, and flash takes no mask. `products` adds the decode steps' matrix products
+    (omnivox/models/layers.py, `short_queries_by_products`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if choice not in ATTENTION:
-        raise InvalidRequest(f"unknown attention {choice!r}: use one of {', '.join(ATTENTION)}")
     if choice == "auto":
         choice = "products" if device.type == "cuda" else "sdpa"
-    stack = contextlib.ExitStack()
-    if choice == "products":
-        stack.enter_context(short_queries_by_products())
-    if device.type == "cuda":
-        kernels = {
-            "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-            "math": [SDPBackend.MATH],
-            "cudnn": [SDPBackend.CUDNN_ATTENTION],
-        }.get(choice, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-        stack.enter_context(sdpa_kernel(kernels))
-    return stack
+    with contextlib.ExitStack() as stack:
+        if choice == "products":
+            stack.enter_context(short_queries_by_products())
+        if device.type == "cuda":
+            kernels = {
+                "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+                "math": [SDPBackend.MATH],
+                "cudnn": [SDPBackend.CUDNN_ATTENTION],
+            }.get(choice, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+            stack.enter_context(sdpa_kernel(kernels))
+        yield
 
 
 _END = object()
