@@ -229,9 +229,10 @@ def test_chat_read_aloud_multi_turn_restart_and_cancel_together(model, monkeypat
 # ---- rows, admission, soak --------------------------------------------------------------------------------------
 def test_cancel_gives_every_row_back(model):
     engine = Engine(model)
-    streams = [engine.stream("One", seed=0, forced_reply="A long reply.", forced_audio_seconds=4.0),
-               engine.read_aloud("Read this aloud.", seed=1, forced_audio_seconds=4.0),
-               engine.stream("Three", seed=2, forced_reply="Another reply.", forced_audio_seconds=4.0)]
+    # 30 s of audio each: no reply ends (and gives its rows back) before the rows are counted, however slow the CPU
+    streams = [engine.stream("One", seed=0, forced_reply="A long reply.", forced_audio_seconds=30.0),
+               engine.read_aloud("Read this aloud.", seed=1, forced_audio_seconds=30.0),
+               engine.stream("Three", seed=2, forced_reply="Another reply.", forced_audio_seconds=30.0)]
     for s in streams:
         next(s)
     stats = engine.stats()
