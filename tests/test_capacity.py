@@ -17,11 +17,12 @@ from omnivox.bench.capacity import (
     failures,
     headline,
     poisson_arrivals,
+    server_profile,
     streams_playing,
     summarize_rate,
 )
-from omnivox.bench.capacity_client import _gpu_memory, request_for
-from omnivox.bench.capacity_report import capacity_table, headline_text, plot_capacity
+from omnivox.bench.capacity_client import _gpu_memory, metric_series, request_for
+from omnivox.bench.capacity_report import capacity_table, headline_text, loop_table, plot_capacity
 from omnivox.bench.results import build_results, read_results
 from omnivox.bench.streamed_reply import audio_of
 from omnivox.cli import main
@@ -164,7 +165,82 @@ def test_headline_table_and_plot_from_synthetic_results(tmp_path):
 def test_gpu_memory_is_read_from_the_metrics_gauges():
     text = ("# TYPE omnivox_gpu_memory_allocated_bytes gauge\nomnivox_gpu_memory_allocated_bytes 1.5e+09\n"
             "# TYPE omnivox_streams_active gauge\nomnivox_streams_active 3.0\n")
-    assert _gpu_memory(text) == {"gpu_allocated_bytes": 1.5e9}
+    assert _gpu_memory(metric_series(text)) == {"gpu_allocated_bytes": 1.5e9}
+
+
+def _metrics_text(iterations: float, loop_s: dict[str, float], llm: tuple[float, float],
+                  tts: tuple[float, float] | None, waiting: int) -> str:
+    """/metrics as omnivox.server.metrics renders it: loop gauges, batch-size histograms (count, sum), queues."""
+    lines = ["# HELP omnivox_loop_iterations Engine loop iterations since start-up",
+             "# TYPE omnivox_loop_iterations gauge", f"omnivox_loop_iterations {iterations}",
+             "# TYPE omnivox_loop_seconds gauge"]
+    lines += [f'omnivox_loop_seconds{{part="{part}"}} {seconds}' for part, seconds in loop_s.items()]
+    for stage, histogram in (("llm", llm), ("tts", tts)):
+        if histogram is None:  # a server without this stage's histogram
+            continue
+        count, rows = histogram
+        lines += [f"# TYPE omnivox_{stage}_batch_size histogram",
+                  f'omnivox_{stage}_batch_size_bucket{{le="8.0"}} {count}',
+                  f'omnivox_{stage}_batch_size_bucket{{le="+Inf"}} {count}',
+                  f"omnivox_{stage}_batch_size_count {count}", f"omnivox_{stage}_batch_size_sum {rows}",
+                  f"omnivox_{stage}_batch_size_created 1.7e+09"]
+    lines += ["# TYPE omnivox_scheduler_waiting gauge", f'omnivox_scheduler_waiting{{work="tts_step"}} {waiting}',
+              "# TYPE omnivox_stream_buffered_seconds gauge", 'omnivox_stream_buffered_seconds{stat="min"} 0.4']
+    return "\n".join(lines) + "\n"
+
+
+def test_server_profile_is_the_difference_of_two_scrapes():
+    before = metric_series(_metrics_text(1000.0, {"advance": 1.0, "tts": 2.0}, (50.0, 300.0), (10.0, 10.0), 3))
+    after = metric_series(_metrics_text(1200.0, {"advance": 1.2, "tts": 3.0, "audio": 0.5}, (80.0, 540.0),
+                                        (10.0, 10.0), 5))
+    profile = server_profile(before, after, 2.0)
+    assert profile["window_s"] == 2.0 and profile["iterations_per_s"] == pytest.approx(100.0)  # 200 in 2 s
+    # ms per iteration: 0.2 s / 200 = 1 ms; "audio" first ran in the window: it counts from zero
+    assert profile["loop_ms_per_iteration"] == pytest.approx({"advance": 1.0, "tts": 5.0, "audio": 2.5})
+    assert profile["batches"]["llm"] == pytest.approx({"per_s": 15.0, "mean_rows": 8.0})  # 30 batches, 240 rows
+    assert profile["batches"]["tts"] == {"per_s": 0.0, "mean_rows": None}
+    assert profile["at_end"] == {"waiting": {"tts_step": 5.0}, "buffered_s": {"min": 0.4}}
+    assert server_profile(after, before, 2.0) is None, "counts going backwards: the server restarted"
+
+
+def test_server_profile_leaves_out_what_the_server_does_not_expose():
+    before = metric_series(_metrics_text(10.0, {}, (0.0, 0.0), None, 0))
+    after = metric_series(_metrics_text(10.0, {}, (4.0, 8.0), None, 0))
+    profile = server_profile(before, after, 4.0)  # no loop time reported, no iteration, no tts histogram
+    assert profile["iterations_per_s"] == 0.0 and "loop_ms_per_iteration" not in profile
+    assert set(profile["batches"]) == {"llm"} and profile["batches"]["llm"] == {"per_s": 1.0, "mean_rows": 2.0}
+    old = metric_series("# TYPE omnivox_streams_active gauge\nomnivox_streams_active 3.0\n")
+    assert server_profile(old, old, 1.0) == {"window_s": 1.0}
+    assert server_profile(before, after, 0.0) is None
+
+
+def test_engine_loop_table_fits_150_columns():
+    profile = server_profile(
+        metric_series(_metrics_text(1000.0, {"advance": 1.0, "tts": 2.0}, (50.0, 300.0), (10.0, 10.0), 3)),
+        metric_series(_metrics_text(1200.0, {"advance": 1.2, "tts": 3.0, "audio": 0.5, "await_speech": 0.1,
+                                             "relaunch_llm": 0.05, "wait_llm": 0.01}, (80.0, 540.0), (90.0, 1000.0),
+                                    1)), 2.0)
+    summaries = []
+    for rate, ttfa in ((1.0, 0.1), (12.0, 0.2)):
+        s = summarize_rate([_sample(ttfa, [(ttfa, 1.0)]) for _ in range(4)], rate, (0.0, 2.0))
+        s.update(passed=True, failures=[], server_profile=profile if rate > 1 else None)
+        summaries.append(s)
+    config = {"endpoint": "chat", "duration_s": 2.0, "warmup_s": 0.0, "ttfa_bound_s": 0.3}
+    results = build_results([], config, kind="capacity", extra={"rates": summaries, "headline": None})
+    console = Console(record=True, width=150)
+    console.print(capacity_table(results))
+    text = console.export_text()
+    loop = text[text.index("engine loop per rate"):]
+    rows = [line for line in loop.splitlines() if line.startswith("│")]
+    assert len(rows) == 1 and rows[0].startswith("│     12 │"), "the rate without a profile has no row"
+    # 100 iterations/s, 9.3 ms per iteration: tts 5, audio 2.5 ... wait_llm in "other"; llm 15 batches/s of 8 rows,
+    # tts 80 batches of 990 rows in 2 s; no vocoder or prefill histogram
+    cells = [cell.strip() for cell in rows[0].strip("│").split("│")]
+    assert cells == ["12", "100", "9.30", "5.00", "2.50", "1.00", "0.50", "0.25", "0.05", "15.0 × 8.0",
+                     "40.0 × 12.4", "—", "—"]
+    assert "await\nspeech" in [str(column.header) for column in loop_table(results).columns]
+    assert max(map(len, text.splitlines())) <= 150
+    assert loop_table({"extra": {"rates": summaries[:1]}}) is None, "no rate profiled: no second table"
 
 
 # ------------------------------------------------------------------------------ the `omnivox` request field
@@ -232,7 +308,7 @@ def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path
             "--out", str(out), "--plot", str(png)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "verdict" in printed and "capacity: no rate passed" in printed
+    assert "verdict" in printed and "capacity: no rate passed" in printed and "engine loop per rate" in printed
 
     results = read_results(out)
     assert results["kind"] == "capacity" and results["dummy_weights"] is True
@@ -245,6 +321,10 @@ def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path
         samples = [s for s in results["samples"] if s["rate"] == r["rate"]]
         assert [s["scheduled_s"] for s in samples] == pytest.approx([a.at_s for a in expected])
         assert r["requests"] == sum(not a.warmup for a in expected) and r["gpu_memory"] is None
+        profile = r["server_profile"]  # the engine loop ran through every window (warm-up replies play into it)
+        assert profile is not None and profile["iterations_per_s"] > 0, profile
+        assert 1.0 < profile["window_s"] < 2.0 and sum(profile["loop_ms_per_iteration"].values()) > 0
+        assert set(profile["batches"]) == {"llm", "tts", "vocoder", "prefill"}
         assert r["completed"] == r["requests"] and r["errors"] == 0
         for s in samples:  # the server spoke each workload reply for the workload's length (`omnivox` field)
             assert abs(s["audio_s"] - s["expected_audio_s"]) <= 2 * 512 / SR and s["ttfa_s"] > 0

@@ -5,7 +5,8 @@ that arrives after the audio before it has finished playing is an underrun: the 
 that chunk, so one slow chunk counts once, not once for every chunk after it. From the same clocks: TTFA (request
 sent -> first chunk holding a sample that is not zero) and how many replies are playing at each moment.
 
-A rate passes only with zero underruns, zero errors, every reply complete and p95 TTFA within the bound.
+A rate passes only with zero underruns, zero errors, every reply complete and p95 TTFA within the bound. Next to
+the listener's figures, `server_profile` says what the server's engine loop did in the same window.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 import numpy as np
 
 from omnivox.engine.types import SAMPLE_RATE
+from omnivox.server.metrics import BATCH_STAGES
 from omnivox.workload import WorkloadItem
 
 ENDPOINTS = ("chat", "speech", "mix")
 COMPLETE_REASONS = ("eos", "length")  # the engine ended the reply itself (not cancelled, not failed)
+Series = dict[str, dict[str, float]]  # one /metrics scrape: {sample name: {label values joined by ",": value}}
 
 
 @dataclass(frozen=True)
@@ -193,3 +196,48 @@ def headline(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
     best = max(passing, key=lambda s: s["rate"])
     return {"rate": best["rate"], "streams_playing_mean": best["streams_playing_mean"],
             "streams_playing_peak": best["streams_playing_peak"], "ttfa_p95_s": best["ttfa_s"]["p95"]}
+
+
+def _delta(before: Series, after: Series, name: str, label: str = "") -> float | None:
+    """How much a cumulative series grew between two scrapes; None if either lacks it."""
+    if label not in before.get(name, {}) or label not in after.get(name, {}):
+        return None
+    return after[name][label] - before[name][label]
+
+
+def server_profile(before: Series, after: Series, window_s: float) -> dict[str, Any] | None:
+    """What the server's engine loop did between two /metrics scrapes `window_s` apart: iterations per second,
+    host ms per iteration by part of the loop, and for each stage batches per second with their mean rows. These
+    series count from start-up, so their difference is the window's; the queue depths and buffered audio are
+    instantaneous and kept as read at the end. A series the server lacks (an older or a non-engine server) leaves
+    its key out. None when the window is empty or a count went backwards (the server restarted in between)."""
+    if not window_s > 0:
+        return None
+    profile: dict[str, Any] = {"window_s": window_s}
+    iterations = _delta(before, after, "omnivox_loop_iterations")
+    if iterations is not None:
+        profile["iterations_per_s"] = iterations / window_s
+        parts_before = before.get("omnivox_loop_seconds", {})  # a part shows up once the loop first spends time in it
+        parts = {part: seconds - parts_before.get(part, 0.0)
+                 for part, seconds in after.get("omnivox_loop_seconds", {}).items()}
+        if iterations > 0 and parts:
+            profile["loop_ms_per_iteration"] = {part: 1000 * s / iterations for part, s in parts.items()}
+        if iterations < 0 or any(s < 0 for s in parts.values()):
+            return None
+    batches = {}
+    for stage in BATCH_STAGES:
+        count = _delta(before, after, f"omnivox_{stage}_batch_size_count")
+        rows = _delta(before, after, f"omnivox_{stage}_batch_size_sum")
+        if count is None or rows is None:
+            continue
+        if count < 0:
+            return None
+        batches[stage] = {"per_s": count / window_s, "mean_rows": rows / count if count else None}
+    if batches:
+        profile["batches"] = batches
+    at_end = {key: dict(after[name]) for key, name in (("waiting", "omnivox_scheduler_waiting"),
+                                                      ("buffered_s", "omnivox_stream_buffered_seconds"))
+              if after.get(name)}
+    if at_end:
+        profile["at_end"] = at_end
+    return profile

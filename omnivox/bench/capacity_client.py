@@ -3,9 +3,10 @@
 For each rate, lowest first: open-loop Poisson arrivals (capacity.poisson_arrivals) for a warm-up and then the
 measuring window, every request streamed over SSE from one asyncio process (httpx, no thread per stream, no cap
 on connections: a client-side queue would hide the server's). Each reply is timed by a playback clock
-(capacity.PlaybackClock); the server's GPU memory is read from /metrics once a second. The sweep stops after two
-failing rates. With a random-weight server every request carries its workload reply and length in the `omnivox`
-field, so any workload replays with its own lengths.
+(capacity.PlaybackClock); the server's GPU memory is read from /metrics once a second, and its engine loop's
+counters as the measuring window starts and ends (capacity.server_profile). The sweep stops after two failing
+rates. With a random-weight server every request carries its workload reply and length in the `omnivox` field, so
+any workload replays with its own lengths.
 
 The results file (bench schema, kind "capacity") holds every request, warm-up ones flagged, and per-rate summaries
 under extra.rates; it is rewritten after each rate so an interrupted sweep keeps what it measured.
@@ -25,7 +26,16 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from omnivox.bench.capacity import Arrival, PlaybackClock, failures, headline, poisson_arrivals, summarize_rate
+from omnivox.bench.capacity import (
+    Arrival,
+    PlaybackClock,
+    Series,
+    failures,
+    headline,
+    poisson_arrivals,
+    server_profile,
+    summarize_rate,
+)
 from omnivox.bench.results import build_results, write_results
 from omnivox.bench.streamed_reply import stream_reply
 from omnivox.workload import WorkloadItem
@@ -34,6 +44,7 @@ GPU_GAUGES = {"omnivox_gpu_memory_allocated_bytes": "gpu_allocated_bytes",
               "omnivox_gpu_memory_reserved_bytes": "gpu_reserved_bytes",
               "omnivox_gpu_memory_peak_allocated_bytes": "gpu_peak_allocated_bytes"}
 MEMORY_POLL_S = 1.0
+SCRAPE_TIMEOUT_S = 10.0  # a window-edge scrape slower than this says nothing about that edge anyway
 STOP_AFTER_FAILURES = 2
 
 
@@ -88,31 +99,59 @@ async def stream_one(client: httpx.AsyncClient, url: str, arrival: Arrival, seed
     return sample
 
 
-def _gpu_memory(text: str) -> dict[str, float]:
-    found = {}
+def metric_series(text: str) -> Series:
+    """Every sample of a /metrics text: {sample name: {its label values joined by ",": value}}, "" for a sample
+    without labels (series["omnivox_loop_seconds"]["tts"], series["omnivox_llm_batch_size_count"][""])."""
+    series: Series = {}
     for family in text_string_to_metric_families(text):
-        key = GPU_GAUGES.get(family.name)
-        if key is not None and family.samples:
-            found[key] = family.samples[0].value
-    return found
+        for sample in family.samples:
+            series.setdefault(sample.name, {})[",".join(sample.labels.values())] = sample.value
+    return series
+
+
+def _gpu_memory(series: Series) -> dict[str, float]:
+    return {key: series[name][""] for name, key in GPU_GAUGES.items() if "" in series.get(name, {})}
+
+
+async def _scrape(client: httpx.AsyncClient, url: str) -> Series:
+    response = await client.get(url + "/metrics", timeout=SCRAPE_TIMEOUT_S)
+    return metric_series(response.raise_for_status().text)
 
 
 async def _watch_memory(client: httpx.AsyncClient, url: str, peak: dict[str, float]) -> None:
     """Keep the largest value of each GPU memory gauge seen, once a second, until cancelled."""
     while True:
         try:
-            for key, value in _gpu_memory((await client.get(url + "/metrics")).text).items():
+            for key, value in _gpu_memory(await _scrape(client, url)).items():
                 peak[key] = max(peak.get(key, 0.0), value)
         except (httpx.HTTPError, ValueError):
             pass
         await asyncio.sleep(MEMORY_POLL_S)
 
 
+async def _profile_window(client: httpx.AsyncClient, url: str, start: float, end: float) -> dict[str, Any] | None:
+    """capacity.server_profile between scrapes at `start` and `end` (perf_counter times), each timed at the middle
+    of its request; None when a scrape fails: a sweep never fails for want of the server's view."""
+    scrapes = []
+    for at in (start, end):
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+        sent = time.perf_counter()
+        try:
+            series = await _scrape(client, url)
+        except (httpx.HTTPError, ValueError):
+            return None
+        scrapes.append((series, (sent + time.perf_counter()) / 2))
+    (before, started), (after, ended) = scrapes
+    return server_profile(before, after, ended - started)
+
+
 async def run_rate(client: httpx.AsyncClient, url: str, rate: float, duration_s: float, warmup_s: float,
-                   items: list[WorkloadItem], endpoint: str, seed: int, forced: bool) -> list[dict[str, Any]]:
-    """Every request of one rate (warm-up ones flagged), on this rate's clock (0 = start of the warm-up)."""
+                   items: list[WorkloadItem], endpoint: str, seed: int, forced: bool,
+                   origin: float | None = None) -> list[dict[str, Any]]:
+    """Every request of one rate (warm-up ones flagged), on this rate's clock (0 = start of the warm-up, at
+    perf_counter time `origin`, by default now)."""
     arrivals = poisson_arrivals(rate, duration_s, warmup_s, items, endpoint, seed)
-    origin = time.perf_counter()
+    origin = time.perf_counter() if origin is None else origin
     tasks = []
     for index, arrival in enumerate(arrivals):
         delay = origin + arrival.at_s - time.perf_counter()
@@ -192,9 +231,14 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
                 skipped.append(rate)
                 continue
             memory: dict[str, float] = {}
+            origin = time.perf_counter()
             watcher = asyncio.create_task(_watch_memory(client, url, memory))
+            profiler = asyncio.create_task(_profile_window(client, url, origin + warmup_s,
+                                                           origin + warmup_s + duration_s))
             try:
-                rate_samples = await run_rate(client, url, rate, duration_s, warmup_s, items, endpoint, seed, forced)
+                rate_samples = await run_rate(client, url, rate, duration_s, warmup_s, items, endpoint, seed, forced,
+                                              origin)
+                profile = await profiler  # the replies may all end before the window does
             except asyncio.CancelledError:  # Ctrl-C or a time limit: keep the rates that finished
                 interrupted.append(rate)
                 if out is not None:
@@ -202,6 +246,7 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
                 raise
             finally:
                 watcher.cancel()
+                profiler.cancel()
             for s in rate_samples:
                 s["rate"] = rate
             summary = summarize_rate(rate_samples, rate, (warmup_s, warmup_s + duration_s))
@@ -209,7 +254,7 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
             summary.update(passed=not reasons, failures=reasons,
                            warmup_requests=len(rate_samples) - summary["requests"],
                            client_lag_max_s=max((s["send_lag_s"] for s in rate_samples), default=0.0),
-                           gpu_memory=memory or None)
+                           gpu_memory=memory or None, server_profile=profile)
             samples += rate_samples
             summaries.append(summary)
             if out is not None:

@@ -1,5 +1,6 @@
-"""A capacity sweep shown: the per-rate table, the headline sentence and the PNG (p95 TTFA, underruns and
-streams playing against the rate). Reads only the results document, so an old sweep redraws without rerunning."""
+"""A capacity sweep shown: the per-rate table and what the server's engine loop did at each rate, the headline
+sentence and the PNG (p95 TTFA, underruns and streams playing against the rate). Reads only the results document,
+so an old sweep redraws without rerunning."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from rich.console import Group, RenderableType
 from rich.table import Table
+
+from omnivox.server.metrics import BATCH_STAGES
+
+LOOP_PARTS_SHOWN = 5  # the parts of the loop with the most time over the sweep get a column each, the rest "other"
 
 
 def _ms(value: float | None) -> str:
@@ -21,8 +27,9 @@ def _gib(memory: dict[str, float] | None, key: str) -> str:
     return "—" if not memory or key not in memory else f"{memory[key] / 2**30:.1f}"
 
 
-def capacity_table(results: dict[str, Any]) -> Table:
-    """One row per measured rate; the verdict column says why a rate failed."""
+def capacity_table(results: dict[str, Any]) -> RenderableType:
+    """One row per measured rate; the verdict column says why a rate failed. Followed by `loop_table` when the
+    sweep recorded the server's engine loop."""
     config = results["config"]
     bound = config["ttfa_bound_s"]
     table = Table(title=f"capacity: open-loop Poisson, {config['endpoint']}, {config['duration_s']:g} s window "
@@ -45,6 +52,51 @@ def capacity_table(results: dict[str, Any]) -> Table:
             f"{_gib(s.get('gpu_memory'), 'gpu_allocated_bytes')}/{_gib(s.get('gpu_memory'), 'gpu_reserved_bytes')}",
             verdict,
         )
+    loop = loop_table(results)
+    return table if loop is None else Group(table, loop)
+
+
+def _figure(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value == 0:
+        return "0"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def _batches(profile: dict[str, Any], stage: str) -> str:
+    """'batches/s × mean rows' of one stage; "—" where the server does not report the stage."""
+    batch = (profile.get("batches") or {}).get(stage)
+    if batch is None:
+        return "—"
+    rows = batch["mean_rows"]
+    return f"{_figure(batch['per_s'])} × {'—' if rows is None else f'{rows:.1f}'}"
+
+
+def loop_table(results: dict[str, Any]) -> Table | None:
+    """Where the server's engine loop spent each rate's window (capacity.server_profile): iterations/s, host ms per
+    iteration in all and in its busiest parts, and each stage's batches/s × mean rows. None if no rate has one."""
+    profiled = [(s["rate"], s["server_profile"]) for s in results["extra"]["rates"] if s.get("server_profile")]
+    if not profiled:
+        return None
+    share: dict[str, float] = {}  # seconds of loop time per second of window, summed over the rates
+    for _, profile in profiled:
+        for part, ms in (profile.get("loop_ms_per_iteration") or {}).items():
+            share[part] = share.get(part, 0.0) + ms * profile.get("iterations_per_s", 0.0) / 1000
+    parts = sorted(share, key=share.get, reverse=True)[:LOOP_PARTS_SHOWN]
+    table = Table(title="engine loop per rate (server /metrics over each window; ms = host time per iteration; "
+                        "stages: batches/s × mean rows)")
+    for column in ("rate/s", "iter/s", "ms/iter", *(p.replace("_", "\n", 1) for p in parts), "other"):  # narrow
+        table.add_column(column, justify="right")
+    for stage in BATCH_STAGES:
+        table.add_column(stage, justify="right")
+    for rate, profile in profiled:
+        ms = profile.get("loop_ms_per_iteration")  # absent: no iteration in the window, or no loop reported
+        shown = [ms.get(part, 0.0) if ms else None for part in parts]
+        total = sum(ms.values()) if ms else None
+        other = total - sum(shown) if ms else None
+        table.add_row(f"{rate:g}", _figure(profile.get("iterations_per_s")), _figure(total), *map(_figure, shown),
+                      _figure(other), *(_batches(profile, stage) for stage in BATCH_STAGES))
     return table
 
 
