@@ -68,9 +68,9 @@ def _step_rows(engine: Engine, batch: int, position: int):
     try:
         ls = LLMSampling(0.7, 100, 0.8, 1.05, False, 1, 0)
         llm_rows = [LLMRow(h.row, 100 + i, position, [1, 2, 3], ls) for i, h in enumerate(llm_handles)]
-        ts = TTSSampling((0.1, 0.3, 0.1, 0.3), 0.7, 20, False, 1, 0)
+        ts = TTSSampling((0.1, 0.3, 0.1, 0.3), 0.7, 20, False, 1)
         codes = np.ones(num_vq, np.int64)
-        tts_rows = [TTSRow(h.row, 302 + position // 4, codes, 40, False, False, ts) for h in tts_handles]
+        tts_rows = [TTSRow(h.row, 302 + position // 4, codes, 40, False, False, ts, 0) for h in tts_handles]
         yield llm_handles, llm_rows, tts_rows, [np.ones((29, num_vq), np.int64) for _ in range(batch)]
     finally:
         for h in llm_handles:

@@ -11,15 +11,24 @@ one call). Both produce the same concatenated waveform; only the chunk boundarie
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 OVERLAP = 2048
 
 
+@functools.cache
+def _weights(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The old and new windows' weights before the division: n - i and i + 1 (float32)."""
+    i = np.arange(n, dtype=np.float32)
+    return n - i, i + 1
+
+
 def blend(old_tail: np.ndarray, new_head: np.ndarray) -> np.ndarray:
     n = len(old_tail)
-    i = np.arange(n, dtype=np.float32)
-    return (((n - i) * old_tail + (i + 1) * new_head) / np.float32(n + 1)).astype(np.float32)
+    old_w, new_w = _weights(n)
+    return ((old_w * old_tail + new_w * new_head) / np.float32(n + 1)).astype(np.float32)
 
 
 class Framer:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from omnivox.engine.request import LLMChunk, Reply
 from omnivox.engine.session import Session
 from omnivox.engine.slots import SlotHandle
+from omnivox.engine.tts_executor import TTSSampling
 from omnivox.engine.types import RequestMetrics, SamplingParams
 from omnivox.engine.work import NEXT_CHUNK, LLMDecode, LLMPrefill, TTSPrefillAudio, TTSPrefillText
 
@@ -59,6 +60,7 @@ class Live:
     lookahead: int
     llm_counter: int = 0
     tts_counter: int = 0
+    tts_sampling: TTSSampling | None = None  # made at its first TTS step
     tts_slot: SlotHandle | None = None
     chunks: deque[LLMChunk] = field(default_factory=deque)
     first_audio_at: float | None = None
@@ -80,9 +82,10 @@ class Live:
     def prefill_side(self) -> Side | None:
         """The side whose pending work is prefill-like (a TTS text or audio prefill, an LLM prompt or reply header:
         several tokens at once), if any."""
-        if self.speech.waiting_on((TTSPrefillText, TTSPrefillAudio)):
-            return self.speech
-        llm = self.llm
-        if llm is not None and (llm.waiting_on(LLMPrefill) or (llm.waiting_on(LLMDecode) and len(llm.item.ids) > 1)):
+        speech, llm = self.speech, self.llm
+        if speech.waiting_on((TTSPrefillText, TTSPrefillAudio)):
+            return speech
+        if llm is not None and llm.waiting_on((LLMPrefill, LLMDecode)) and (type(llm.item) is LLMPrefill
+                                                                           or len(llm.item.ids) > 1):
             return llm
         return None

@@ -13,7 +13,7 @@ sequential algorithm.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +95,7 @@ class Forcing:
 class Segment:
     """The audio tokens of the live TTS segment (its cache lives in the TTS executor's slot)."""
 
-    codes: list[np.ndarray]
+    codes: list[Sequence[int]]  # one [num_vq] per audio token
     num_decoded: int = 0  # tokens already turned into audio (the next window re-decodes 4 of them as context)
     finished: bool = False
 
@@ -104,7 +104,7 @@ class Segment:
         return len(self.codes)
 
     def window(self, start: int) -> np.ndarray:
-        return np.stack(self.codes[start:])
+        return np.array(self.codes[start:], dtype=np.int64)
 
 
 class Reply:
@@ -140,7 +140,7 @@ class Reply:
         self.consumed_length: int | None = None  # session length after the last chunk the speech consumed
         self._reply_text: list[str] = []
         self.final_sent = False
-        self.codes_drawn: list[np.ndarray] = []  # every audio token the TTS drew for this reply (paths are compared)
+        self.codes_drawn: list[Sequence[int]] = []  # every audio token the TTS drew for this reply (paths are compared)
 
     # ---- LLM: chunks of 3 tokens ----------------------------------------------------------------------------------
     def llm(self) -> Coroutine:
@@ -209,7 +209,7 @@ class Reply:
             force = eos_after is not None and step >= eos_after
             prev = seg.codes[-1] if seg.codes else None
             codes = yield TTSStep(self.condition_slots + seg.num_codes, prev, num_text_tokens, ban, force)
-            if bool((codes == self.eos_code).any()):
+            if self.eos_code in codes:
                 seg.finished = True
                 break
             seg.codes.append(codes)

@@ -165,39 +165,51 @@ class Scheduler:
         self.loop_seconds["relaunch_llm"] += self.clock() - now
 
     def plan(self, now: float) -> dict[str, list[Live]]:
-        """Which requests' pending work runs this iteration (pure: reads the requests and the clock)."""
+        """Which requests' pending work runs this iteration (pure: reads the requests and the clock). One pass over
+        the live requests sorts each one's pending work by kind."""
         cfg = self.config
-        go = [r for r in self.live if r.buffered_s(now) <= cfg.ahead_limit_s]
-        vocode = [r for r in go if r.speech.waiting_on(Vocode)]
-        tts = [r for r in go if r.speech.waiting_on(TTSStep)]
+        llm_busy, decode_free = self._prefill is not None, self._decode is None
+        vocode, tts, llm_rows, prefills, buffered = [], [], [], [], {}
+        any_urgent = False
+        for r in self.live:
+            b = buffered[r] = r.buffered_s(now)
+            if r.first_audio_at is not None and b < cfg.underrun_reserve_s:
+                any_urgent = True
+            if b > cfg.ahead_limit_s:  # far ahead: it waits
+                continue
+            speech, llm = r.speech, r.llm
+            speech_wants = None if speech.ready or speech.done else type(speech.item)
+            llm_wants = None if llm is None or llm.ready or llm.done else type(llm.item)
+            if speech_wants is Vocode:
+                vocode.append(r)
+            elif speech_wants is TTSStep:
+                tts.append(r)
+            side = r.prefill_side()
+            if side is not None and not (side is llm and (r.llm_inflight or llm_busy)):  # the LLM's waits while busy
+                prefills.append(r)
+            if llm_wants is LLMDecode and len(llm.item.ids) == 1 and decode_free and not r.llm_inflight:
+                llm_rows.append(r)
         # a vocoder batch of eight windows costs about what one costs: windows of streams with audio to spare wait
         # for more (while TTS steps run), one that a first audio or a low buffer needs goes now
         if tts and vocode and now - self._last_vocode_at < cfg.vocoder_gather_s and len(vocode) < \
-                cfg.vocoder_gather_rows and all(r.buffered_s(now) >= cfg.low_buffer_s for r in vocode):
+                cfg.vocoder_gather_rows and all(buffered[r] >= cfg.low_buffer_s for r in vocode):
             vocode = []
-        llm_rows = [r for r in go if r.llm is not None and not r.llm_inflight and r.llm.waiting_on(LLMDecode)
-                    and len(r.llm.item.ids) == 1] if self._decode is None else []
         # a decode step costs about as much for one row as for many: run it when a stream's audio waits on text (its
         # first audio, or a buffer running low) or will soon (audio out, little buffered: the next TTS call's text
         # must be there before the buffer runs dry), else let look-ahead rows gather for a few iterations; rows of a
         # stream in its first TTS call ride along with the steps that run
-        needed = any(r.buffered_s(now) < cfg.low_buffer_s and (r.llm_waited_for or r.first_audio_at is not None)
+        needed = any(buffered[r] < cfg.low_buffer_s and (r.llm_waited_for or r.first_audio_at is not None)
                      for r in llm_rows)
         gather = bool(tts or vocode)  # rows wait to gather only while there is other work to do
         gathered = now - self._last_decode_at >= cfg.llm_gather_s
         llm = llm_rows if needed or (llm_rows and (gathered or not gather)) else []
-        def urgent(r: Live) -> bool:
-            return r.first_audio_at is not None and r.buffered_s(now) < cfg.underrun_reserve_s
 
-        llm_busy = self._prefill is not None
+        def priority(r: Live) -> tuple:
+            urgent = r.first_audio_at is not None and buffered[r] < cfg.underrun_reserve_s
+            return not urgent, r.first_audio_at is not None, buffered[r], r.order
 
-        def ready(r: Live) -> bool:  # prefill work to run, unless it is the LLM's and the LLM is busy with it
-            side = r.prefill_side()
-            return side is not None and not (side is r.llm and (r.llm_inflight or llm_busy))
-
-        prefills = [r for r in go if ready(r)]
-        prefills.sort(key=lambda r: (not urgent(r), r.first_audio_at is not None, r.buffered_s(now), r.order))
-        if any(urgent(r) for r in self.live):
+        prefills.sort(key=priority)
+        if any_urgent:
             prefills = prefills[:1]
         return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
 
@@ -334,11 +346,13 @@ class Scheduler:
             return None
         rows = []
         for live in lives:
-            s, w = live.sampling, live.speech.item
-            sampling = TTSSampling(tuple(s.tts_temperature), s.tts_top_p, s.tts_top_k, s.greedy, live.tts_seed,
-                                   live.tts_counter)
+            if live.tts_sampling is None:
+                s = live.sampling
+                live.tts_sampling = TTSSampling(tuple(s.tts_temperature), s.tts_top_p, s.tts_top_k, s.greedy,
+                                                live.tts_seed)
+            w = live.speech.item
             rows.append(TTSRow(live.tts_slot.row, w.position, w.prev_codes, w.num_text_tokens, w.ban_eos,
-                               w.force_eos, sampling))
+                               w.force_eos, live.tts_sampling, live.tts_counter))
         return self._launch("tts", lives, lambda: self.tts.step(rows), "tts")
 
     def _resolve_tts(self, launched: Launched | None) -> None:

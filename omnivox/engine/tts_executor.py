@@ -8,6 +8,7 @@ one) and are dropped, as in the LLM executor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,25 +31,27 @@ from omnivox.models.kv_cache import KVPool
 PREFILL_WIDTH = 16  # text tokens per row of a batched text prefill (a streaming chunk is 10 + 2, a restart's 7)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TTSSampling:
+    """A request's TTS sampling parameters and seed (made once per request)."""
+
     temperature: tuple[float, ...]  # one per codebook
     top_p: float
     top_k: int
     greedy: bool
     seed: int
-    counter: int
 
 
 @dataclass
 class TTSRow:
     row: int
     position: int
-    prev_codes: np.ndarray | None  # None: the segment's first audio step
+    prev_codes: Sequence[int] | None  # None: the segment's first audio step
     num_text_tokens: int
     ban_eos: bool
     force_eos: bool
     sampling: TTSSampling
+    counter: int  # the request's step counter: with the seed, the key of this step's random numbers
 
 
 class TTSExecutor:
@@ -149,7 +152,8 @@ class TTSExecutor:
 
     @torch.inference_mode()
     def step(self, rows: list[TTSRow]) -> Pending | Ready:
-        """One audio token for each of `rows` (active rows of the pool); the result is each row's codes [num_vq]."""
+        """One audio token for each of `rows` (active rows of the pool); the result is each row's codes, a list of
+        num_vq ints."""
         if self.one_row_at_a_time:
             return Ready([self._step_rows(r.row, 1, [r]).get()[0] for r in rows])
         return self._step_rows(0, batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch), rows)
@@ -158,20 +162,23 @@ class TTSExecutor:
         """One step over pool rows first..first+batch-1, of which `rows` take part."""
         width = length_bucket(max(r.position for r in rows) + 1, self.widths)
         ints, floats = self._blank(batch)
-        q = self.num_vq
-        for r in rows:
-            i, s = r.row - first, r.sampling
-            first_step = r.prev_codes is None
-            ints[i, :8] = r.position, first_step, r.num_text_tokens, r.ban_eos, r.force_eos, s.top_k, s.greedy, s.seed
-            ints[i, 8] = s.counter
-            if not first_step:
-                ints[i, 9:9 + q] = r.prev_codes
-            floats[i, :q], floats[i, q] = s.temperature, s.top_p
+        index = [r.row - first for r in rows]
+        no_codes = [0] * self.num_vq
+        # one list per row, converted by numpy in one go: a slice assignment per field costs more than the step's
+        # whole packing at a hundred rows
+        ints[index] = [[r.position, r.prev_codes is None, r.num_text_tokens, r.ban_eos, r.force_eos,
+                        r.sampling.top_k, r.sampling.greedy, r.sampling.seed, r.counter,
+                        *(no_codes if r.prev_codes is None else r.prev_codes)] for r in rows]
+        floats[index] = [[*r.sampling.temperature, r.sampling.top_p] for r in rows]
         out = self.graphs.run(("tts", first, batch, width), lambda **kw: self._step(first, width, **kw),
                               {"ints": ints, "floats": floats})
-        index = [r.row - first for r in rows]
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        return Pending((out,), lambda codes: [codes[i] for i in index], stream)
+
+        def codes_of_rows(codes: np.ndarray) -> list[list[int]]:
+            every = codes.tolist()  # Python ints: the requests test for EOS and keep the codes per step
+            return [every[i] for i in index]
+
+        return Pending((out,), codes_of_rows, stream)
 
     def warm_up(self) -> None:
         """Captures every (batch size, key width) step and text-prefill graph now; scratch rows only."""

@@ -6,6 +6,7 @@ A request never calls a model: everything it needs from the GPU is one of the it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,10 +61,10 @@ class TTSPrefillAudio:
 
 @dataclass
 class TTSStep:
-    """One audio token of the current segment. Result: codes np.ndarray [num_vq] (EOS included, if drawn)."""
+    """One audio token of the current segment. Result: its codes, num_vq ints (EOS included, if drawn)."""
 
     position: int  # TTS slot the step writes (302 + codes so far)
-    prev_codes: np.ndarray | None  # the last audio token (None: the first audio step feeds [Ptts])
+    prev_codes: Sequence[int] | None  # the last audio token (None: the first audio step feeds [Ptts])
     num_text_tokens: int  # text visible to the audio mask
     ban_eos: bool
     force_eos: bool

@@ -1,0 +1,136 @@
+"""The engine loop's own host time, with the device taken out: every step body (LLM and TTS steps and prefills,
+DVAE + Vocos) is replaced by an instant stub that returns zeros of the right shape, so what is left is the Python
+of an iteration (advancing requests, planning, packing step inputs, handing results back). On a GPU that time is
+spent while the device waits for its next step, so it bounds the iteration rate however fast the steps get.
+
+    python -m omnivox.bench.host_bench [--streams 96] [--seconds 20] [--out OUT]
+
+A closed loop keeps `--streams` chats of the standard workload live (forced replies and lengths, the tiny model's
+tokenizers and request state); streams are never held back for being ahead of their listener, so most of them
+take part in most TTS steps. Writes OUT/host_bench.json and prints ms per iteration by part of the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from omnivox.config import tiny_config
+from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.engine.forcing import ReplyScript
+from omnivox.models.loader import build_dummy_model
+from omnivox.workload import load_workload
+
+console = Console()
+
+
+def stub_device(engine: Engine) -> None:
+    """Replaces every step body by one that returns zeros at once (the loop's host code stays as it is)."""
+    model = engine.model
+    llm_hidden, tts_hidden, num_vq = model.config.llm.hidden_size, model.config.tts.hidden_size, engine.tts.num_vq
+
+    def llm_step(*_: Any, ints: torch.Tensor, **__: Any) -> torch.Tensor:
+        return torch.zeros(ints.shape[0], dtype=torch.long)
+
+    def llm_prefill(*_: Any, ids: torch.Tensor, **__: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(ids.shape[0], dtype=torch.long), torch.zeros(*ids.shape, llm_hidden)
+
+    def tts_step(*_: Any, ints: torch.Tensor, **__: Any) -> torch.Tensor:
+        return torch.zeros(ints.shape[0], num_vq, dtype=torch.long)
+
+    engine.llm._step, engine.llm._prefill_step, engine.tts._step = llm_step, llm_prefill, tts_step
+    engine.tts.prefill_text = lambda *_, **__: None
+    engine.tts.prefill_text_rows = lambda *_, **__: None
+    engine.tts.prefill_audio = lambda *_, **__: None
+    engine.tts.project_speaker = lambda *_, **__: torch.zeros(tts_hidden)
+    engine.vocoder._decode = lambda codes: torch.zeros(codes.shape[0], codes.shape[1] * 512)
+
+
+async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: float) -> dict[str, Any]:
+    """Runs `streams` chats at once for `warmup_s` + `seconds`, replacing each as it ends; returns the loop's host
+    time by part over the last `seconds`, per iteration."""
+    items = [item for item in load_workload() if item.id != "warmup"]
+    script = ReplyScript(items)
+    started = [0]
+    rows: dict[str, list[int]] = {"tts": [], "llm": [], "audio": []}
+    engine.on_batch = lambda stage, n: rows.setdefault(stage, []).append(n)
+
+    async def one_after_another() -> None:
+        while not stop.is_set():
+            item = items[started[0] % len(items)]
+            started[0] += 1
+            stream = engine.stream(item.prompt, seed=started[0], **script.chat(item.prompt))
+            try:
+                while await stream.next_async() is not None:
+                    pass
+            finally:
+                stream.close()
+
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(one_after_another()) for _ in range(streams)]
+    await asyncio.sleep(warmup_s)
+    scheduler = engine.scheduler
+    parts0, iterations0, live = dict(scheduler.loop_seconds), scheduler.iterations, []
+    for stage in rows:
+        rows[stage].clear()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        live.append(len(scheduler.live))
+        await asyncio.sleep(0.05)
+    wall = time.perf_counter() - t0
+    parts = {k: v - parts0.get(k, 0.0) for k, v in scheduler.loop_seconds.items()}
+    iterations = scheduler.iterations - iterations0
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    engine.shutdown()  # while this event loop still runs: the loop thread hands its last chunks to it
+    per_it = {k: 1e3 * v / max(iterations, 1) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
+    return {"streams": streams, "wall_s": wall, "iterations": iterations, "iterations_per_s": iterations / wall,
+            "live_mean": sum(live) / max(len(live), 1), "ms_per_iteration": per_it,
+            "ms_per_iteration_total": sum(per_it.values()),
+            "mean_rows": {k: sum(v) / len(v) for k, v in rows.items() if v}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, default=96)
+    p.add_argument("--seconds", type=float, default=20.0, help="measuring window")
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    model = build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
+    engine = Engine(model, config=EngineConfig(max_concurrent_requests=args.streams))
+    engine.scheduler.config.ahead_limit_s = math.inf  # no stream waits for its listener: as many rows as can be
+    stub_device(engine)
+    result = asyncio.run(keep_live(engine, args.streams, args.seconds, args.warmup))
+    table = Table(title=f"engine loop host time, {args.streams} streams live (mean {result['live_mean']:.1f}), "
+                        f"{result['iterations_per_s']:.0f} iterations/s, device stubbed")
+    table.add_column("part")
+    table.add_column("ms / iteration", justify="right")
+    for part, ms in result["ms_per_iteration"].items():
+        table.add_row(part, f"{ms:.3f}")
+    table.add_row("total", f"{result['ms_per_iteration_total']:.3f}")
+    console.print(table)
+    console.print("mean rows per batch:", {k: round(v, 1) for k, v in result["mean_rows"].items()})
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        document = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.node(),
+                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "config": vars(args), "result": result}
+        (out / "host_bench.json").write_text(json.dumps(document, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The host-time benchmark: with the device stubbed out the loop still serves every stream, and the benchmark says
+where the loop's host time goes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from omnivox.bench.host_bench import keep_live, stub_device
+from omnivox.engine.engine import Engine, EngineConfig
+
+
+def test_host_bench_serves_streams_with_the_device_stubbed_and_reports_the_loop(model):
+    engine = Engine(model, config=EngineConfig(max_concurrent_requests=4))
+    engine.scheduler.config.ahead_limit_s = math.inf
+    stub_device(engine)
+    result = asyncio.run(keep_live(engine, streams=4, seconds=1.5, warmup_s=0.5))
+    assert result["iterations"] > 10 and result["live_mean"] > 1
+    parts = result["ms_per_iteration"]
+    assert {"advance", "tts", "audio"} <= set(parts) and all(ms >= 0 for ms in parts.values())
+    assert math.isclose(result["ms_per_iteration_total"], sum(parts.values()))
+    assert result["mean_rows"]["tts"] >= 1 and result["mean_rows"]["vocoder"] >= 1
+    assert engine.wait_idle(10.0) and engine.scheduler.live == [], "every stream ended when the benchmark did"
