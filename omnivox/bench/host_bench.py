@@ -1,7 +1,9 @@
 """The engine loop's own host time, with the device taken out: every step body (LLM and TTS steps and prefills,
 DVAE + Vocos) is replaced by an instant stub that returns zeros of the right shape, so what is left is the Python
 of an iteration (advancing requests, planning, packing step inputs, handing results back). On a GPU that time is
-spent while the device waits for its next step, so it bounds the iteration rate however fast the steps get.
+spent while the device waits for its next step, so it bounds the iteration rate however fast the steps get. The
+garbage collector's pauses are timed too (the heap settled after start-up, as the server does): a long one stalls
+every stream at once.
 
     python -m omnivox.bench.host_bench [--streams 96] [--seconds 20] [--out OUT]
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import platform
@@ -29,6 +32,7 @@ from omnivox.config import tiny_config
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.forcing import ReplyScript
 from omnivox.models.loader import build_dummy_model
+from omnivox.server.serving import settle_heap
 from omnivox.workload import load_workload
 
 console = Console()
@@ -79,6 +83,16 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
     stop = asyncio.Event()
     tasks = [asyncio.create_task(one_after_another()) for _ in range(streams)]
     await asyncio.sleep(warmup_s)
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started_at = [0.0]
+
+    def time_collections(phase: str, info: dict) -> None:
+        if phase == "start":
+            started_at[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append(time.perf_counter() - started_at[0])
+
+    gc.callbacks.append(time_collections)
     scheduler = engine.scheduler
     parts0, iterations0, live = dict(scheduler.loop_seconds), scheduler.iterations, []
     for stage in rows:
@@ -88,6 +102,7 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
         live.append(len(scheduler.live))
         await asyncio.sleep(0.05)
     wall = time.perf_counter() - t0
+    gc.callbacks.remove(time_collections)
     parts = {k: v - parts0.get(k, 0.0) for k, v in scheduler.loop_seconds.items()}
     iterations = scheduler.iterations - iterations0
     stop.set()
@@ -99,7 +114,9 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
     return {"streams": streams, "wall_s": wall, "iterations": iterations, "iterations_per_s": iterations / wall,
             "live_mean": sum(live) / max(len(live), 1), "ms_per_iteration": per_it,
             "ms_per_iteration_total": sum(per_it.values()),
-            "mean_rows": {k: sum(v) / len(v) for k, v in rows.items() if v}}
+            "mean_rows": {k: sum(v) / len(v) for k, v in rows.items() if v},
+            "gc_pauses": {f"gen{g}": {"count": len(v), "total_ms": 1e3 * sum(v), "max_ms": 1e3 * max(v, default=0.0)}
+                          for g, v in pauses.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,11 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="measuring window")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--out", default=None)
+    p.add_argument("--no-settle", action="store_true", help="leave the start-up heap unfrozen (the server freezes it)")
     args = p.parse_args(argv)
     model = build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
     engine = Engine(model, config=EngineConfig(max_concurrent_requests=args.streams))
     engine.scheduler.config.ahead_limit_s = math.inf  # no stream waits for its listener: as many rows as can be
     stub_device(engine)
+    if not args.no_settle:
+        settle_heap()
     result = asyncio.run(keep_live(engine, args.streams, args.seconds, args.warmup))
     table = Table(title=f"engine loop host time, {args.streams} streams live (mean {result['live_mean']:.1f}), "
                         f"{result['iterations_per_s']:.0f} iterations/s, device stubbed")
@@ -123,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     table.add_row("total", f"{result['ms_per_iteration_total']:.3f}")
     console.print(table)
     console.print("mean rows per batch:", {k: round(v, 1) for k, v in result["mean_rows"].items()})
+    console.print("garbage collector:", ", ".join(f"{g}: {p['count']} pauses, longest {p['max_ms']:.1f} ms"
+                                                  for g, p in result["gc_pauses"].items()))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -152,7 +152,7 @@ class TTSExecutor:
 
     @torch.inference_mode()
     def step(self, rows: list[TTSRow]) -> Pending | Ready:
-        """One audio token for each of `rows` (active rows of the pool); the result is each row's codes, a list of
+        """One audio token for each of `rows` (active rows of the pool); the result is each row's codes, a tuple of
         num_vq ints."""
         if self.one_row_at_a_time:
             return Ready([self._step_rows(r.row, 1, [r]).get()[0] for r in rows])
@@ -174,9 +174,11 @@ class TTSExecutor:
                               {"ints": ints, "floats": floats})
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
-        def codes_of_rows(codes: np.ndarray) -> list[list[int]]:
-            every = codes.tolist()  # Python ints: the requests test for EOS and keep the codes per step
-            return [every[i] for i in index]
+        def codes_of_rows(codes: np.ndarray) -> list[tuple[int, ...]]:
+            # Python ints, for the requests' EOS test; tuples, which the garbage collector stops tracking (a reply
+            # keeps every step's codes: lists would lengthen every full collection)
+            every = codes.tolist()
+            return [tuple(every[i]) for i in index]
 
         return Pending((out,), codes_of_rows, stream)
 

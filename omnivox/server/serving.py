@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import logging
 import secrets
 import time
@@ -53,6 +54,14 @@ from omnivox.server.protocol import (
 from omnivox.server.stream import FINISH_REASONS, ManagedStream
 
 logger = logging.getLogger(__name__)
+
+
+def settle_heap() -> None:
+    """What start-up made (the model, tokenizers, graphs, compiled code) lives as long as the process: frozen, the
+    garbage collector's full collections no longer walk it. Unfrozen, one such collection stalled the engine loop
+    for 0.27 s in the host benchmark (bench/RESULTS.md section 12), long enough for every stream to underrun."""
+    gc.collect()
+    gc.freeze()
 
 AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for multi-turn (`{"role": "assistant", "audio": ...}`)
 
@@ -128,6 +137,7 @@ class SpeechService:
                 logger.info("engine warmed up in %.2f s", time.perf_counter() - t0)
             if hasattr(engine, "loop_stats"):
                 self.metrics.bind_engine(engine)
+            settle_heap()
             self.engine = engine
             self.status = "ready"
         except Exception as exc:  # reported by /readyz and every request; the process stays up to say why
