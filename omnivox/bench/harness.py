@@ -18,6 +18,7 @@ from omnivox.bench.results import build_results, sample_from_metrics, write_resu
 from omnivox.bench.workloads import WorkloadItem, split_warmup
 from omnivox.engine.types import SAMPLE_RATE, RequestMetrics
 from omnivox.errors import OmnivoxError
+from omnivox.server.serving import settle_heap
 
 
 def _run_one(engine: Any, item: WorkloadItem, seed: int, request_id: str, dummy_weights: bool,
@@ -82,6 +83,7 @@ def run_bench(engine: Any, items: list[WorkloadItem], trials: int, out_dir: Path
 
     if hasattr(engine, "warm_up"):
         engine.warm_up()  # the fast path's graphs for every bucket, before the clock starts
+    settle_heap()  # as the server does before it is ready: no full garbage collection walks the start-up heap
     started = time.perf_counter()
     # a failing warm-up means every measured request would fail too: let its error stop the run
     _, _, warm_metrics, _ = _run_one(engine, warmup, seed, "warmup", dummy_weights, catch_errors=False)
