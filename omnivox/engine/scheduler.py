@@ -169,25 +169,24 @@ class Scheduler:
         the live requests sorts each one's pending work by kind."""
         cfg = self.config
         llm_busy, decode_free = self._prefill is not None, self._decode is None
-        vocode, tts, llm_rows, prefills, buffered = [], [], [], [], {}
-        any_urgent = False
+        vocode, tts, llm_rows, prefills, buffered, urgent = [], [], [], [], {}, set()
         for r in self.live:
             b = buffered[r] = r.buffered_s(now)
             if r.first_audio_at is not None and b < cfg.underrun_reserve_s:
-                any_urgent = True
+                urgent.add(r)  # about to underrun
             if b > cfg.ahead_limit_s:  # far ahead: it waits
                 continue
-            speech, llm = r.speech, r.llm
+            speech, reply_llm = r.speech, r.llm
             speech_wants = None if speech.ready or speech.done else type(speech.item)
-            llm_wants = None if llm is None or llm.ready or llm.done else type(llm.item)
+            llm_wants = None if reply_llm is None or reply_llm.ready or reply_llm.done else type(reply_llm.item)
             if speech_wants is Vocode:
                 vocode.append(r)
             elif speech_wants is TTSStep:
                 tts.append(r)
             side = r.prefill_side()
-            if side is not None and not (side is llm and (r.llm_inflight or llm_busy)):  # the LLM's waits while busy
+            if side is not None and not (side is reply_llm and (r.llm_inflight or llm_busy)):  # the LLM's waits
                 prefills.append(r)
-            if llm_wants is LLMDecode and len(llm.item.ids) == 1 and decode_free and not r.llm_inflight:
+            if llm_wants is LLMDecode and len(reply_llm.item.ids) == 1 and decode_free and not r.llm_inflight:
                 llm_rows.append(r)
         # a vocoder batch of eight windows costs about what one costs: windows of streams with audio to spare wait
         # for more (while TTS steps run), one that a first audio or a low buffer needs goes now
@@ -203,13 +202,8 @@ class Scheduler:
         gather = bool(tts or vocode)  # rows wait to gather only while there is other work to do
         gathered = now - self._last_decode_at >= cfg.llm_gather_s
         llm = llm_rows if needed or (llm_rows and (gathered or not gather)) else []
-
-        def priority(r: Live) -> tuple:
-            urgent = r.first_audio_at is not None and buffered[r] < cfg.underrun_reserve_s
-            return not urgent, r.first_audio_at is not None, buffered[r], r.order
-
-        prefills.sort(key=priority)
-        if any_urgent:
+        prefills.sort(key=lambda r: (r not in urgent, r.first_audio_at is not None, buffered[r], r.order))
+        if urgent:
             prefills = prefills[:1]
         return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
 
