@@ -58,8 +58,8 @@ logger = logging.getLogger(__name__)
 
 def settle_heap() -> None:
     """What start-up made (the model, tokenizers, graphs, compiled code) lives as long as the process: frozen, the
-    garbage collector's full collections no longer walk it. Unfrozen, one such collection stalled the engine loop
-    for 0.27 s in the host benchmark (bench/RESULTS.md section 12), long enough for every stream to underrun."""
+    garbage collector's full collections no longer walk it. Unfrozen, one such collection stalled the engine loop,
+    and so every stream, for 0.2 s in the host benchmark (bench/RESULTS.md section 12)."""
     gc.collect()
     gc.freeze()
 
