@@ -21,3 +21,13 @@ def test_host_bench_serves_streams_with_the_device_stubbed_and_reports_the_loop(
     assert math.isclose(result["ms_per_iteration_total"], sum(parts.values()))
     assert result["mean_rows"]["tts"] >= 1 and result["mean_rows"]["vocoder"] >= 1
     assert engine.wait_idle(10.0) and engine.scheduler.live == [], "every stream ended when the benchmark did"
+
+
+def test_host_bench_writes_a_results_document(tmp_path):
+    from omnivox.bench.host_bench import main
+    from omnivox.bench.results import read_results
+
+    main(["--streams", "2", "--seconds", "0.5", "--warmup", "0.2", "--out", str(tmp_path)])
+    results = read_results(tmp_path / "host_bench.json")
+    assert results["kind"] == "host" and results["config"]["streams"] == 2
+    assert results["extra"]["iterations"] > 0 and "gen2" in results["extra"]["gc_pauses"]

@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import math
-import platform
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from omnivox.bench.results import build_results, write_results
 from omnivox.config import tiny_config
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.forcing import ReplyScript
@@ -53,7 +53,6 @@ def stub_device(engine: Engine) -> None:
         return torch.zeros(ints.shape[0], num_vq, dtype=torch.long)
 
     engine.llm._step, engine.llm._prefill_step, engine.tts._step = llm_step, llm_prefill, tts_step
-    engine.tts.prefill_text = lambda *_, **__: None
     engine.tts.prefill_text_rows = lambda *_, **__: None
     engine.tts.prefill_audio = lambda *_, **__: None
     engine.tts.project_speaker = lambda *_, **__: torch.zeros(tts_hidden)
@@ -66,8 +65,8 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
     items = [item for item in load_workload() if item.id != "warmup"]
     script = ReplyScript(items)
     started = [0]
-    rows: dict[str, list[int]] = {"tts": [], "llm": [], "audio": []}
-    engine.on_batch = lambda stage, n: rows.setdefault(stage, []).append(n)
+    rows: defaultdict[str, list[int]] = defaultdict(list)  # batch sizes by stage
+    engine.on_batch = lambda stage, n: rows[stage].append(n)
 
     async def one_after_another() -> None:
         while not stop.is_set():
@@ -148,10 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        document = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.node(),
-                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "config": vars(args), "result": result}
-        (out / "host_bench.json").write_text(json.dumps(document, indent=1))
+        write_results(out / "host_bench.json", build_results([], vars(args), kind="host", extra=result))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from omnivox.engine.types import RequestMetrics
 from omnivox.errors import InvalidRequest
 
 SCHEMA = "omnivox.bench/1"
-KINDS = ("bench", "loadtest", "capacity")
+KINDS = ("bench", "loadtest", "capacity", "host")  # host: omnivox/bench/host_bench.py
 REQUIRED_SAMPLE_KEYS = ("ttfb_s", "rtf", "total_s", "audio_s")
 
 
