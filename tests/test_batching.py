@@ -20,6 +20,7 @@ import torch
 
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.slots import SlotTable
+from omnivox.engine.tts_executor import TTSRow, TTSSampling
 from omnivox.engine.types import SAMPLES_PER_AUDIO_TOKEN, SamplingParams
 from omnivox.errors import EngineBusy
 from omnivox.models.kv_cache import KVPool
@@ -315,6 +316,32 @@ def test_soak_with_random_cancels_ends_clean(model):
         settle(inflight.pop(0))
     assert finished == 40
     assert_clean(engine)
+
+
+# ---- codes fed on the device -------------------------------------------------------------------------------------
+def test_steps_fed_their_drawn_codes_equal_steps_fed_from_the_host(model):
+    """A TTS call's later steps take the codes the row drew on the device (the loop launches them before it reads
+    those codes): the same tokens as feeding each step its predecessor's codes from the host, also after the row
+    has moved in the pool."""
+    sampling = TTSSampling((0.7,) * 4, 0.9, 20, False, seed=5)
+    ids = model.tts_tokenizer.encode("[Stts][spk_emb]a short line of text to speak[Ptts]")
+    drawn, fed = [], []
+    for from_device, out in ((True, drawn), (False, fed)):
+        tts = Engine(model).tts
+        other = tts.slots.acquire(active=True)  # released after the first step: our row moves to row 0
+        mine = tts.slots.acquire(active=True)
+        tts.prefill_text(mine.row, ids, 0, None)
+        prev = None
+        for i in range(6):
+            row = TTSRow(mine.row, 302 + i, prev, len(ids), False, False, sampling, i, prev_drawn=from_device and i > 0)
+            codes, eos = tts.step([row]).get()[0]
+            assert not eos
+            out.append(codes)
+            prev = codes
+            if i == 0:
+                tts.slots.release(other)
+        assert mine.row == 0
+    assert drawn == fed and len(set(fed)) > 1
 
 
 # ---- slot compaction --------------------------------------------------------------------------------------------

@@ -13,17 +13,20 @@ import numpy as np
 import pytest
 
 from omnivox.engine.engine import Engine
-from omnivox.engine.live import Live, Side
+from omnivox.engine.graphs import Ready
+from omnivox.engine.live import CallInProgress, Live, Side
 from omnivox.engine.request import Piece
 from omnivox.engine.scheduler import Launched, Scheduler, SchedulerConfig
+from omnivox.engine.slots import SlotHandle
 from omnivox.engine.types import SAMPLE_RATE, RequestMetrics, SamplingParams
 from omnivox.engine.work import (
     NEXT_CHUNK,
     LLMDecode,
     LLMPrefill,
+    TTSCall,
+    TTSCallResult,
     TTSPrefillAudio,
     TTSPrefillText,
-    TTSStep,
     Vocode,
 )
 
@@ -44,6 +47,8 @@ def live(speech: object = NEXT_CHUNK, llm: object | None = None, *, buffered: fl
     r = Live(reply=None, speech=parked(speech), llm=None if read_aloud else parked(llm), session=None,
              sampling=SamplingParams(), metrics=RequestMetrics(), llm_seed=0, tts_seed=1, emit=lambda item: None,
              lookahead=8)
+    if isinstance(speech, TTSCall):
+        r.call = CallInProgress(speech, counter=0)  # what the loop does when the request asks for a call
     if buffered is not None:
         r.first_audio_at, r.audio_s = now - 10.0, 10.0 + buffered
     return r
@@ -57,9 +62,9 @@ def scheduler(*lives: Live, _last_vocode_at: float | None = None, **config) -> S
     return s
 
 
-def tts_step() -> TTSStep:
-    return TTSStep(position=310, prev_codes=np.zeros(4, np.int64), num_text_tokens=20, ban_eos=False,
-                   force_eos=False)
+def tts_step() -> TTSCall:
+    return TTSCall(position=310, prev_codes=(0, 0, 0, 0), num_text_tokens=20, ban_eos=(False,) * 25,
+                   force_eos=(False,) * 25)
 
 
 def prefill_text() -> TTSPrefillText:
@@ -239,6 +244,58 @@ def test_finished_llm_work_is_relaunched_while_the_tts_step_runs(monkeypatch):
     s._await_speech(tts, audio)
     assert relaunched == [1], "taken and relaunched once, while the TTS step was still running"
     assert tts.pending.ready() and audio.pending.ready()
+
+
+class StepRecorder:
+    """A TTS executor stand-in: records each step's rows and answers with the codes the test queues."""
+
+    def __init__(self):
+        self.launched: list[list] = []
+        self.answers: list[list] = []
+
+    def step(self, rows):
+        self.launched.append(rows)
+        return Ready(self.answers.pop(0))
+
+
+def test_a_call_steps_ahead_of_its_codes_and_a_step_after_eos_is_dropped():
+    call = TTSCall(position=320, prev_codes=(7, 7, 7, 7), num_text_tokens=20, ban_eos=(True,) * 10 + (False,) * 15,
+                   force_eos=(False,) * 25)
+    r = live(call, buffered=2.0)
+    r.tts_slot, r.tts_counter = SlotHandle(3), 40
+    r.call = CallInProgress(call, counter=r.tts_counter)
+    s = scheduler(r)
+    s.tts = StepRecorder()
+    s.tts.answers = [[((1, 1, 1, 1), False)], [((2, 2, 2, 2), True)], [((3, 3, 3, 3), False)]]
+    first = s._launch_tts(s.plan(100.0)["tts"])
+    second = s._launch_tts(s.plan(100.0)["tts"])  # launched before the first step's codes are read
+    rows = [step[0] for step in s.tts.launched]
+    assert [(x.position, x.counter, x.prev_drawn) for x in rows] == [(320, 40, False), (321, 41, True)]
+    assert rows[0].prev_codes == (7, 7, 7, 7) and rows[0].ban_eos and not rows[0].force_eos
+    s._resolve_tts(first)
+    assert not r.speech.ready and r.call.codes == [(1, 1, 1, 1)], "mid-call: the request is not resumed"
+    third = s._launch_tts(s.plan(100.0)["tts"])  # the EOS of step 2 is not known yet: step 3 goes too
+    s._resolve_tts(second)
+    assert r.speech.ready and r.speech.result == TTSCallResult([(1, 1, 1, 1)], eos=True)
+    assert r.tts_counter == 42, "the EOS step counts, the step after it does not"
+    assert s.plan(100.0)["tts"] == [], "a call that is over asks for no more steps"
+    s._resolve_tts(third)
+    assert r.speech.result.codes == [(1, 1, 1, 1)] and r.tts_counter == 42, "the step after EOS is dropped"
+
+
+def test_a_call_asks_for_its_steps_only():
+    call = TTSCall(position=310, prev_codes=None, num_text_tokens=20, ban_eos=(True,) * 3, force_eos=(False,) * 3)
+    r = live(call, buffered=2.0)
+    r.tts_slot = SlotHandle(0)
+    s = scheduler(r)
+    s.tts = StepRecorder()
+    s.tts.answers = [[((i, i, i, i), False)] for i in range(3)]
+    launched = [s._launch_tts(s.plan(100.0)["tts"]) for _ in range(4)]
+    assert launched[3] is None and len(s.tts.launched) == 3, "three steps, then none until the codes are in"
+    assert s.tts.launched[0][0].prev_codes is None and not s.tts.launched[0][0].prev_drawn, "[Ptts] first"
+    for step in launched[:3]:
+        s._resolve_tts(step)
+    assert r.speech.result == TTSCallResult([(0,) * 4, (1,) * 4, (2,) * 4], eos=False) and r.tts_counter == 3
 
 
 def test_read_aloud_has_no_llm_work():

@@ -2,10 +2,11 @@
 blocking the loop.
 
 A step function reads only its input tensors and buffers that outlive the graph (the KV pools, the weights), so
-`run` copies the inputs (host arrays, one copy each) into the graph's own input buffers and replays. Each cache
-captures and replays on one CUDA stream and has its own memory pool: graphs of one cache never run at the same
-time, graphs of two caches may (the LLM's beside the TTS's), so they must not share intermediate memory. With
-graphs off (always on a CPU) `run` calls the function.
+`run` copies the inputs (host arrays, through pinned memory: a copy from pageable memory could wait for the work
+queued on the stream) into the graph's own input buffers and replays. Each cache captures and replays on one CUDA
+stream and has its own memory pool: graphs of one cache never run at the same time, graphs of two caches may (the
+LLM's beside the TTS's), so they must not share intermediate memory. With graphs off (always on a CPU) `run`
+calls the function.
 
 Step bodies may call compiled layers (omnivox/models/layers.py, `compiled=True`): the compiled code is captured
 inside our graphs, as gpt-fast and nano-vllm capture theirs.
@@ -42,7 +43,9 @@ class GraphCache:
             entry = self._graphs[key] = self._capture(fn, {k: _on(self.device, v) for k, v in inputs.items()})
         graph, static, output = entry
         for name, value in inputs.items():
-            static[name].copy_(_tensor(value), non_blocking=True)
+            if isinstance(value, np.ndarray):  # from pageable memory the copy could wait for the stream's work
+                value = torch.from_numpy(value).pin_memory()
+            static[name].copy_(value, non_blocking=True)
         graph.replay()
         return output
 

@@ -16,7 +16,7 @@ from omnivox.engine.session import Session
 from omnivox.engine.slots import SlotHandle
 from omnivox.engine.tts_executor import TTSSampling
 from omnivox.engine.types import RequestMetrics, SamplingParams
-from omnivox.engine.work import NEXT_CHUNK, LLMDecode, LLMPrefill, TTSPrefillAudio, TTSPrefillText
+from omnivox.engine.work import NEXT_CHUNK, LLMDecode, LLMPrefill, TTSCall, TTSPrefillAudio, TTSPrefillText
 
 
 class Side:
@@ -45,6 +45,23 @@ class Side:
 
 
 @dataclass(eq=False)
+class CallInProgress:
+    """A TTS call the loop is stepping. Its steps are launched one per iteration, each before the codes of the one
+    before it are read (they feed it on the device), so up to one step more than the call needs may run: after an
+    EOS, whose codes are dropped."""
+
+    work: TTSCall
+    counter: int  # the request's TTS step counter at the call's first step (step i uses counter + i)
+    launched: int = 0
+    codes: list[tuple[int, ...]] = field(default_factory=list)
+    over: bool = False  # EOS or the last step came back: the result went to the request
+
+    @property
+    def wants_step(self) -> bool:
+        return not self.over and self.launched < self.work.steps
+
+
+@dataclass(eq=False)
 class Live:
     """A request the loop is serving."""
 
@@ -59,7 +76,8 @@ class Live:
     emit: Callable[[object], None]  # a Piece, an exception, or None at the end
     lookahead: int
     llm_counter: int = 0
-    tts_counter: int = 0
+    tts_counter: int = 0  # TTS steps whose codes the request took (with the seed, the key of the next one)
+    call: CallInProgress | None = None  # the TTS call being stepped
     tts_sampling: TTSSampling | None = None  # made at its first TTS step
     tts_slot: SlotHandle | None = None
     chunks: deque[LLMChunk] = field(default_factory=deque)
@@ -69,6 +87,7 @@ class Live:
     llm_inflight: bool = False  # its LLM work was launched and its result is not in yet
     ended: bool = False  # finished: no longer in the loop (results still in flight for it are dropped)
     order: int = field(default_factory=itertools.count().__next__)
+    stage_busy_until: dict[str, float] = field(default_factory=dict)  # where its stage time was booked up to
 
     def buffered_s(self, now: float) -> float:
         """Audio delivered but not yet played by a realtime listener (0 before the first audio)."""

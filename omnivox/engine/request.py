@@ -35,9 +35,9 @@ from omnivox.engine.work import (
     LLMDecode,
     NewSegment,
     ProjectSpeaker,
+    TTSCall,
     TTSPrefillAudio,
     TTSPrefillText,
-    TTSStep,
     Vocode,
 )
 
@@ -130,7 +130,6 @@ class Reply:
         self.text_chunk = tts_cfg.streaming_text_chunk_size
         self.reserved = tts_cfg.streaming_text_reserved_len
         self.condition_slots = tts_cfg.condition_len - 1  # 302 slots live in the cache before any audio
-        self.eos_code = tts_cfg.eos_code
         special = self.tokenizer.special
         self.terminators = (special.im_end, special.endoftext)
         self.audio_tokens_total = 0  # new audio tokens over all segments (forced-EOS accounting)
@@ -201,20 +200,18 @@ class Reply:
         return max(remaining, 0)
 
     def _tts_call(self, seg: Segment, num_text_tokens: int) -> Coroutine:
-        """Up to 25 audio tokens (one official `generate` call)."""
+        """Up to 25 audio tokens (one official `generate` call); EOS is banned for its first 10 steps, and forced
+        where a random-weight run's audio length ends (the call then has no steps after it)."""
         eos_after = self._eos_after()
-        kept = 0
-        for step in range(TTS_TOKENS_PER_CALL):
-            ban = step < TTS_EOS_BAN_STEPS or (eos_after is not None and step < eos_after)
-            force = eos_after is not None and step >= eos_after
-            prev = seg.codes[-1] if seg.codes else None
-            codes = yield TTSStep(self.condition_slots + seg.num_codes, prev, num_text_tokens, ban, force)
-            if self.eos_code in codes:
-                seg.finished = True
-                break
-            seg.codes.append(codes)
-            self.codes_drawn.append(codes)
-            kept += 1
+        steps = TTS_TOKENS_PER_CALL if eos_after is None else min(TTS_TOKENS_PER_CALL, eos_after + 1)
+        ban = tuple(s < TTS_EOS_BAN_STEPS or (eos_after is not None and s < eos_after) for s in range(steps))
+        force = tuple(eos_after is not None and s >= eos_after for s in range(steps))
+        prev = seg.codes[-1] if seg.codes else None
+        result = yield TTSCall(self.condition_slots + seg.num_codes, prev, num_text_tokens, ban, force)
+        seg.codes.extend(result.codes)
+        self.codes_drawn.extend(result.codes)
+        seg.finished = result.eos
+        kept = len(result.codes)
         self.audio_tokens_total += kept
         self.segment_new_tokens += kept
         self.metrics.tts_steps += kept + int(seg.finished)

@@ -4,9 +4,12 @@ A live request (`Live`, omnivox/engine/live.py) holds its reply's two coroutines
 cache rows, its random keys and its playback clock. `advance` runs each coroutine until it asks for device work or
 waits; the iteration then launches the LLM's work on its own stream (a decode step when a stream needs text now or
 soon, else every `llm_gather_s` for the rows running ahead; the pending prompt prefills within a token budget) and
-launches, meanwhile, the vocoder windows (on the vocoder's stream), one TTS step for every row that wants one and
-the TTS prefills. While it waits for the TTS step and the vocoder, LLM work that finishes hands its results over and
-the LLM's next work is launched at once (it starts on the device when the TTS step ends).
+launches, meanwhile, the vocoder windows (on the vocoder's stream), one TTS step for every row in a TTS call and
+the TTS prefills. The TTS step's codes are read in the next iteration, after its next step is launched: a row's
+next step takes them on the device, so the host's work of one iteration runs beside the device's step, and the
+device always has the next step queued. While it waits for the last step and the vocoder, LLM work that finishes
+hands its results over and the LLM's next work is launched at once (it starts on the device when the TTS step
+ends).
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from omnivox.engine.graphs import Pending, Ready
-from omnivox.engine.live import Live
+from omnivox.engine.live import CallInProgress, Live
 from omnivox.engine.llm_executor import LLMExecutor, LLMRow, LLMSampling, PrefillRow
 from omnivox.engine.request import LLMChunk, Piece
 from omnivox.engine.tts_executor import TTSExecutor, TTSRow, TTSSampling
@@ -36,9 +39,10 @@ from omnivox.engine.work import (
     LLMPrefill,
     NewSegment,
     ProjectSpeaker,
+    TTSCall,
+    TTSCallResult,
     TTSPrefillAudio,
     TTSPrefillText,
-    TTSStep,
     Vocode,
 )
 
@@ -69,6 +73,7 @@ class Scheduler:
         self._last_vocode_at = -float("inf")
         self._decode: Launched | None = None  # the LLM's work in flight on its stream (at most one of each)
         self._prefill: Launched | None = None
+        self._tts: Launched | None = None  # the TTS step in flight, its codes read in the next iteration
         self.loop_seconds: defaultdict[str, float] = defaultdict(float)  # host time by part of the iteration
         self.on_batch: Callable[[str, int], None] | None = None  # observer of each batch's size (metrics)
 
@@ -116,7 +121,7 @@ class Scheduler:
         """
         self.reap()
         resolved = self._resolve_llm(block=False)
-        if not self.live:
+        if not self.live and self._tts is None:
             return bool(self._resolve_llm(block=True) or resolved)
         now = self.clock()
         for live in list(self.live):
@@ -125,12 +130,12 @@ class Scheduler:
         self.loop_seconds["advance"] += self.clock() - now
         launched = self._launch_llm_work(plan, now)
         speech = [r for r in plan["prefill"] if r.speech is r.prefill_side()]
-        if plan["vocode"] or plan["tts"] or speech:
+        if plan["vocode"] or plan["tts"] or speech or self._tts is not None:
             audio = self._launch_vocoder(plan["vocode"])
-            tts = self._launch_tts(plan["tts"])
+            previous, self._tts = self._tts, self._launch_tts(plan["tts"])
             self._run_speech_prefills(speech)
-            self._await_speech(tts, audio)
-            self._resolve_tts(tts)
+            self._await_speech(previous, audio)
+            self._resolve_tts(previous)
             self._resolve_vocoder(audio)
             self._relaunch_llm()
         elif not self._resolve_llm(block=True):  # nothing to do but wait for the LLM
@@ -181,7 +186,7 @@ class Scheduler:
             llm_wants = None if reply_llm is None or reply_llm.ready or reply_llm.done else type(reply_llm.item)
             if speech_wants is Vocode:
                 vocode.append(r)
-            elif speech_wants is TTSStep:
+            elif speech_wants is TTSCall and r.call.wants_step:
                 tts.append(r)
             side = r.prefill_side()
             if side is not None and not (side is reply_llm and (r.llm_inflight or llm_busy)):  # the LLM's waits
@@ -210,7 +215,7 @@ class Scheduler:
     def stats(self, now: float) -> dict[str, dict[str, float]]:
         """Queue depths by kind of work, the buffered audio of the streams that have audio, and the loop's host time
         by part of the iteration (for /metrics)."""
-        kinds = {"tts_step": TTSStep, "vocoder": Vocode, "tts_prefill": (TTSPrefillText, TTSPrefillAudio)}
+        kinds = {"tts_step": TTSCall, "vocoder": Vocode, "tts_prefill": (TTSPrefillText, TTSPrefillAudio)}
         waiting = {name: sum(r.speech.waiting_on(kind) for r in self.live) for name, kind in kinds.items()}
         waiting["llm"] = sum(r.llm is not None and r.llm.waiting_on((LLMDecode, LLMPrefill)) for r in self.live)
         waiting["text"] = sum(r.llm_waited_for for r in self.live)
@@ -258,6 +263,8 @@ class Scheduler:
             live.speech.resolve(None)
         elif isinstance(item, ProjectSpeaker):
             live.speech.resolve(self.tts.project_speaker(item.hidden))
+        elif isinstance(item, TTSCall):
+            live.call = CallInProgress(item, live.tts_counter)
         elif isinstance(item, NewSegment):
             if live.tts_slot is not None:
                 self.tts.slots.release(live.tts_slot)
@@ -279,12 +286,13 @@ class Scheduler:
             self.finish(live, exc)
 
     # ---- running batches ----------------------------------------------------------------------------------------
-    def _launch(self, stage: str, lives: list[Live], run: Callable[[], object], part: str = "") -> Launched | None:
+    def _launch(self, stage: str, lives: list[Live], run: Callable[[], object], part: str = "",
+                calls: list[CallInProgress] | None = None) -> Launched | None:
         """Starts a batch (`run` returns a Pending result); a failure ends the requests that took part. Its host
         time is booked to `part` of the loop, if given."""
         t0 = self.clock()
         try:
-            return Launched(stage, lives, run(), t0)
+            return Launched(stage, lives, run(), t0, calls)
         except Exception as exc:
             for live in lives:
                 self.finish(live, exc)
@@ -307,8 +315,11 @@ class Scheduler:
         now = self.clock()
         if isinstance(launched.pending, Pending):
             self.loop_seconds["wait_" + launched.stage] += now - t0
-        for live in launched.lives:
-            live.metrics.stages[launched.stage] = live.metrics.stages.get(launched.stage, 0.0) + now - launched.t0
+        stage = launched.stage
+        for live in launched.lives:  # a request's batches of one stage may overlap (TTS steps): their union counts
+            start = max(launched.t0, live.stage_busy_until.get(stage, launched.t0))
+            live.metrics.stages[stage] = live.metrics.stages.get(stage, 0.0) + now - start
+            live.stage_busy_until[stage] = now
         if self.on_batch is not None:
             self.on_batch("vocoder" if launched.stage == "audio" else launched.stage, len(launched.lives))
         return out
@@ -335,25 +346,39 @@ class Scheduler:
         self.loop_seconds["audio"] += self.clock() - t0
 
     def _launch_tts(self, lives: list[Live]) -> Launched | None:
-        """One TTS step for `lives`, on the loop's stream; its codes are taken by `_resolve_tts`."""
+        """The next step of each of `lives`' TTS calls, on the loop's stream; its codes are taken by `_resolve_tts`
+        in the next iteration. A call's later steps feed on the codes its last step drew, on the device."""
         if not lives:
             return None
-        rows = []
+        rows, calls = [], []
         for live in lives:
             if live.tts_sampling is None:
                 s = live.sampling
                 live.tts_sampling = TTSSampling(tuple(s.tts_temperature), s.tts_top_p, s.tts_top_k, s.greedy,
                                                 live.tts_seed)
-            w = live.speech.item
-            rows.append(TTSRow(live.tts_slot.row, w.position, w.prev_codes, w.num_text_tokens, w.ban_eos,
-                               w.force_eos, live.tts_sampling, live.tts_counter))
-        return self._launch("tts", lives, lambda: self.tts.step(rows), "tts")
+            call = live.call
+            work, i = call.work, call.launched
+            rows.append(TTSRow(live.tts_slot.row, work.position + i, work.prev_codes, work.num_text_tokens,
+                               work.ban_eos[i], work.force_eos[i], live.tts_sampling, call.counter + i,
+                               prev_drawn=i > 0))
+            call.launched += 1
+            calls.append(call)
+        return self._launch("tts", lives, lambda: self.tts.step(rows), "tts", calls)
 
     def _resolve_tts(self, launched: Launched | None) -> None:
+        """Hands each call its step's codes; a call that drew EOS or its last step gives the request its result (a
+        step launched after an EOS is dropped)."""
         t0 = self.clock()
-        for live, codes in zip(launched.lives if launched else (), self._collect(launched), strict=False):
-            live.tts_counter += 1
-            live.speech.resolve(codes)
+        for live, call, (codes, eos) in zip(launched.lives if launched else (), launched.calls if launched else (),
+                                            self._collect(launched), strict=False):
+            if live.ended or call.over:
+                continue
+            if not eos:
+                call.codes.append(codes)
+            if eos or len(call.codes) == call.work.steps:
+                call.over = True
+                live.tts_counter = call.counter + len(call.codes) + eos
+                live.speech.resolve(TTSCallResult(call.codes, eos))
         self.loop_seconds["tts"] += self.clock() - t0
 
     def _await_speech(self, *launched: Launched | None) -> None:
@@ -461,3 +486,4 @@ class Launched:
     lives: list[Live]
     pending: Pending | Ready
     t0: float
+    calls: list[CallInProgress] | None = None  # a TTS step's: the call each row's step belongs to

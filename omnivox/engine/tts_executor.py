@@ -3,7 +3,8 @@
 A step feeds each active row its last audio token (or `[Ptts]` on a segment's first step) at its own slot, builds
 each row's audio mask on the device, and samples each row's 4 codes with its own parameters and random key, so it
 replays as one CUDA graph per (batch size, key width). Rows without a step write to the scratch slot (the last
-one) and are dropped, as in the LLM executor.
+one) and are dropped, as in the LLM executor. Each row's drawn codes also stay on the device, where the row's next
+step may take them as its input: the loop launches that step before it has read them (host work beside the step).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class TTSRow:
     force_eos: bool
     sampling: TTSSampling
     counter: int  # the request's step counter: with the seed, the key of this step's random numbers
+    prev_drawn: bool = False  # feed the codes this row drew at its last step (on the device; prev_codes unused)
 
 
 class TTSExecutor:
@@ -66,12 +68,19 @@ class TTSExecutor:
         self.condition_slots = c.condition_len - 1
         self.pool = KVPool(c.num_hidden_layers, c.num_attention_heads, c.head_dim, self.capacity, model.dtype,
                            model.device, slots)
-        self.slots = SlotTable(slots, self.pool.swap_slots)
+        self.drawn = torch.zeros(slots, self.num_vq, dtype=torch.long, device=model.device)  # each row's last codes
+        self.slots = SlotTable(slots, self._swap)
         self.graphs = graphs
         self.widths = length_buckets(self.capacity, 512)
         self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1, eager
         self.compiled = compile  # the layers' compiled halves; batches of 1 are padded to 2 (one compile for all)
         self.smallest_batch = 2 if compile else 1
+
+    def _swap(self, a: int, b: int) -> None:
+        self.pool.swap_slots(a, b)
+        tmp = self.drawn[a].clone()
+        self.drawn[a] = self.drawn[b]
+        self.drawn[b] = tmp
 
     @torch.inference_mode()
     def clear_condition_slots(self, row: int) -> None:
@@ -152,8 +161,8 @@ class TTSExecutor:
 
     @torch.inference_mode()
     def step(self, rows: list[TTSRow]) -> Pending | Ready:
-        """One audio token for each of `rows` (active rows of the pool); the result is each row's codes, a tuple of
-        num_vq ints."""
+        """One audio token for each of `rows` (active rows of the pool); the result is, for each row, its codes (a
+        tuple of num_vq ints) and whether they hold EOS (the end of the segment)."""
         if self.one_row_at_a_time:
             return Ready([self._step_rows(r.row, 1, [r]).get()[0] for r in rows])
         return self._step_rows(0, batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch), rows)
@@ -167,18 +176,20 @@ class TTSExecutor:
         # one list per row, converted by numpy in one go: a slice assignment per field costs more than the step's
         # whole packing at a hundred rows
         ints[index] = [[r.position, r.prev_codes is None, r.num_text_tokens, r.ban_eos, r.force_eos,
-                        r.sampling.top_k, r.sampling.greedy, r.sampling.seed, r.counter,
+                        r.sampling.top_k, r.sampling.greedy, r.sampling.seed, r.counter, r.prev_drawn,
                         *(no_codes if r.prev_codes is None else r.prev_codes)] for r in rows]
         floats[index] = [[*r.sampling.temperature, r.sampling.top_p] for r in rows]
         out = self.graphs.run(("tts", first, batch, width), lambda **kw: self._step(first, width, **kw),
                               {"ints": ints, "floats": floats})
+        eos = self.eos_code
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
-        def codes_of_rows(codes: np.ndarray) -> list[tuple[int, ...]]:
-            # Python ints, for the requests' EOS test; tuples, which the garbage collector stops tracking (a reply
-            # keeps every step's codes: lists would lengthen every full collection)
+        def codes_of_rows(codes: np.ndarray) -> list[tuple[tuple[int, ...], bool]]:
+            # tuples of Python ints, which the garbage collector stops tracking (a reply keeps every step's codes:
+            # lists would lengthen every full collection); EOS in any codebook ends the segment
             every = codes.tolist()
-            return [tuple(every[i]) for i in index]
+            taking = [tuple(every[i]) for i in index]
+            return [(row_codes, eos in row_codes) for row_codes in taking]
 
         return Pending((out,), codes_of_rows, stream)
 
@@ -201,10 +212,10 @@ class TTSExecutor:
                 self.graphs.run(("tts_text", batch, width), lambda w=width, **kw: self._text_step(w, **kw), text)
 
     def _blank(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """A step's inputs in two host arrays, every row at the scratch slot (taking no part). ints [B, 9 + Q]:
-        position, first step, text tokens, ban EOS, force EOS, top_k, greedy, seed, counter, previous codes [Q];
-        floats [B, Q + 1]: temperature per codebook, top_p."""
-        ints = np.zeros((batch, 9 + self.num_vq), np.int64)
+        """A step's inputs in two host arrays, every row at the scratch slot (taking no part). ints [B, 10 + Q]:
+        position, first step, text tokens, ban EOS, force EOS, top_k, greedy, seed, counter, feed the drawn codes,
+        previous codes [Q]; floats [B, Q + 1]: temperature per codebook, top_p."""
+        ints = np.zeros((batch, 10 + self.num_vq), np.int64)
         ints[:, 0], ints[:, 5], ints[:, 6] = self.scratch, 1, 1
         return ints, np.ones((batch, self.num_vq + 1), np.float32)
 
@@ -212,10 +223,14 @@ class TTSExecutor:
         batch, q = ints.shape[0], self.num_vq
         positions, first_step, num_text = ints[:, 0], ints[:, 1] != 0, ints[:, 2]
         bos = self.tts.embed_text(torch.full((batch, 1), self.audio_bos, device=ints.device))
-        embeds = torch.where(first_step[:, None, None], bos, self.tts.embed_codes(ints[:, None, 9:9 + q]))  # [B,1,C]
+        drawn = self.drawn[first:first + batch]
+        prev = torch.where(ints[:, 9, None] != 0, drawn, ints[:, 10:10 + q])
+        embeds = torch.where(first_step[:, None, None], bos, self.tts.embed_codes(prev[:, None]))  # [B, 1, C]
         mask = tts_audio_mask(positions, num_text, positions + 1, width)
         hidden = self.tts(embeds, positions[:, None], self.pool.view(first, batch, width), mask, self.compiled)
         logits = self.tts.compute_logits(hidden)[:, -1]  # [B, num_vq, num_codes]
-        return sample_tts(logits, temperature=floats[:, :q], top_p=floats[:, q], top_k=ints[:, 5],
-                          first_audio_step=first_step, ban_eos=ints[:, 3] != 0, force_eos=ints[:, 4] != 0,
-                          greedy=ints[:, 6] != 0, eos_id=self.eos_code, seeds=ints[:, 7], counters=ints[:, 8])
+        codes = sample_tts(logits, temperature=floats[:, :q], top_p=floats[:, q], top_k=ints[:, 5],
+                           first_audio_step=first_step, ban_eos=ints[:, 3] != 0, force_eos=ints[:, 4] != 0,
+                           greedy=ints[:, 6] != 0, eos_id=self.eos_code, seeds=ints[:, 7], counters=ints[:, 8])
+        drawn.copy_(torch.where((positions != self.scratch)[:, None], codes, drawn))  # rows taking part only
+        return codes

@@ -60,14 +60,26 @@ class TTSPrefillAudio:
 
 
 @dataclass
-class TTSStep:
-    """One audio token of the current segment. Result: its codes, num_vq ints (EOS included, if drawn)."""
+class TTSCall:
+    """Audio tokens of the current segment, one per step, until EOS or the last step (one official `generate` call
+    of at most 25 tokens). Step i writes slot `position` + i and feeds the token drawn at step i - 1 (step 0 feeds
+    `prev_codes`). Result: a `TTSCallResult`."""
 
-    position: int  # TTS slot the step writes (302 + codes so far)
-    prev_codes: Sequence[int] | None  # the last audio token (None: the first audio step feeds [Ptts])
+    position: int  # TTS slot of the first step (302 + codes so far)
+    prev_codes: Sequence[int] | None  # the last audio token (None: the segment's first step feeds [Ptts])
     num_text_tokens: int  # text visible to the audio mask
-    ban_eos: bool
-    force_eos: bool
+    ban_eos: tuple[bool, ...]  # per step: EOS may not be drawn (its length is the call's number of steps)
+    force_eos: tuple[bool, ...]  # per step: EOS is drawn (random-weight runs)
+
+    @property
+    def steps(self) -> int:
+        return len(self.ban_eos)
+
+
+@dataclass
+class TTSCallResult:
+    codes: list[tuple[int, ...]]  # the audio tokens drawn before EOS (num_vq ints each)
+    eos: bool  # the call ended on EOS (the segment is over)
 
 
 @dataclass
