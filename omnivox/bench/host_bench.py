@@ -42,6 +42,7 @@ def stub_device(engine: Engine) -> None:
     """Replaces every step body by one that returns zeros at once (the loop's host code stays as it is)."""
     model = engine.model
     llm_hidden, tts_hidden, num_vq = model.config.llm.hidden_size, model.config.tts.hidden_size, engine.tts.num_vq
+    eos = engine.tts.eos_code
 
     def llm_step(*_: Any, ints: torch.Tensor, **__: Any) -> torch.Tensor:
         return torch.zeros(ints.shape[0], dtype=torch.long)
@@ -50,7 +51,9 @@ def stub_device(engine: Engine) -> None:
         return torch.zeros(ids.shape[0], dtype=torch.long), torch.zeros(*ids.shape, llm_hidden)
 
     def tts_step(*_: Any, ints: torch.Tensor, **__: Any) -> torch.Tensor:
-        return torch.zeros(ints.shape[0], num_vq, dtype=torch.long)
+        codes = torch.zeros(ints.shape[0], num_vq, dtype=torch.long)
+        codes[:, 0] = torch.where(ints[:, 4] != 0, eos, 0)  # forced EOS (column 4) ends a reply where it is told to
+        return codes
 
     engine.llm._step, engine.llm._prefill_step, engine.tts._step = llm_step, llm_prefill, tts_step
     engine.tts.prefill_text_rows = lambda *_, **__: None
