@@ -9,7 +9,9 @@ every stream at once.
 
 A closed loop keeps `--streams` chats of the standard workload live (forced replies and lengths, the tiny model's
 tokenizers and request state); streams are never held back for being ahead of their listener, so most of them
-take part in most TTS steps. Writes OUT/host_bench.json and prints ms per iteration by part of the loop.
+take part in most TTS steps. Writes OUT/host_bench.json and prints ms per iteration by part of the loop, and the
+loop thread's own CPU time per iteration (on a busy 2-core machine wall time swings by a third from run to run; the
+thread's CPU time leaves out the time it waited for a core).
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
 
     gc.callbacks.append(time_collections)
     scheduler = engine.scheduler
+    cpu_clock = time.pthread_getcpuclockid(engine.loop_thread.ident)  # the loop thread's own CPU time
+    cpu0 = time.clock_gettime(cpu_clock)
     parts0, iterations0, live = dict(scheduler.loop_seconds), scheduler.iterations, []
     for stage in rows:
         rows[stage].clear()
@@ -104,6 +108,7 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
         live.append(len(scheduler.live))
         await asyncio.sleep(0.05)
     wall = time.perf_counter() - t0
+    cpu = time.clock_gettime(cpu_clock) - cpu0
     gc.callbacks.remove(time_collections)
     parts = {k: v - parts0.get(k, 0.0) for k, v in scheduler.loop_seconds.items()}
     iterations = scheduler.iterations - iterations0
@@ -116,6 +121,7 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
     return {"streams": streams, "wall_s": wall, "iterations": iterations, "iterations_per_s": iterations / wall,
             "live_mean": sum(live) / max(len(live), 1), "ms_per_iteration": per_it,
             "ms_per_iteration_total": sum(per_it.values()),
+            "loop_cpu_ms_per_iteration": 1e3 * cpu / max(iterations, 1),
             "mean_rows": {k: sum(v) / len(v) for k, v in rows.items() if v},
             "gc_pauses": {f"gen{g}": {"count": len(v), "total_ms": 1e3 * sum(v), "max_ms": 1e3 * max(v, default=0.0)}
                           for g, v in pauses.items()}}
@@ -143,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     for part, ms in result["ms_per_iteration"].items():
         table.add_row(part, f"{ms:.3f}")
     table.add_row("total", f"{result['ms_per_iteration_total']:.3f}")
+    table.add_row("loop thread CPU time", f"{result['loop_cpu_ms_per_iteration']:.3f}")
     console.print(table)
     console.print("mean rows per batch:", {k: round(v, 1) for k, v in result["mean_rows"].items()})
     console.print("garbage collector:", ", ".join(f"{g}: {p['count']} pauses, longest {p['max_ms']:.1f} ms"

@@ -358,6 +358,11 @@ class Engine:
         with torch.inference_mode(), stream, attention_backends(self._attention, self.device):
             yield
 
+    @property
+    def loop_thread(self) -> threading.Thread | None:
+        """The thread running the loop (None while it is stopped): benchmarks read its CPU time."""
+        return self._thread
+
     def _submit(self, command: Callable[[], None]) -> None:
         with self._cv:
             self._commands.append(command)
