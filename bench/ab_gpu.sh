@@ -5,8 +5,11 @@
 # Usage: A=. B=.branch bash bench/ab_gpu.sh [OUT_DIR]      (default: $OUT, else out/ab)
 #   A, B: checkouts' roots (e.g. `git archive multistep-tts | tar -x -C .branch`); each runs from its own root, as
 #   `python -m` puts the working directory first on the path. The capacity client is always this tree's.
-# Knobs: RATES (10,12,14)  DURATION (15)  WARMUP (4)  TRIALS (3, single part)  SWEEP_BUDGET (150 s a tree)
-#   MODEL_ARGS ("--dummy-weights --device cuda"; a CPU smoke test: "--device cpu", the tiny model)
+# Knobs: RATES (10,12,14)  DURATION (15)  WARMUP (4)  TRIALS (3, single part)  SWEEP_BUDGET (150 s a tree, server
+#   start-up included; a rate needs about 60 s of it)  MODEL_ARGS ("--dummy-weights --device cuda"; a CPU smoke
+#   test: "--device cpu", the tiny model)  A_ARGS, B_ARGS (more engine options for one tree, e.g. B=. B_ARGS=
+#   "--attention blocks" compares two settings of one tree)  A_LABEL, B_LABEL (e.g. the tree's commit: printed,
+#   and recorded as the commit of its results, which a `git archive` tree cannot know)
 # Writes OUT_DIR/{a,b}-single.json, {a,b}-capacity.json, {a,b}-capacity.png and ab.log; prints a summary last.
 set -uo pipefail
 out=${1:-${OUT:-out/ab}}
@@ -19,16 +22,20 @@ declare -A tree=([a]="$(cd "${A:?set A to a tree}" && pwd)" [b]="$(cd "${B:?set 
 log="$out/ab.log"
 : > "$log"
 
+declare -A extra=([a]="${A_ARGS:-}" [b]="${B_ARGS:-}")
 for name in a b; do
     root=${tree[$name]}
-    echo "== $name: one stream at a time ($root)" | tee -a "$log"
+    args="$model_args ${extra[$name]}"
+    label_var=${name^^}_LABEL
+    export OMNIVOX_COMMIT=${!label_var:-}
+    echo "== $name: one stream at a time ($root ${extra[$name]}; ${OMNIVOX_COMMIT})" | tee -a "$log"
     # shellcheck disable=SC2086  # MODEL_ARGS is a list of words
-    (cd "$root" && PYTHONPATH="$root:${PYTHONPATH:-}" timeout 240 "$py" -m omnivox.bench.batch_bench $model_args \
+    (cd "$root" && PYTHONPATH="$root:${PYTHONPATH:-}" timeout 240 "$py" -m omnivox.bench.batch_bench $args \
         --out "/tmp/ab-single-$name" --parts single --trials "${TRIALS:-3}") >> "$log" 2>&1
     cp "/tmp/ab-single-$name/batch_bench.json" "$out/$name-single.json" 2>/dev/null
     echo "== $name: capacity" | tee -a "$log"
     SERVER_TREE="$root" RATES=${RATES:-10,12,14} DURATION=${DURATION:-15} WARMUP=${WARMUP:-4} TTFA_BOUND=1000 \
-        BUDGET=${SWEEP_BUDGET:-150} MODEL_ARGS="$model_args" bash "$here/bench/capacity_gpu.sh" "/tmp/ab-cap-$name" \
+        BUDGET=${SWEEP_BUDGET:-150} MODEL_ARGS="$args" bash "$here/bench/capacity_gpu.sh" "/tmp/ab-cap-$name" \
         >> "$log" 2>&1
     cp "/tmp/ab-cap-$name/capacity.json" "$out/$name-capacity.json" 2>/dev/null
     cp "/tmp/ab-cap-$name/capacity.png" "$out/$name-capacity.png" 2>/dev/null

@@ -59,6 +59,14 @@ def test_results_round_trip(tmp_path):
     json.loads(path.read_text())  # strict JSON
 
 
+def test_a_tree_without_history_is_labelled_by_omnivox_commit(monkeypatch):
+    """`git archive` trees measured side by side (bench/ab_gpu.sh) name their commit; otherwise git's HEAD is used."""
+    monkeypatch.setenv("OMNIVOX_COMMIT", "84d6bf5")
+    assert build_results([], {})["environment"]["git_commit"] == "84d6bf5"
+    monkeypatch.setenv("OMNIVOX_COMMIT", "")
+    assert build_results([], {})["environment"]["git_commit"] != "84d6bf5"
+
+
 def test_build_results_rejects_unknown_kind():
     with pytest.raises(InvalidRequest, match="kind"):
         build_results([], {}, kind="nope")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -59,7 +60,10 @@ def sample_from_metrics(m: RequestMetrics, **extra: Any) -> dict[str, Any]:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the checkout omnivox is imported from, or None (installed wheel, no git, not a repository)."""
+    """$OMNIVOX_COMMIT if set (a tree unpacked from `git archive` has no history of its own), else HEAD of the
+    checkout omnivox is imported from, or None (installed wheel, no git, not a repository)."""
+    if os.environ.get("OMNIVOX_COMMIT"):
+        return os.environ["OMNIVOX_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
