@@ -31,11 +31,10 @@ from rich.table import Table
 
 from omnivox.bench.plot import plot_steps
 from omnivox.bench.workloads import STANDARD_WORKLOAD, load_workload, split_warmup
-from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.engine.engine import Engine, EngineConfig, settle_heap
 from omnivox.engine.llm_executor import LLMRow, LLMSampling, PrefillRow
 from omnivox.engine.tts_executor import TTSRow, TTSSampling
 from omnivox.engine.types import SamplingParams
-from omnivox.server.serving import settle_heap
 
 console = Console()
 PROMPT_TOKENS = 32  # a user turn plus the reply header, about

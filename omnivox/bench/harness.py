@@ -16,9 +16,9 @@ from tqdm import tqdm
 from omnivox.audio import write_wav
 from omnivox.bench.results import build_results, sample_from_metrics, write_results
 from omnivox.bench.workloads import WorkloadItem, split_warmup
+from omnivox.engine.engine import settle_heap
 from omnivox.engine.types import SAMPLE_RATE, RequestMetrics
 from omnivox.errors import OmnivoxError
-from omnivox.server.serving import settle_heap
 
 
 def _run_one(engine: Any, item: WorkloadItem, seed: int, request_id: str, dummy_weights: bool,

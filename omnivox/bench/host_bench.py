@@ -31,10 +31,9 @@ from rich.table import Table
 
 from omnivox.bench.results import build_results, write_results
 from omnivox.config import tiny_config
-from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.engine.engine import Engine, EngineConfig, settle_heap
 from omnivox.engine.forcing import ReplyScript
 from omnivox.models.loader import build_dummy_model
-from omnivox.server.serving import settle_heap
 from omnivox.workload import load_workload
 
 console = Console()

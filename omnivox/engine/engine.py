@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -97,6 +98,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise InvalidRequest(f"unknown precision {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def settle_heap() -> None:
+    """What start-up made (the model, tokenizers, graphs, compiled code) lives as long as the process: frozen, the
+    garbage collector's full collections no longer walk it. Unfrozen, one such collection stalled the engine loop,
+    and so every stream, for 0.2 s in the host benchmark (bench/RESULTS.md section 12)."""
+    gc.collect()
+    gc.freeze()
 
 
 @contextlib.contextmanager

@@ -368,9 +368,10 @@ class Scheduler:
     def _resolve_tts(self, launched: Launched | None) -> None:
         """Hands each call its step's codes; a call that drew EOS or its last step gives the request its result (a
         step launched after an EOS is dropped)."""
+        if launched is None:
+            return
         t0 = self.clock()
-        for live, call, (codes, eos) in zip(launched.lives if launched else (), launched.calls if launched else (),
-                                            self._collect(launched), strict=False):
+        for live, call, (codes, eos) in zip(launched.lives, launched.calls, self._collect(launched), strict=False):
             if live.ended or call.over:
                 continue
             if not eos:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import gc
 import logging
 import secrets
 import time
@@ -24,6 +23,7 @@ import anyio
 import numpy as np
 
 from omnivox.audio import float_to_pcm16, wav_header
+from omnivox.engine.engine import settle_heap
 from omnivox.engine.forcing import DUMMY_REPLY as DUMMY_REPLY  # re-exported: clients and tests name it here
 from omnivox.engine.forcing import WORDS_PER_SECOND, ReplyScript
 from omnivox.engine.types import SAMPLE_RATE, SamplingParams
@@ -54,14 +54,6 @@ from omnivox.server.protocol import (
 from omnivox.server.stream import FINISH_REASONS, ManagedStream
 
 logger = logging.getLogger(__name__)
-
-
-def settle_heap() -> None:
-    """What start-up made (the model, tokenizers, graphs, compiled code) lives as long as the process: frozen, the
-    garbage collector's full collections no longer walk it. Unfrozen, one such collection stalled the engine loop,
-    and so every stream, for 0.2 s in the host benchmark (bench/RESULTS.md section 12)."""
-    gc.collect()
-    gc.freeze()
 
 AUDIO_TTL_S = 3600  # how long an audio id's transcript is kept for multi-turn (`{"role": "assistant", "audio": ...}`)
 
