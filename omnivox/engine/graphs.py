@@ -40,18 +40,25 @@ class GraphCache:
             return fn(**{name: _on(self.device, value) for name, value in inputs.items()})
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(fn, {k: _on(self.device, v) for k, v in inputs.items()})
+            # the step runs once, eagerly (which also compiles and initialises what the capture needs), and is
+            # captured for the next time without running: a step may update buffers it reads (the TTS step's drawn
+            # codes), so running it twice would not give the same result as running it once
+            static = {name: _on(self.device, value).clone() for name, value in inputs.items()}
+            output = fn(**static)
+            self._graphs[key] = self._record(fn, static)
+            return output
         graph, static, output = entry
         for name, value in inputs.items():
-            if isinstance(value, np.ndarray):  # from pageable memory the copy could wait for the stream's work
-                value = torch.from_numpy(value).pin_memory()
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value)
+                if self.device.type == "cuda":  # from pageable memory the copy could wait for the stream's work
+                    value = value.pin_memory()
             static[name].copy_(value, non_blocking=True)
         graph.replay()
         return output
 
-    def _capture(self, fn: Step, inputs: dict[str, torch.Tensor]):
-        static = {name: value.clone() for name, value in inputs.items()}
-        fn(**static)  # warm-up: compilation, lazy initialisation and the stream's cuBLAS workspace, not captured
+    def _record(self, fn: Step, static: dict[str, torch.Tensor]):
+        """Captures `fn` on the graph's input buffers `static`; nothing runs."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             output = fn(**static)
