@@ -22,7 +22,7 @@ from omnivox.bench.capacity import (
     summarize_rate,
 )
 from omnivox.bench.capacity_client import _gpu_memory, metric_series, request_for
-from omnivox.bench.capacity_report import capacity_table, headline_text, loop_table, plot_capacity
+from omnivox.bench.capacity_report import capacity_table, headline_text, loop_table, milestone_table, plot_capacity
 from omnivox.bench.results import build_results, read_results
 from omnivox.bench.streamed_reply import audio_of
 from omnivox.cli import main
@@ -140,6 +140,33 @@ def test_a_late_chunk_an_error_or_an_incomplete_reply_fails_the_rate():
     warm = good + [{**_sample(0.9, [(0.9, 1.0), (5.0, 1.0)]), "warmup": True, "error": "HTTP 500: x"}]
     s = summarize_rate(warm, 1.0, (0.0, 3.0))  # a warm-up request counts for streams playing only
     assert s["requests"] == 5 and failures(s, 0.3) == [] and s["streams_playing_peak"] == 6
+
+
+def test_first_audio_milestones_per_rate_in_request_order():
+    ways = [{"admitted": 0.01 * i, "decoding": 0.1 * i, "text": 0.2 * i, "speaking": 0.3 * i, "audio": 0.4 * i}
+            for i in range(1, 21)]
+    samples = [_sample(0.5, [(0.5, 1.0)], first_audio_milestones={k: ways[i][k] for k in reversed(list(ways[i]))})
+               for i in range(20)]
+    samples.append(_sample(0.5, [(0.5, 1.0)], first_audio_milestones={"admitted": 0.0, "speaking": 0.05,
+                                                                      "audio": 0.1}))  # read aloud: no LLM
+    samples.append({**_sample(0.5, [(0.5, 1.0)], first_audio_milestones={"audio": 99.0}), "error": "HTTP 500: x"})
+    s = summarize_rate(samples, 2.0, (0.0, 3.0))
+    got = s["first_audio_milestones_s"]
+    assert list(got) == ["admitted", "decoding", "text", "speaking", "audio"], "the order a request reaches them"
+    speaking = [0.3 * i for i in range(1, 21)] + [0.05]
+    assert got["speaking"] == {"p50": float(np.percentile(speaking, 50)), "p95": float(np.percentile(speaking, 95))}
+    assert got["audio"]["p95"] < 99.0, "a failed reply is left out"
+    assert summarize_rate([_sample(0.5, [(0.5, 1.0)])], 2.0, (0.0, 3.0))["first_audio_milestones_s"] == {}
+    config = {"endpoint": "chat", "duration_s": 3.0, "warmup_s": 0.0, "ttfa_bound_s": 1.0}
+    results = build_results([], config, kind="capacity", extra={"rates": [{**s, "passed": True, "failures": []}],
+                                                                "headline": None})
+    console = Console(record=True, width=150)
+    console.print(milestone_table(results))
+    row = [line for line in console.export_text().splitlines() if line.startswith("│")][-1]
+    assert [c.strip() for c in row.strip("│").split("│")][0] == "2"
+    assert f"{1000 * got['audio']['p50']:.0f} / {1000 * got['audio']['p95']:.0f}" in row
+    assert milestone_table(build_results([], config, kind="capacity", extra={
+        "rates": [summarize_rate([_sample(0.5, [(0.5, 1.0)])], 2.0, (0.0, 3.0))], "headline": None})) is None
 
 
 def test_headline_table_and_plot_from_synthetic_results(tmp_path):

@@ -164,6 +164,10 @@ def test_speech_pcm_sse_events_match_metrics(server):
     assert len(pcm) // 2 == round(done["metrics"]["audio_s"] * SAMPLE_RATE)
     assert close_to_scripted(len(pcm) // 2, text)
     assert done["metrics"]["finish_reason"] == "eos" and done["metrics"]["ttfb_s"] > 0
+    milestones = done["metrics"]["first_audio_milestones"]
+    assert list(milestones) == ["admitted", "speaking", "audio"] and milestones["audio"] <= done["metrics"]["ttfb_s"]
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'omnivox_first_audio_milestone_seconds_count{endpoint="speech",milestone="speaking"}' in metrics
 
 
 def test_raw_pcm_and_same_seed_same_audio(server):

@@ -12,7 +12,7 @@ from omnivox.engine import request as request_module
 from omnivox.engine.crossfade import OVERLAP, Framer, blend
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.masks import tts_audio_mask
-from omnivox.engine.types import SAMPLES_PER_AUDIO_TOKEN, SamplingParams
+from omnivox.engine.types import FIRST_AUDIO_MILESTONES, SAMPLES_PER_AUDIO_TOKEN, SamplingParams
 from omnivox.errors import ContextTooLong, EngineBusy, InvalidRequest
 
 REPLY = "Glad to hear that. Is there anything on your mind that you would like to talk about, or should I suggest?"
@@ -208,6 +208,20 @@ def test_fake_clock_ttfb_and_rtf(model):
     assert m.total_s >= chunks[-1].ready_s
     assert m.rtf == pytest.approx(m.total_s / m.audio_s)
     assert sum(v for k, v in m.stages.items()) <= m.total_s
+
+
+def test_first_audio_milestones_follow_the_request_in_order(model):
+    ticks = itertools.count()
+    engine = Engine(model, clock=lambda: float(next(ticks)))  # every clock read advances one second
+    _, m = speak(engine, seconds=2.0)
+    times = m.first_audio_milestones
+    assert list(times) == list(FIRST_AUDIO_MILESTONES), "a chat reply passes every milestone, in this order"
+    values = list(times.values())
+    assert values == sorted(set(values)), f"each milestone later than the one before: {times}"
+    assert 0 < times["admitted"] and times["audio"] < m.ttfb_s, "the stream takes the audio after the loop made it"
+    read = engine.read_aloud("Read this aloud.", seed=0, forced_audio_seconds=1.0)
+    list(read)
+    assert list(read.metrics.first_audio_milestones) == ["admitted", "speaking", "audio"], "no LLM on the way"
 
 
 def test_cancel_frees_the_request(engine):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from omnivox.engine.types import SAMPLE_RATE
+from omnivox.engine.types import FIRST_AUDIO_MILESTONES, SAMPLE_RATE
 from omnivox.server.metrics import BATCH_STAGES
 from omnivox.workload import WorkloadItem
 
@@ -165,7 +165,20 @@ def summarize_rate(samples: list[dict[str, Any]], rate: float, window: tuple[flo
         "streams_playing_peak": peak,
         "audio_s_per_s": sum(s.get("audio_s") or 0.0 for s in complete) / seconds,
         "window_s": seconds,
+        "first_audio_milestones_s": first_audio_milestones(complete),
     }
+
+
+def first_audio_milestones(samples: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Where the server's time to first audio went: for each milestone (RequestMetrics.first_audio_milestones,
+    seconds from the request's start on the server) its p50 and p95 over the replies that reached it, in the order
+    a request reaches them. Empty when the server reports none."""
+    seen: dict[str, list[float]] = {}
+    for s in samples:
+        for name, at in (s.get("first_audio_milestones") or {}).items():
+            seen.setdefault(name, []).append(at)
+    order = {name: i for i, name in enumerate(FIRST_AUDIO_MILESTONES)}
+    return {name: percentiles(seen[name], (50, 95)) for name in sorted(seen, key=lambda n: order.get(n, len(order)))}
 
 
 def failures(summary: dict[str, Any], ttfa_bound_s: float) -> list[str]:

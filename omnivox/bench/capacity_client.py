@@ -93,6 +93,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, arrival: Arrival, seed
         min_slack_s=playback.min_slack_s if math.isfinite(playback.min_slack_s) else None,
         finish_reason=server.get("finish_reason", "error" if error else "incomplete"),
         server_ttfb_s=server.get("ttfb_s", math.nan), generation_s=server.get("generation_s", math.nan),
+        first_audio_milestones=server.get("first_audio_milestones") or {},
     )
     if error is not None:
         sample.update(error=error, finish_reason="error")

@@ -28,8 +28,8 @@ def _gib(memory: dict[str, float] | None, key: str) -> str:
 
 
 def capacity_table(results: dict[str, Any]) -> RenderableType:
-    """One row per measured rate; the verdict column says why a rate failed. Followed by `loop_table` when the
-    sweep recorded the server's engine loop."""
+    """One row per measured rate; the verdict column says why a rate failed. Followed by `milestone_table` and
+    `loop_table` when the sweep recorded the server's view."""
     config = results["config"]
     bound = config["ttfa_bound_s"]
     table = Table(title=f"capacity: open-loop Poisson, {config['endpoint']}, {config['duration_s']:g} s window "
@@ -52,8 +52,25 @@ def capacity_table(results: dict[str, Any]) -> RenderableType:
             f"{_gib(s.get('gpu_memory'), 'gpu_allocated_bytes')}/{_gib(s.get('gpu_memory'), 'gpu_reserved_bytes')}",
             verdict,
         )
-    loop = loop_table(results)
-    return table if loop is None else Group(table, loop)
+    extra = [t for t in (milestone_table(results), loop_table(results)) if t is not None]
+    return Group(table, *extra) if extra else table
+
+
+def milestone_table(results: dict[str, Any]) -> Table | None:
+    """Where each rate's time to first audio went on the server: p50 / p95 ms from the request's start to each
+    milestone (capacity.first_audio_milestones). None if the server reported none."""
+    rates = [(s["rate"], s.get("first_audio_milestones_s") or {}) for s in results["extra"]["rates"]]
+    names = list(dict.fromkeys(name for _, milestones in rates for name in milestones))
+    if not names:
+        return None
+    table = Table(title="time to first audio on the server: ms from request start to each milestone, p50 / p95")
+    table.add_column("rate/s", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for rate, milestones in rates:
+        cells = [milestones.get(name) for name in names]
+        table.add_row(f"{rate:g}", *("—" if c is None else f"{_ms(c['p50'])} / {_ms(c['p95'])}" for c in cells))
+    return table
 
 
 def _figure(value: float | None) -> str:

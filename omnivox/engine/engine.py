@@ -151,7 +151,7 @@ class SpeechStream:
         self.engine = engine
         self.metrics = metrics
         self._clock = clock
-        self._start = clock()
+        self.started_at = clock()  # on the engine clock, which the loop shares
         self._early = early_first_chunk
         self._queue: deque = deque()
         self._cv = threading.Condition()
@@ -173,7 +173,7 @@ class SpeechStream:
             item = _END
         if item is _END or isinstance(item, BaseException):
             self._done = True
-            self.metrics.total_s = self._clock() - self._start
+            self.metrics.total_s = self._clock() - self.started_at
             self.engine._ended(self)
         with self._cv:
             self._queue.append(item)
@@ -182,7 +182,7 @@ class SpeechStream:
             self._loop.call_soon_threadsafe(self._event.set)
 
     def _chunk(self, piece: Piece) -> AudioChunk:
-        now = self._clock() - self._start
+        now = self._clock() - self.started_at
         m, seconds = self.metrics, len(piece.pcm) / SAMPLE_RATE
         if m.audio_s == 0.0 and seconds > 0:
             m.ttfb_s = now
@@ -252,7 +252,7 @@ class SpeechStream:
         if not self._done and not self.cancelled:
             if not self.metrics.finish_reason:
                 self.metrics.finish_reason = "cancelled"
-            self.metrics.total_s = self._clock() - self._start
+            self.metrics.total_s = self._clock() - self.started_at
             self.engine._cancel(self)
         self._closed = True
 
@@ -672,7 +672,8 @@ class Engine:
                 target._emit(item)
 
         live = Live(reply=reply, speech=speech, llm=llm, session=session, sampling=sampling, metrics=stream.metrics,
-                    llm_seed=llm_seed, tts_seed=tts_seed, emit=emit, lookahead=self.config.llm_lookahead)
+                    llm_seed=llm_seed, tts_seed=tts_seed, emit=emit, lookahead=self.config.llm_lookahead,
+                    started_at=stream.started_at)
         stream.live = live
         live.cancelled = stream.cancelled  # closed before the loop took it: it ends at the next reap
         self.scheduler.add(live)

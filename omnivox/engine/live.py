@@ -82,12 +82,18 @@ class Live:
     tts_slot: SlotHandle | None = None
     chunks: deque[LLMChunk] = field(default_factory=deque)
     first_audio_at: float | None = None
+    started_at: float = 0.0  # the request's start, on the loop's clock (its first-audio milestones count from it)
     audio_s: float = 0.0
     cancelled: bool = False
     llm_inflight: bool = False  # its LLM work was launched and its result is not in yet
     ended: bool = False  # finished: no longer in the loop (results still in flight for it are dropped)
     order: int = field(default_factory=itertools.count().__next__)
     stage_busy_until: dict[str, float] = field(default_factory=dict)  # where its stage time was booked up to
+
+    def mark(self, milestone: str, now: float) -> None:
+        """The first time the request reaches `milestone` on its way to first audio (FIRST_AUDIO_MILESTONES)."""
+        if self.first_audio_at is None:
+            self.metrics.first_audio_milestones.setdefault(milestone, now - self.started_at)
 
     def buffered_s(self, now: float) -> float:
         """Audio delivered but not yet played by a realtime listener (0 before the first audio)."""

@@ -81,6 +81,7 @@ class Scheduler:
     def add(self, live: Live) -> None:
         if live.session is not None:
             self.llm.slots.activate(live.session.slot)
+        live.mark("admitted", self.clock())
         self.live.append(live)
 
     def finish(self, live: Live, error: BaseException | None = None) -> None:
@@ -246,6 +247,7 @@ class Scheduler:
                     continue
             while llm is not None and llm.ready and not llm.done and self._llm_may_run(live):
                 if isinstance(llm.resume(), LLMChunk):
+                    live.mark("text", self.clock())
                     live.chunks.append(llm.item)
                     llm.resolve(None)
                 moved = True
@@ -275,6 +277,7 @@ class Scheduler:
 
     def _deliver(self, live: Live, piece: Piece) -> None:
         if len(piece.pcm) and live.first_audio_at is None:
+            live.mark("audio", self.clock())
             live.first_audio_at = self.clock()
         live.audio_s += len(piece.pcm) / SAMPLE_RATE
         live.emit(piece)
@@ -350,8 +353,9 @@ class Scheduler:
         in the next iteration. A call's later steps feed on the codes its last step drew, on the device."""
         if not lives:
             return None
-        rows, calls = [], []
+        rows, calls, now = [], [], self.clock()
         for live in lives:
+            live.mark("speaking", now)
             if live.tts_sampling is None:
                 s = live.sampling
                 live.tts_sampling = TTSSampling(tuple(s.tts_temperature), s.tts_top_p, s.tts_top_k, s.greedy,
@@ -408,8 +412,9 @@ class Scheduler:
         return sampling
 
     def _launch_llm(self, lives: list[Live]) -> Launched | None:
-        rows = []
+        rows, now = [], self.clock()
         for live in lives:
+            live.mark("decoding", now)
             w = live.llm.item
             rows.append(LLMRow(live.session.slot.row, w.ids[0], live.session.length, w.window,
                                self._llm_sampling(live)))

@@ -48,6 +48,15 @@ class AudioChunk:
 STAGES = ("model_load", "tts_init", "prefill", "llm", "tts", "audio")
 
 
+FIRST_AUDIO_MILESTONES = (
+    "admitted",  # the engine loop took the request
+    "decoding",  # the prompt is prefilled and the LLM's first decode step is launched
+    "text",  # the first chunk of reply text is ready for the speech
+    "speaking",  # the first TTS step is launched (after the TTS text prefill)
+    "audio",  # the first audio is delivered
+)
+
+
 @dataclass
 class RequestMetrics:
     """Per-request timing. Stage times are seconds; on a GPU they are device-synchronised at stage boundaries."""
@@ -57,6 +66,9 @@ class RequestMetrics:
     # when the official framing (first chunk held until the second TTS call) would have released its first audio;
     # equals ttfb_s with --no-early-first-chunk
     ttfb_official_s: float = float("nan")
+    # where the time to first audio went: seconds from request start to each step on the way that this request
+    # took (FIRST_AUDIO_MILESTONES; read-aloud has no LLM steps)
+    first_audio_milestones: dict[str, float] = field(default_factory=dict)
     total_s: float = 0.0  # request start -> last chunk available
     audio_s: float = 0.0  # seconds of audio produced
     stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))

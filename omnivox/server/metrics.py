@@ -27,6 +27,11 @@ class ServerMetrics:
             "omnivox_ttfb_seconds", "Request start to first audio chunk ready (server side)", ["endpoint"],
             buckets=TTFB_BUCKETS_S, registry=r,
         )
+        self.first_audio_milestones = Histogram(
+            "omnivox_first_audio_milestone_seconds", "Request start to each milestone on the way to its first audio "
+            "(admitted, decoding, text, speaking, audio: omnivox/engine/types.py)", ["endpoint", "milestone"],
+            buckets=TTFB_BUCKETS_S, registry=r,
+        )
         self.rtf = Histogram(
             "omnivox_rtf", "Real-time factor of finished requests: wall time / audio time", ["endpoint"],
             buckets=RTF_BUCKETS, registry=r,
@@ -92,6 +97,8 @@ class ServerMetrics:
             self.underruns.labels(endpoint).inc(underruns)
         if not math.isnan(metrics.ttfb_s):
             self.ttfb.labels(endpoint).observe(metrics.ttfb_s)
+        for milestone, seconds in metrics.first_audio_milestones.items():
+            self.first_audio_milestones.labels(endpoint, milestone).observe(seconds)
         if metrics.finish_reason in ("eos", "length") and metrics.audio_s > 0:
             self.rtf.labels(endpoint).observe(metrics.rtf)
 
