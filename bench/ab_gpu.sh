@@ -6,7 +6,8 @@
 #   A, B: checkouts' roots (e.g. `git archive multistep-tts | tar -x -C .branch`); each runs from its own root, as
 #   `python -m` puts the working directory first on the path. The capacity client is always this tree's.
 # Knobs: RATES (10,12,14)  DURATION (15)  WARMUP (4)  TRIALS (3, single part)  SWEEP_BUDGET (150 s a tree, server
-#   start-up included; a rate needs about 60 s of it)  MODEL_ARGS ("--dummy-weights --device cuda"; a CPU smoke
+#   start-up included; a rate needs about 60 s of it, and capacity_gpu.sh refuses a budget below start-up + one
+#   rate + 20 s, 138 s with the defaults)  MODEL_ARGS ("--dummy-weights --device cuda"; a CPU smoke
 #   test: "--device cpu", the tiny model)  A_ARGS, B_ARGS (more engine options for one tree, e.g. B=. B_ARGS=
 #   "--attention blocks" compares two settings of one tree)  A_LABEL, B_LABEL (e.g. the tree's commit: printed,
 #   and recorded as the commit of its results, which a `git archive` tree cannot know)

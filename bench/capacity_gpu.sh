@@ -8,7 +8,8 @@
 #   MAX_CONCURRENT (stream slots; empty = the engine's default, as many as GPU memory holds; more get a 429)
 #   TTFA_BOUND (300 ms)  PREWARM (0; 1: PREWARM_STREAMS (16) chat requests at once before the sweep, untimed, for
 #   an engine that captures graphs lazily; PREWARM_TIMEOUT 90 s)  MODEL_ARGS ("--dummy-weights --device cuda")
-#   BUDGET (520 s for the whole script, start-up included)  READY_TIMEOUT (300 s)  PORT (a free one)
+#   BUDGET (520 s for the whole script, start-up included; the script stops at once when it cannot hold one rate
+#   after STARTUP_ESTIMATE (60 s))  READY_TIMEOUT (300 s)  PORT (a free one)
 #   SERVER_TREE (run the server from that checkout's root, e.g. an older engine, swept by this client in the
 #   same device call; `python -m` puts the working directory first on the path, so PYTHONPATH alone would not do)
 # Writes under OUT_DIR: server.log, prewarm.log, capacity.log, capacity.json (every request; rewritten after each
@@ -35,6 +36,17 @@ url="http://127.0.0.1:$port"
 model_args=${MODEL_ARGS:---dummy-weights --device cuda}  # a CPU smoke test: MODEL_ARGS="--device cpu" (tiny model)
 mkdir -p "$out"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+
+# a budget that cannot hold one rate after start-up wastes the device call: say so before starting anything
+startup=${STARTUP_ESTIMATE:-60}  # seconds to a ready server; H200, dummy weights: 40-66 s
+rate_s=$("$py" -m omnivox.cli capacity --rate-seconds --duration "$duration" --warmup "$warmup" --timeout 60 \
+    ${workload:+--workload "$workload"}) || { echo "cannot work out how long a rate takes"; exit 2; }
+need=$(awk -v s="$startup" -v r="$rate_s" 'BEGIN { printf "%d", s + r + 20 + 0.999 }')
+if [ "$budget" -lt "$need" ]; then
+    echo "BUDGET=${budget} s cannot hold one rate: start-up about ${startup} s (STARTUP_ESTIMATE), a rate up to" \
+        "${rate_s} s (warm-up, window, drain), 20 s for the table; give at least ${need} s" | tee "$out/capacity.log"
+    exit 2
+fi
 
 # shellcheck disable=SC2086  # MODEL_ARGS is a list of words
 (cd "${SERVER_TREE:-.}" && PYTHONPATH="$PWD:$PYTHONPATH" exec "$py" -m omnivox.cli serve $model_args --path "$engine_path" \

@@ -350,6 +350,11 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         console.print(f"[bold]{headline_text(results)}[/]")
         return 0
     _, items = split_warmup(load_workload(args.workload))
+    if args.rate_seconds:  # for scripts that budget a device call: no server needed
+        from omnivox.bench.capacity_client import rate_seconds
+
+        print(f"{rate_seconds(items, args.warmup, args.duration, args.timeout):.1f}")
+        return 0
     out = Path(args.out)
     if out.suffix != ".json":
         out = out / "results.json"
@@ -473,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/capacity/results.json", help="results JSON (bench schema, every request)")
     p.add_argument("--plot", help="write a PNG of p95 TTFA, underruns and streams playing against the rate")
     p.add_argument("--show", metavar="RESULTS.json", help="print (and with --plot draw) an earlier sweep; runs nothing")
+    p.add_argument("--rate-seconds", action="store_true",
+                   help="print the most seconds one rate takes with these options (warm-up, window, drain) and exit")
     p.set_defaults(func=cmd_capacity)
     return parser
 

@@ -371,3 +371,26 @@ def test_request_body_carries_the_workload_only_for_random_weights():
     path, speech = request_for(Arrival(0.0, ITEMS[0], "speech", False), 5, forced=True)
     assert path == "/v1/audio/speech" and speech["input"] == ITEMS[0].reply and speech["omnivox"] == {
         "audio_seconds": 0.6}
+
+
+def test_gpu_script_refuses_a_budget_that_cannot_hold_one_rate(tmp_path):
+    """bench/capacity_gpu.sh says so before it starts a server: a device call would otherwise spend its start-up
+    and measure nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from omnivox.workload import load_workload, split_warmup
+
+    _, items = split_warmup(load_workload(None))
+    rate_s = 4 + 15 + min(60, 3 * max(item.audio_seconds for item in items))
+    printed = subprocess.run([sys.executable, "-m", "omnivox.cli", "capacity", "--rate-seconds", "--duration", "15",
+                              "--warmup", "4", "--timeout", "60"], capture_output=True, text=True, check=True)
+    assert float(printed.stdout) == pytest.approx(rate_s, abs=0.05)
+    env = {**os.environ, "PYTHON": sys.executable, "BUDGET": "112", "DURATION": "15", "WARMUP": "4",
+           "MODEL_ARGS": "--device cpu"}
+    run = subprocess.run(["bash", "bench/capacity_gpu.sh", str(tmp_path / "out")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"give at least {int(60 + rate_s + 20 + 0.999)} s" in run.stdout
+    assert not (tmp_path / "out" / "server.log").exists(), "no server was started"

@@ -182,6 +182,12 @@ def _raise_open_files() -> None:
             pass
 
 
+def rate_seconds(items: list[WorkloadItem], warmup_s: float, duration_s: float, timeout_s: float) -> float:
+    """The longest one rate can take: warm-up, window, then a drain of three times the longest reply (at most one
+    request timeout). A sweep with a budget starts a rate only when this much is left."""
+    return warmup_s + duration_s + min(timeout_s, 3 * max(item.audio_seconds for item in items))
+
+
 async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem], duration_s: float = 60.0,
                       warmup_s: float = 10.0, endpoint: str = "chat", seed: int = 0, ttfa_bound_s: float = 0.3,
                       timeout_s: float = 120.0, budget_s: float | None = None, out: str | Path | None = None,
@@ -196,7 +202,7 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
     url = url.rstrip("/")
     _raise_open_files()
     started = time.perf_counter()
-    drain_s = min(timeout_s, 3 * max(item.audio_seconds for item in items))
+    per_rate_s = rate_seconds(items, warmup_s, duration_s, timeout_s)
     config = {"url": url, "rates": sorted(rates), "duration_s": duration_s, "warmup_s": warmup_s,
               "endpoint": endpoint, "seed": seed, "ttfa_bound_s": ttfa_bound_s, "timeout_s": timeout_s,
               "prompt_ids": sorted({item.id for item in items})}
@@ -226,7 +232,7 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
             elapsed = time.perf_counter() - started
             if not stop_reason and failed >= STOP_AFTER_FAILURES:
                 stop_reason.append(f"{STOP_AFTER_FAILURES} rates failed")
-            elif not stop_reason and budget_s is not None and elapsed + warmup_s + duration_s + drain_s > budget_s:
+            elif not stop_reason and budget_s is not None and elapsed + per_rate_s > budget_s:
                 stop_reason.append(f"out of time (budget {budget_s:g} s)")
             if stop_reason:
                 skipped.append(rate)
