@@ -246,6 +246,26 @@ def test_cancel_gives_every_row_back(model):
     assert engine.stats()["live_requests"] == 0
 
 
+def test_a_request_is_live_until_it_has_given_every_row_back(model):
+    """`wait_idle` (another thread) takes "no request live" to mean "no row held": a request leaves the live list
+    only after its rows are back."""
+    engine = Engine(model)
+    live_at_release = []
+    for slots in (engine.llm.slots, engine.tts.slots):
+        release = slots.release
+
+        def watched(handle, release=release):
+            live_at_release.append(len(engine.scheduler.live))
+            release(handle)
+
+        slots.release = watched
+    stream = engine.stream("One", seed=0, forced_reply="A long reply.", forced_audio_seconds=30.0)
+    next(stream)
+    stream.close()
+    assert_clean(engine)
+    assert len(live_at_release) == 2 and all(n == 1 for n in live_at_release), live_at_release
+
+
 def test_engine_busy_at_capacity_then_admits_again(model):
     engine = Engine(model, EngineConfig(max_concurrent_requests=2, max_sessions=1))
     a = engine.stream("One", seed=0, forced_reply="First.", forced_audio_seconds=3.0)

@@ -85,10 +85,10 @@ class Scheduler:
         self.live.append(live)
 
     def finish(self, live: Live, error: BaseException | None = None) -> None:
-        """Ends a request (done, cancelled or failed) and gives back everything it holds."""
-        if live not in self.live:
+        """Ends a request (done, cancelled or failed) and gives back everything it holds. It leaves `self.live`
+        last: a request no longer live holds no row (`Engine.wait_idle` reads this from another thread)."""
+        if live.ended or live not in self.live:
             return
-        self.live.remove(live)
         live.ended = True
         for side in (live.speech, live.llm):
             if side is not None:
@@ -106,7 +106,8 @@ class Scheduler:
         m = live.metrics
         if not m.finish_reason:
             m.finish_reason = "error" if error is not None else ("cancelled" if live.cancelled else "eos")
-        live.emit(error)
+        live.emit(error)  # an owned session's LLM row is given back here
+        self.live.remove(live)
 
     # ---- one iteration ------------------------------------------------------------------------------------------
     def reap(self) -> None:
