@@ -2,7 +2,7 @@
 # Two engine trees on one GPU in one device call, so a change is merged only when it wins on the same machine: one
 # stream at a time (`batch_bench --parts single`) and a capacity sweep for each, tree A first, at the same rates.
 #
-# Usage: A=. B=.branch bash bench/ab_gpu.sh [OUT_DIR]      (default: $OUT, else out/ab)
+# Usage: A=. B=.branch [C=.branch2] bash bench/ab_gpu.sh [OUT_DIR]      (default: $OUT, else out/ab)
 #   A, B: checkouts' roots (e.g. `git archive multistep-tts | tar -x -C .branch`); each runs from its own root, as
 #   `python -m` puts the working directory first on the path. The capacity client is always this tree's.
 # Knobs: RATES (10,12,14)  DURATION (15)  WARMUP (4)  TRIALS (3, single part)  SWEEP_BUDGET (150 s a tree, server
@@ -10,7 +10,8 @@
 #   rate + 20 s, 138 s with the defaults)  MODEL_ARGS ("--dummy-weights --device cuda"; a CPU smoke
 #   test: "--device cpu", the tiny model)  A_ARGS, B_ARGS (more engine options for one tree, e.g. B=. B_ARGS=
 #   "--attention blocks" compares two settings of one tree)  A_LABEL, B_LABEL (e.g. the tree's commit: printed,
-#   and recorded as the commit of its results, which a `git archive` tree cannot know)
+#   and recorded as the commit of its results, which a `git archive` tree cannot know); C, C_ARGS, C_LABEL: an
+#   optional third tree, run after B
 # Writes OUT_DIR/{a,b}-single.json, {a,b}-capacity.json, {a,b}-capacity.png and ab.log; prints a summary last.
 set -uo pipefail
 out=${1:-${OUT:-out/ab}}
@@ -20,11 +21,13 @@ here=$PWD
 py=${PYTHON:-python3}
 model_args=${MODEL_ARGS:---dummy-weights --device cuda}
 declare -A tree=([a]="$(cd "${A:?set A to a tree}" && pwd)" [b]="$(cd "${B:?set B to a tree}" && pwd)")
+names="a b"
+if [ -n "${C:-}" ]; then tree[c]="$(cd "$C" && pwd)"; names="a b c"; fi
 log="$out/ab.log"
 : > "$log"
 
-declare -A extra=([a]="${A_ARGS:-}" [b]="${B_ARGS:-}")
-for name in a b; do
+declare -A extra=([a]="${A_ARGS:-}" [b]="${B_ARGS:-}" [c]="${C_ARGS:-}")
+for name in $names; do
     root=${tree[$name]}
     args="$model_args ${extra[$name]}"
     label_var=${name^^}_LABEL
@@ -46,7 +49,9 @@ done
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("a", "b"):
+for name in ("a", "b", "c"):
+    if not any(out.glob(f"{name}-*")):
+        continue
     single = out / f"{name}-single.json"
     if single.exists():
         s = json.loads(single.read_text())["single"]
