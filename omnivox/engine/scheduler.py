@@ -278,8 +278,9 @@ class Scheduler:
 
     def _deliver(self, live: Live, piece: Piece) -> None:
         if len(piece.pcm) and live.first_audio_at is None:
-            live.mark("audio", self.clock())
-            live.first_audio_at = self.clock()
+            now = self.clock()
+            live.mark("audio", now)
+            live.first_audio_at = now
         live.audio_s += len(piece.pcm) / SAMPLE_RATE
         live.emit(piece)
 
