@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Two engine trees on one GPU in one device call, so a change is merged only when it wins on the same machine: one
-# stream at a time (`batch_bench --parts single`) and a capacity sweep for each, tree A first, at the same rates.
+# Two (or three) engine trees on one GPU in one device call, so a change is merged only when it wins on the same
+# machine: one stream at a time (`batch_bench --parts single`) and a capacity sweep for each, tree A first, at the
+# same rates.
 #
 # Usage: A=. B=.branch [C=.branch2] bash bench/ab_gpu.sh [OUT_DIR]      (default: $OUT, else out/ab)
 #   A, B: checkouts' roots (e.g. `git archive multistep-tts | tar -x -C .branch`); each runs from its own root, as
@@ -12,7 +13,8 @@
 #   "--attention blocks" compares two settings of one tree)  A_LABEL, B_LABEL (e.g. the tree's commit: printed,
 #   and recorded as the commit of its results, which a `git archive` tree cannot know); C, C_ARGS, C_LABEL: an
 #   optional third tree, run after B
-# Writes OUT_DIR/{a,b}-single.json, {a,b}-capacity.json, {a,b}-capacity.png and ab.log; prints a summary last.
+# Writes OUT_DIR/{a,b,c}-single.json, {a,b,c}-capacity.json, {a,b,c}-capacity.png and ab.log; prints a summary
+# last.
 set -uo pipefail
 out=${1:-${OUT:-out/ab}}
 mkdir -p "$out"

@@ -39,12 +39,15 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 
 # a budget that cannot hold one rate after start-up wastes the device call: say so before starting anything
 startup=${STARTUP_ESTIMATE:-60}  # seconds to a ready server; H200, dummy weights: 40-66 s
-rate_s=$("$py" -m omnivox.cli capacity --rate-seconds --duration "$duration" --warmup "$warmup" --timeout 60 \
+request_timeout=60  # the sweep's --timeout: it bounds a rate's drain
+table_s=20  # after the sweep: the table, the plot and clean-up
+rate_s=$("$py" -m omnivox.cli capacity --rate-seconds --duration "$duration" --warmup "$warmup" \
+    --timeout "$request_timeout" \
     ${workload:+--workload "$workload"}) || { echo "cannot work out how long a rate takes"; exit 2; }
-need=$(awk -v s="$startup" -v r="$rate_s" 'BEGIN { printf "%d", s + r + 20 + 0.999 }')
+need=$(awk -v s="$startup" -v r="$rate_s" -v t="$table_s" 'BEGIN { printf "%d", s + r + t + 0.999 }')
 if [ "$budget" -lt "$need" ]; then
     echo "BUDGET=${budget} s cannot hold one rate: start-up about ${startup} s (STARTUP_ESTIMATE), a rate up to" \
-        "${rate_s} s (warm-up, window, drain), 20 s for the table; give at least ${need} s" | tee "$out/capacity.log"
+        "${rate_s} s (warm-up, window, drain), ${table_s} s for the table; give at least ${need} s" | tee "$out/capacity.log"
     exit 2
 fi
 
@@ -78,12 +81,12 @@ if [ "$prewarm" = 1 ]; then
     echo "pre-warm done after $((SECONDS - t0)) s (exit $prc): $(grep -E '^(requests|TTFB)' "$out/prewarm.log" | tr '\n' ' ')"
 fi
 
-left=$((budget - (SECONDS - t0) - 20))  # 20 s for the table, plot and clean-up
+left=$((budget - (SECONDS - t0) - table_s))
 [ "$left" -gt 0 ] || left=1  # out of time already: the sweep starts no rate but still writes its file
 echo "sweep: rates $rates, ${duration} s window after ${warmup} s warm-up, $endpoint, budget ${left} s"
 timeout --signal=INT --kill-after=10 "$((left + 30))" \
     "$py" -m omnivox.cli capacity --url "$url" --sweep "$rates" --duration "$duration" --warmup "$warmup" \
-    ${workload:+--workload "$workload"} --endpoint "$endpoint" --ttfa-bound "$bound" --timeout 60 --budget "$left" \
+    ${workload:+--workload "$workload"} --endpoint "$endpoint" --ttfa-bound "$bound" --timeout "$request_timeout" --budget "$left" \
     --out "$out/capacity.json" > "$out/capacity.log" 2>&1
 rc=$?
 echo "sweep exit $rc after $((SECONDS - t0)) s"
