@@ -191,6 +191,21 @@ def test_multi_turn_keeps_the_llm_cache(engine):
         engine.stream("again", session=session)
 
 
+def test_each_turn_prefills_its_prompt_and_the_reply_header_in_one_batch(model):
+    """The user turn and the reply header go to the LLM together: one prefill batch per turn on the way to first
+    audio, not two one after the other (the system prompt is the shared prompt's cache, copied)."""
+    engine = Engine(model)
+    batches: list[str] = []
+    engine.on_batch = lambda stage, size: batches.append(stage)
+    session = engine.new_session()
+    for turn, text in enumerate(("Hi!", "And now?"), start=1):
+        batches.clear()
+        _, m = speak(engine, text, session=session, reply="Sure.", seconds=1.0)
+        assert batches.count("prefill") == 1, batches
+        assert session.turns == turn and m.first_audio_milestones["decoding"] > 0
+    engine.close_session(session)
+
+
 def test_read_aloud_uses_the_default_voice(engine):
     stream = engine.read_aloud("Read this sentence aloud, please. It has 23 apples.", seed=0,
                                forced_audio_seconds=3.0)

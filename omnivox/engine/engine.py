@@ -36,7 +36,7 @@ from omnivox.engine.text_reply import TEXT_ASSISTANT_HEADER, text_llm, text_spee
 from omnivox.engine.tts_executor import TTSExecutor
 from omnivox.engine.types import AUDIO_TOKENS_PER_SECOND, SAMPLE_RATE, AudioChunk, RequestMetrics, SamplingParams
 from omnivox.engine.vocoder import VocoderExecutor
-from omnivox.engine.work import LLMPrefill
+from omnivox.engine.work import LLMDecode, LLMPrefill
 from omnivox.errors import ContextTooLong, EngineBusy, InvalidRequest
 from omnivox.models.kv_cache import KVPool
 from omnivox.models.layers import short_queries_by_products
@@ -640,14 +640,24 @@ class Engine:
 
     def _launch_turn(self, stream: SpeechStream, reply: Reply, speech, reply_llm, session: Session, prefills: list,
                      sampling: SamplingParams, seed: int | None) -> None:
-        """Queues a conversation turn for the loop: its prompt prefills, then the reply's LLM side and speech side."""
+        """Queues a conversation turn for the loop: its prompt prefills, then the reply's LLM side and speech side.
+        The prompt's last prefill runs with the reply header, the reply's first LLM work: one LLM batch, not two
+        one after the other, on the way to the first audio."""
 
         def llm_side():
-            for ids in prefills:
+            for ids in prefills[:-1]:  # the system prompt: the shared prompt's cache is copied, not prefilled
                 yield LLMPrefill(ids)
+            header = next(reply_llm)
+            assert isinstance(header, LLMDecode), "a reply's LLM side starts with its header"
+            hidden_at = None if header.hidden_at is None else len(prefills[-1]) + header.hidden_at
+            result = yield LLMDecode(prefills[-1] + header.ids, header.window, hidden_at)
             session.system_prompted = True
             session.turns += 1
-            yield from reply_llm
+            try:
+                while True:
+                    result = yield reply_llm.send(result)
+            except StopIteration:
+                return
 
         def start() -> None:
             if session.slot is None:
