@@ -210,8 +210,10 @@ class Scheduler:
         gathered = now - self._last_decode_at >= cfg.llm_gather_s
         llm = llm_rows if needed or (llm_rows and (gathered or not gather)) else []
         prefills.sort(key=lambda r: (r not in urgent, r.first_audio_at is not None, buffered[r], r.order))
-        if urgent:
-            prefills = prefills[:1]
+        if urgent:  # a TTS text prefill on the loop's stream delays the step of a stream about to run dry: one at
+            # most; the LLM's prefills run on its own stream and are not held back
+            speech = [r for r in prefills if r.prefill_side() is r.speech][:1]
+            prefills = [r for r in prefills if r in speech or r.prefill_side() is not r.speech]
         return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
 
     def stats(self, now: float) -> dict[str, dict[str, float]]:
