@@ -124,7 +124,7 @@ def test_streams_ordered_by_least_buffered():
     assert [r.buffered_s(100.0) for r in plan["prefill"]] == pytest.approx([0.9, 1.2, 2.0, 3.0])
 
 
-def test_about_to_underrun_holds_prefills_to_one_per_iteration():
+def test_about_to_underrun_holds_tts_text_prefills_to_one_per_iteration():
     fillers = [live(prefill_text(), buffered=b) for b in (2.0, 4.0, 6.0)]
     dry = live(prefill_text(), buffered=CONFIG.underrun_reserve_s / 2)
     stepping = [live(tts_step(), buffered=b) for b in (0.0, 1.0)]
@@ -132,6 +132,10 @@ def test_about_to_underrun_holds_prefills_to_one_per_iteration():
     plan = s.plan(100.0)
     assert plan["prefill"] == [dry], "one prefill only: the stream about to run dry"
     assert plan["tts"] == stepping, "TTS steps are not held back"
+    # a prompt prefill runs on the LLM's own stream, beside the TTS step: new streams are not held back
+    prompts = [live(NEXT_CHUNK, LLMPrefill([1, 2, 3])) for _ in range(2)]
+    plan = scheduler(*fillers, dry, *prompts, *stepping).plan(100.0)
+    assert plan["prefill"] == [dry, *prompts], "the dry stream's text prefill, then every prompt prefill"
     # once the clock moves on, a stream that has already run dry also holds prefills back
     s2 = scheduler(*fillers, live(tts_step(), buffered=CONFIG.underrun_reserve_s + 0.1))
     assert len(s2.plan(100.0)["prefill"]) == 3
