@@ -153,6 +153,8 @@ def test_attend_matches_explicit_masked_softmax(kv_heads, mask_batch):
     assert 4 * (4 // kv_heads) <= SHORT_QUERY_ROWS  # 4 query rows x up to 4 groups: the products run below
     with short_queries_by_products():
         torch.testing.assert_close(attend(q, k, v, mask, 8**-0.5), expected, atol=1e-6, rtol=1e-6)
+        compiled = attend(q, k, v, mask, 8**-0.5, compiled=True)  # scale, mask and softmax as one compiled kernel
+        torch.testing.assert_close(compiled, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_products_take_decode_shapes_only(monkeypatch):

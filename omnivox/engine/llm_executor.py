@@ -32,7 +32,7 @@ from omnivox.engine.graphs import (
     length_buckets,
 )
 from omnivox.engine.masks import causal_mask
-from omnivox.engine.sampling import LLM_TOP_K_MAX, sample_llm
+from omnivox.engine.sampling import LLM_TOP_K_MAX, compiled, sample_llm
 from omnivox.engine.slots import SlotTable
 from omnivox.models.kv_cache import KVPool, KVRows
 
@@ -223,11 +223,10 @@ class LLMExecutor:
         hidden = self.llm(ids, positions, view, causal_mask(positions, width), compiled=self.compiled)[:, -1]
         return self._sample(self.llm.compute_logits(hidden), ints, floats)
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
-        return sample_llm(logits, ints[:, 6:], temperature=floats[:, 0], top_k=ints[:, 2], top_p=floats[:, 1],
-                          repetition_penalty=floats[:, 2], greedy=ints[:, 3] != 0, seeds=ints[:, 4],
-                          counters=ints[:, 5])
+    def _sample(self, logits: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+        sample = compiled(sample_llm) if self.compiled else sample_llm
+        return sample(logits, ints[:, 6:], temperature=floats[:, 0], top_k=ints[:, 2], top_p=floats[:, 1],
+                      repetition_penalty=floats[:, 2], greedy=ints[:, 3] != 0, seeds=ints[:, 4], counters=ints[:, 5])
 
     def _pack(self, entries, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """The step's inputs in two host arrays: ints [B, 6 + WINDOW] (token, position, top_k, greedy, seed,

@@ -25,7 +25,7 @@ from omnivox.engine.graphs import (
     length_buckets,
 )
 from omnivox.engine.masks import causal_mask, tts_audio_mask
-from omnivox.engine.sampling import sample_tts
+from omnivox.engine.sampling import compiled, sample_tts
 from omnivox.engine.slots import SlotTable
 from omnivox.models.kv_cache import KVPool
 
@@ -229,8 +229,9 @@ class TTSExecutor:
         mask = tts_audio_mask(positions, num_text, positions + 1, width)
         hidden = self.tts(embeds, positions[:, None], self.pool.view(first, batch, width), mask, self.compiled)
         logits = self.tts.compute_logits(hidden)[:, -1]  # [B, num_vq, num_codes]
-        codes = sample_tts(logits, temperature=floats[:, :q], top_p=floats[:, q], top_k=ints[:, 5],
-                           first_audio_step=first_step, ban_eos=ints[:, 3] != 0, force_eos=ints[:, 4] != 0,
-                           greedy=ints[:, 6] != 0, eos_id=self.eos_code, seeds=ints[:, 7], counters=ints[:, 8])
+        sample = compiled(sample_tts) if self.compiled else sample_tts
+        codes = sample(logits, temperature=floats[:, :q], top_p=floats[:, q], top_k=ints[:, 5],
+                       first_audio_step=first_step, ban_eos=ints[:, 3] != 0, force_eos=ints[:, 4] != 0,
+                       greedy=ints[:, 6] != 0, eos_id=self.eos_code, seeds=ints[:, 7], counters=ints[:, 8])
         drawn.copy_(torch.where((positions != self.scratch)[:, None], codes, drawn))  # rows taking part only
         return codes

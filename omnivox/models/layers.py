@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -83,18 +84,20 @@ def short_queries_by_products(enabled: bool = True) -> Iterator[None]:
         _SHORT_QUERY_PRODUCTS.reset(token)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           compiled: bool = False) -> torch.Tensor:
     """The one attention call site, so kernel choices live in one place.
 
     q: [B, H, Tq, D]; k, v: [B, KV, Tk, D]; mask: bool [B or 1, 1, Tq, Tk] (True = may attend) or None (all keys).
     GQA folds each kv head's query group into the query length ([B, KV, G*Tq, D]) instead of copying K/V G times;
-    every query row still attends on its own, so the result is the same attention.
+    every query row still attends on its own, so the result is the same attention. `compiled`: the products'
+    scale, mask and softmax run as one compiled kernel (`masked_softmax`).
     """
     batch, num_heads, q_len, head_dim = q.shape
     groups = num_heads // k.shape[1]
     q = q.reshape(batch, k.shape[1], groups * q_len, head_dim)  # [B, KV, G*Tq, D]
     if _SHORT_QUERY_PRODUCTS.get() and groups * q_len <= SHORT_QUERY_ROWS:
-        out = _attend_by_products(q, k, v, mask, scale, groups)
+        out = _attend_by_products(q, k, v, mask, scale, groups, compiled)
     else:
         if mask is not None and groups > 1:
             mask = mask.repeat(1, 1, groups, 1)  # row g*Tq + t = mask row t
@@ -102,8 +105,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.reshape(batch, num_heads, q_len, head_dim)
 
 
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(scores * scale) over the keys `mask` shows, cast to `dtype`. scores: fp32 [B, KV, G, Tq, Tk]; mask:
+    bool [B or 1, 1, Tq, Tk], broadcast over the groups."""
+    scores = scores * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    return scores.softmax(dim=-1).to(dtype)
+
+
+@functools.cache
+def compiled_masked_softmax() -> Callable:
+    """`masked_softmax` as one fused kernel (made on first use; dynamic shapes: one compile for every batch and key
+    width)."""
+    return torch.compile(masked_softmax, dynamic=True, fullgraph=True)
+
+
 def _attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                        groups: int) -> torch.Tensor:
+                        groups: int, compiled: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v with fp32 scores and softmax, as the fused kernels keep them; the
     probabilities go back to the value dtype for the second product, as theirs do. q: [B, KV, G*Tq, D]. Every
     query row must see at least one key (the engine's masks always show key 0): a row with none gives NaN."""
@@ -115,10 +134,9 @@ def _attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         scores = torch.bmm(q.flatten(0, 1), keys.transpose(1, 2), out_dtype=torch.float32)
     else:  # the CPU has no mixed-dtype bmm
         scores = torch.bmm(q.flatten(0, 1).float(), keys.transpose(1, 2).float())
-    scores = scores.view(batch, kv_heads, groups, rows // groups, -1) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # [B or 1, 1, 1, Tq, Tk] over the groups
-    probs = scores.softmax(dim=-1).to(v.dtype).view(batch * kv_heads, rows, -1)
+    softmax = compiled_masked_softmax() if compiled else masked_softmax  # five kernels a layer eager, one compiled
+    probs = softmax(scores.view(batch, kv_heads, groups, rows // groups, -1), mask, scale, v.dtype)
+    probs = probs.view(batch * kv_heads, rows, -1)
     return torch.bmm(probs, values).view(batch, kv_heads, rows, head_dim)
 
 
@@ -154,13 +172,14 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         cache: KVView | None,
         mask: torch.Tensor | None,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Writes k/v into the cache, attends over every key it returns: [B, T, H * D] before `o_proj`."""
         if cache is not None:
             k, v = cache.update(self.layer_idx, positions, k, v)  # [B, KV, Tk, D]
         if mask is not None:
             mask = mask[..., : k.shape[2]]
-        out = attend(q, k, v, mask, self.scale)  # [B, H, T, D]
+        out = attend(q, k, v, mask, self.scale, compiled)  # [B, H, T, D]
         batch, _, q_len, _ = q.shape
         return out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
 
@@ -209,7 +228,7 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         inputs, outputs = self.compiled_halves() if compiled else (self.attention_inputs, self.attention_outputs)
         q, k, v = inputs(x, rope)
-        return outputs(x, self.self_attn.attend_cached(q, k, v, positions, cache, mask))
+        return outputs(x, self.self_attn.attend_cached(q, k, v, positions, cache, mask, compiled))
 
     def attention_inputs(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """norm -> q/k/v -> rotary: no cache, so the same code for every layer (see `compiled_halves`)."""
