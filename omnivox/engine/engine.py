@@ -282,6 +282,7 @@ class Engine:
         if config.attention not in ATTENTION:
             raise InvalidRequest(f"unknown attention {config.attention!r}: use one of {', '.join(ATTENTION)}")
         self._attention = config.attention
+        model.fuse_projections()  # every path runs the fused layers (a no-op for a second engine over the same model)
         self.stream_slots = config.max_concurrent_requests or self._slots_from_memory()
         reference = config.path == "reference"
         cuda = self.device.type == "cuda"

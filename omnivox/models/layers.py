@@ -140,6 +140,16 @@ def _attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return torch.bmm(probs, values).view(batch, kv_heads, rows, head_dim)
 
 
+@torch.no_grad()
+def fuse_parameters(params: list[nn.Parameter]) -> torch.Tensor:
+    """Concatenates `params` along dim 0 and re-points each at its rows of the result: the parameters (and so their
+    state_dict keys and in-place loading) stay, backed by one storage, and their old storage is freed."""
+    fused = torch.cat(params)
+    for param, rows in zip(params, fused.split([p.shape[0] for p in params]), strict=True):
+        param.data = rows
+    return fused
+
+
 class Attention(nn.Module):
     """Rotary multi-head attention with GQA over a KV cache supplied by the caller, in two calls: `project` (no
     cache: compiled with the layer's first half) and `attend_cached`; `o_proj` is applied by the layer."""
@@ -155,13 +165,33 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.qkv_weight: torch.Tensor | None = None  # [q; k; v] once `fuse` has run (plain attributes: no new keys)
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """q, k and v as one product: a decode step is launch-bound, and this saves two of its kernels per layer."""
+        if self.qkv_weight is None:
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            self.qkv_weight = fuse_parameters([p.weight for p in projections])
+            if self.q_proj.bias is not None:
+                self.qkv_bias = fuse_parameters([p.bias for p in projections])
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """`.to()` and friends may give the projections new storage, so they undo `fuse` (call it again after)."""
+        self.qkv_weight = self.qkv_bias = None
+        return super()._apply(fn, recurse)
 
     def project(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] -> rotated q [B, H, T, D], rotated k and v [B, KV, T, D]."""
         batch, q_len, _ = x.shape
-        q = self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            sizes = [self.num_heads * self.head_dim] + 2 * [self.num_kv_heads * self.head_dim]
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(sizes, dim=-1)
+        q = q.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rotary(q, rope), apply_rotary(k, rope), v
 
     def attend_cached(
@@ -192,9 +222,23 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # [gate; up] once `fuse` has run
+
+    def fuse(self) -> None:
+        """gate and up as one product (see `Attention.fuse`)."""
+        if self.gate_up_weight is None:
+            self.gate_up_weight = fuse_parameters([self.gate_proj.weight, self.up_proj.weight])
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        self.gate_up_weight = None  # see `Attention._apply`
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -284,6 +328,14 @@ class DecoderStack(nn.Module):
         cos, sin = rotary_tables(self.head_dim, rope_theta, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, D]
         self.register_buffer("rope_sin", sin, persistent=False)  # [P, D]
+
+    def fuse_projections(self) -> None:
+        """Each layer's q/k/v and gate/up as one product each (`Attention.fuse`, `GatedMLP.fuse`): call once the
+        weights are loaded and placed. The separate parameters become views of the fused tensors, so state_dict
+        keys, loading and memory stay as they were. Calling it again changes nothing."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def reset_rotary(self, device: torch.device | str | None = None) -> None:
         device = self.norm.weight.device if device is None else device

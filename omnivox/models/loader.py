@@ -95,6 +95,14 @@ class SpeechModel:
     def param_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
 
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up as one product each in every decoder layer (`DecoderStack.fuse_projections`). On a GPU
+        the projections' old storage goes back to the driver, so the free memory that sizes the caches counts it."""
+        self.llm.model.fuse_projections()
+        self.tts.model.fuse_projections()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def memory_bytes(self) -> int:
         """Bytes held by parameters and buffers (each storage counted once)."""
         seen: dict[int, int] = {}
