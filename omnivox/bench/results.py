@@ -21,7 +21,7 @@ from omnivox.engine.types import RequestMetrics
 from omnivox.errors import InvalidRequest
 
 SCHEMA = "omnivox.bench/1"
-KINDS = ("bench", "loadtest", "capacity", "host")  # host: omnivox/bench/host_bench.py
+KINDS = ("bench", "loadtest", "capacity", "host", "gpu_busy")  # host_bench.py, gpu_busy.py
 REQUIRED_SAMPLE_KEYS = ("ttfb_s", "rtf", "total_s", "audio_s")
 
 
