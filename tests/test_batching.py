@@ -138,11 +138,13 @@ def test_the_reference_path_gives_the_same_audio(model, batched):
     assert_clean(reference)
 
 
-def test_compiled_layers_give_the_same_audio(model, batched):
-    """The GPU default (torch.compile of the decoder layers, dynamic shapes: one compile for every batch size, prompt
-    length and key width) on the same eight requests: the same tokens, codes and PCM as the eager fast path."""
+@pytest.mark.parametrize("attention", ["auto", "products"])
+def test_compiled_layers_give_the_same_audio(model, batched, attention):
+    """The GPU default (torch.compile of the decoder layers and the samplers, dynamic shapes: one compile for every
+    batch size, prompt length and key width; on a GPU decode attention by products, whose softmax is compiled too) on
+    the same eight requests: the same tokens, codes and PCM as the eager fast path."""
     results, _ = batched
-    compiled = Engine(model, EngineConfig(compile="on"))
+    compiled = Engine(model, EngineConfig(compile="on", attention=attention))
     assert compiled.llm.compiled and compiled.tts.compiled
     windows = record_codes(compiled)
     for index, (ours, theirs) in enumerate(zip(drain([s() for s in mixed(compiled)], windows), results, strict=True)):

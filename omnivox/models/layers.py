@@ -106,11 +106,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """softmax(scores * scale) over the keys `mask` shows, cast to `dtype`. scores: fp32 [B, KV, G, Tq, Tk]; mask:
-    bool [B or 1, 1, Tq, Tk], broadcast over the groups."""
+    """softmax(scores * scale) over the keys `mask` shows, cast to `dtype`. scores: fp32 [B, H, Tq, Tk]; mask: bool
+    [B or 1, 1, Tq, Tk], broadcast over the heads (one rank for every caller: fewer shapes to compile for)."""
     scores = scores * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1).to(dtype)
 
 
@@ -135,7 +135,7 @@ def _attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     else:  # the CPU has no mixed-dtype bmm
         scores = torch.bmm(q.flatten(0, 1).float(), keys.transpose(1, 2).float())
     softmax = compiled_masked_softmax() if compiled else masked_softmax  # five kernels a layer eager, one compiled
-    probs = softmax(scores.view(batch, kv_heads, groups, rows // groups, -1), mask, scale, v.dtype)
+    probs = softmax(scores.view(batch, kv_heads * groups, rows // groups, -1), mask, scale, v.dtype)  # head-major
     probs = probs.view(batch * kv_heads, rows, -1)
     return torch.bmm(probs, values).view(batch, kv_heads, rows, head_dim)
 
