@@ -18,6 +18,8 @@ from omnivox.engine.tts_executor import TTSSampling
 from omnivox.engine.types import RequestMetrics, SamplingParams
 from omnivox.engine.work import NEXT_CHUNK, LLMDecode, LLMPrefill, TTSCall, TTSPrefillAudio, TTSPrefillText
 
+SPEECH_PREFILLS = (TTSPrefillText, TTSPrefillAudio)
+
 
 class Side:
     """One coroutine of a request and the work it waits on."""
@@ -55,10 +57,14 @@ class CallInProgress:
     launched: int = 0
     codes: list[tuple[int, ...]] = field(default_factory=list)
     over: bool = False  # EOS or the last step came back: the result went to the request
+    steps: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.steps = self.work.steps  # read for every row of every step: a field, not a property
 
     @property
     def wants_step(self) -> bool:
-        return not self.over and self.launched < self.work.steps
+        return not self.over and self.launched < self.steps
 
 
 @dataclass(eq=False)
@@ -107,10 +113,18 @@ class Live:
     def prefill_side(self) -> Side | None:
         """The side whose pending work is prefill-like (a TTS text or audio prefill, an LLM prompt or reply header:
         several tokens at once), if any."""
-        speech, llm = self.speech, self.llm
-        if speech.waiting_on((TTSPrefillText, TTSPrefillAudio)):
+        speech, llm = self.speech, self.llm  # asked of every live request in every plan: types compared directly
+        if not speech.ready and not speech.done and type(speech.item) in SPEECH_PREFILLS:
             return speech
-        if llm is not None and llm.waiting_on((LLMPrefill, LLMDecode)) and (type(llm.item) is LLMPrefill
-                                                                           or len(llm.item.ids) > 1):
-            return llm
+        if llm is not None and not llm.ready and not llm.done:
+            kind = type(llm.item)
+            if kind is LLMPrefill or (kind is LLMDecode and len(llm.item.ids) > 1):
+                return llm
         return None
+
+    @property
+    def may_move(self) -> bool:
+        """Advancing its coroutines could move it: a side has a result to take, or the speech waits on the LLM's
+        next chunk (which may be made already). Otherwise both wait on device work and advancing does nothing."""
+        speech, llm = self.speech, self.llm
+        return speech.ready or speech.item is NEXT_CHUNK or (llm is not None and llm.ready)

@@ -127,7 +127,8 @@ class Scheduler:
             return bool(self._resolve_llm(block=True) or resolved)
         now = self.clock()
         for live in list(self.live):
-            self._guard(live, self._advance, live)
+            if live.may_move:
+                self._guard(live, self._advance, live)
         plan = self.plan(now)
         self.loop_seconds["advance"] += self.clock() - now
         launched = self._launch_llm_work(plan, now)
