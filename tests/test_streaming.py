@@ -273,3 +273,34 @@ def test_admission_limit(model):
     assert engine.wait_idle()
     list(engine.stream("three", forced_reply="c", forced_audio_seconds=1.0))
     assert engine.wait_idle() and engine.live_requests == 0
+
+
+def test_async_readers_get_every_chunk_with_one_wakeup_per_iteration(model, monkeypatch):
+    """Chunks for async readers are handed over with one wake-up of their event loop per loop iteration (not one per
+    chunk), and the readers still get every chunk, the same as a blocking reader does."""
+    import asyncio
+
+    engine = Engine(model, EngineConfig(max_concurrent_requests=4))
+    expected = [len(speak(engine, seed=s, seconds=2.0)[0]) for s in range(3)]
+    wakeups = []
+
+    async def read_all() -> list[int]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+        monkeypatch.setattr(loop, "call_soon_threadsafe",
+                            lambda *a, **kw: wakeups.append(engine.scheduler.iterations) or real(*a, **kw))
+        streams = [engine.stream("Hello!", seed=s, forced_reply=REPLY, forced_audio_seconds=2.0) for s in range(3)]
+
+        async def count(stream) -> int:
+            n = 0
+            while await stream.next_async() is not None:
+                n += 1
+            return n
+
+        return await asyncio.gather(*(count(s) for s in streams))
+
+    got = asyncio.run(read_all())
+    engine.shutdown()
+    assert got == expected
+    assert sum(got) > len(set(wakeups))  # three readers' chunks shared wake-ups
+    assert len(wakeups) == len(set(wakeups))  # at most one wake-up of the event loop per iteration

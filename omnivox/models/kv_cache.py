@@ -67,14 +67,10 @@ class KVPool:
             buf[slot, :, :end].zero_()
 
     def swap_slots(self, a: int, b: int) -> None:
-        """Swaps two slots' caches in every layer with three multi-tensor kernels (a clone and two copies per layer
-        buffer were six kernel launches a layer, each costing the host a few microseconds, at every request's
-        start and end)."""
-        rows_a = [buf[a] for buf in (*self.k, *self.v)]
-        rows_b = [buf[b] for buf in (*self.k, *self.v)]
-        saved = torch.stack(rows_a)
-        torch._foreach_copy_(rows_a, rows_b)
-        torch._foreach_copy_(rows_b, list(saved.unbind(0)))
+        for buf in (*self.k, *self.v):
+            tmp = buf[a].clone()
+            buf[a] = buf[b]
+            buf[b] = tmp
 
     def copy_prefix(self, source: KVPool, src: int, dst: int, length: int) -> None:
         """Slot `dst` starts with another pool's slot `src`, positions [0, length) (a shared prompt's cache)."""
