@@ -308,7 +308,9 @@ def test_bad_json_unknown_model_unknown_route(server):
 def test_busy_engine_answers_429(server):
     engine = server.service.engine
     limit = engine.stream_slots
-    held = [engine.read_aloud("hold a slot") for _ in range(limit)]
+    # forced long replies: random weights may draw EOS after a few steps, and a slot that frees itself mid-test
+    # lets the "one too many" request in
+    held = [engine.read_aloud("hold a slot", forced_audio_seconds=40.0) for _ in range(limit)]
     try:
         for path, body in (("/v1/audio/speech", {"input": "one too many"}),
                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **CHAT_AUDIO})):

@@ -119,12 +119,15 @@ def _cudart() -> ctypes.CDLL | None:
     return None
 
 
+STREAM_STAGES = {"loop (TTS steps)": ("tts",), "LLM": ("llm", "prefill"), "vocoder": ("vocoder",)}  # batches on each
+
+
 def stream_names(engine: Engine) -> dict[int, str]:
     """The profiler's stream numbers of the engine's streams, where the CUDA runtime can say them."""
     lib = _cudart()
     if lib is None or engine.device.type != "cuda":
         return {}
-    named = {"loop (TTS steps)": engine.cuda_stream, "LLM": engine.llm.stream, "vocoder": engine.vocoder.stream}
+    named = dict(zip(STREAM_STAGES, (engine.cuda_stream, engine.llm.stream, engine.vocoder.stream), strict=True))
     out = {}
     for name, stream in named.items():
         if stream is None:
@@ -174,16 +177,20 @@ async def serve_and_trace(engine: Engine, rate: float, warmup_s: float, trace_s:
         window_s = time.perf_counter() - w0
     iterations = scheduler.iterations - iterations0
     parts = {k: v - parts0.get(k, 0.0) for k, v in scheduler.loop_seconds.items()}
+    window_rows = {k: list(v) for k, v in rows.items()}  # the batches of the window (not of the drain after it)
     for task in tasks:  # the requests still arriving or playing are cancelled: the next rate starts from idle
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.to_thread(engine.wait_idle, 30.0)
     report = busy_report(device_kernels(prof), window_s * 1e6, stream_names(engine))
+    for name, stream in report["streams"].items():  # the kernels of one batch of that stream's work, on average
+        batches = sum(len(window_rows.get(stage, ())) for stage in STREAM_STAGES.get(name, ()))
+        stream["kernels_per_batch"] = stream["kernels"] / batches if batches else None
     return report | {
         "rate": rate, "iterations_per_s": iterations / window_s, "live_mean": sum(live) / max(len(live), 1),
         "ms_per_iteration": {k: 1e3 * v / max(iterations, 1) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
-        "batches_per_s": {k: len(v) / window_s for k, v in rows.items()},
-        "mean_rows": {k: sum(v) / len(v) for k, v in rows.items() if v}}
+        "batches_per_s": {k: len(v) / window_s for k, v in window_rows.items()},
+        "mean_rows": {k: sum(v) / len(v) for k, v in window_rows.items() if v}}
 
 
 def print_report(r: dict) -> None:
@@ -191,12 +198,13 @@ def print_report(r: dict) -> None:
     table = Table(title=f"device busy at {r['rate']:g}/s over {window:.0f} ms: union {100 * r['busy_ms'] / window:.0f}"
                         f" %, two or more streams {100 * r['overlap_ms'] / window:.0f} %, idle "
                         f"{100 * r['idle_ms'] / window:.0f} %")
-    for col in ("stream", "kernels / s", "busy ms / s", "costliest kernels (ms / s)"):
+    for col in ("stream", "kernels / s", "kernels / batch", "busy ms / s", "costliest kernels (ms / s)"):
         table.add_column(col, justify="left" if col in ("stream", "costliest kernels (ms / s)") else "right")
     per_s = 1e3 / window
     for name, s in r["streams"].items():
         top = "; ".join(f"{k['kernel'][:48]} {k['ms'] * per_s:.0f}" for k in s["top"][:3])
-        table.add_row(name, f"{s['kernels'] * per_s:.0f}", f"{s['busy_ms'] * per_s:.0f}", top)
+        per_batch = "" if s.get("kernels_per_batch") is None else f"{s['kernels_per_batch']:.0f}"
+        table.add_row(name, f"{s['kernels'] * per_s:.0f}", per_batch, f"{s['busy_ms'] * per_s:.0f}", top)
     console.print(table)
     console.print(f"loop: {r['iterations_per_s']:.0f} iterations/s, {r['live_mean']:.1f} requests live; batches/s × "
                   "mean rows: " + ", ".join(f"{k} {r['batches_per_s'][k]:.1f} × {m:.1f}"
