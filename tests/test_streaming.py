@@ -275,14 +275,15 @@ def test_admission_limit(model):
     assert engine.wait_idle() and engine.live_requests == 0
 
 
-def test_async_readers_get_every_chunk_with_one_wakeup_per_iteration(model, monkeypatch):
-    """Chunks for async readers are handed over with one wake-up of their event loop per loop iteration (not one per
-    chunk), and the readers still get every chunk, the same as a blocking reader does."""
+def test_async_readers_get_every_chunk_with_shared_wakeups(model, monkeypatch):
+    """Chunks for async readers are handed over with one wake-up of their event loop per flush (once the requests
+    have advanced, and at the end of each loop pass), not one per chunk, and the readers still get every chunk, the
+    same as a blocking reader does."""
     import asyncio
 
     engine = Engine(model, EngineConfig(max_concurrent_requests=4))
     expected = [len(speak(engine, seed=s, seconds=2.0)[0]) for s in range(3)]
-    wakeups, passes = [], [0]  # the loop pass each wake-up came from
+    wakeups, passes = [], [0]  # the flush each wake-up came from
     flush = engine._flush_wakeups
 
     def counted_flush() -> None:
@@ -309,4 +310,4 @@ def test_async_readers_get_every_chunk_with_one_wakeup_per_iteration(model, monk
     engine.shutdown()
     assert got == expected
     assert sum(got) > len(set(wakeups))  # three readers' chunks shared wake-ups
-    assert len(wakeups) == len(set(wakeups))  # at most one wake-up of the event loop per loop pass
+    assert len(wakeups) == len(set(wakeups))  # at most one wake-up of the event loop per flush

@@ -312,6 +312,7 @@ class Engine:
         self._prefix: PrefixCache | None = None
         self._default_speaker: torch.Tensor | None = None
         self.scheduler = Scheduler(self.llm, self.tts, self.vocoder, None, SchedulerConfig(), clock)
+        self.scheduler.after_advance = lambda: self._flush_wakeups()  # chunks out as soon as they are made
         self._cv = threading.Condition()
         self._commands: deque[Callable[[], None]] = deque()
         # admission counts live streams; a stream its caller dropped without close() leaves the set and is cancelled
@@ -398,8 +399,10 @@ class Engine:
                     self._commands.clear()
                 for command in commands:
                     command()
-                moved = self.scheduler.step()
-                self._flush_wakeups()
+                try:
+                    moved = self.scheduler.step()
+                finally:
+                    self._flush_wakeups()
                 if moved:
                     idle_since = None
                     continue
@@ -414,9 +417,9 @@ class Engine:
                     self._cv.wait(timeout=0.1)
 
     def _wake(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
-        """Wakes an async reader: on the loop thread at the end of the iteration, all of one event loop's readers in
-        one call (each `call_soon_threadsafe` writes to that loop's wake-up socket: a few per chunk showed in the
-        loop's profile); from any other thread at once."""
+        """Wakes an async reader: on the loop thread at the next flush (once the requests have advanced, and at the
+        end of the iteration), all of one event loop's readers in one call (each `call_soon_threadsafe` writes to
+        that loop's wake-up socket: a few per chunk showed in the loop's profile); from any other thread at once."""
         if threading.current_thread() is self._thread:
             self._wakeups.setdefault(loop, []).append(event)
         else:
@@ -669,14 +672,16 @@ class Engine:
         one after the other, on the way to the first audio."""
 
         def llm_side():
-            for ids in prefills[:-1]:  # the system prompt: the shared prompt's cache is copied, not prefilled
+            for ids in prefills[:-1]:  # the system prompt (its shared cache is copied) and earlier turns
                 yield LLMPrefill(ids)
             header = next(reply_llm)
             assert isinstance(header, LLMDecode), "a reply's LLM side starts with its header"
             hidden_at = None if header.hidden_at is None else len(prefills[-1]) + header.hidden_at
-            result = yield LLMDecode(prefills[-1] + header.ids, header.window, hidden_at)
+            # the session counts the turn from the launch of its last prefill on (its length does), also if the
+            # request is cancelled while that batch runs
             session.system_prompted = True
             session.turns += 1
+            result = yield LLMDecode(prefills[-1] + header.ids, header.window, hidden_at)
             try:
                 while True:
                     result = yield reply_llm.send(result)

@@ -13,7 +13,8 @@ ends).
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
-is about to underrun, prefills are held to one per iteration (they delay every stream's next step); a stream more
+is about to underrun, TTS prefills (on the loop's stream) are held to one per iteration (they delay every stream's
+next step), the LLM's prompt prefills (on its own stream) are not; a stream more
 than `ahead_limit_s` ahead waits (its rows idle). Vocoder windows of streams with audio to spare gather into larger
 batches for up to `vocoder_gather_s`.
 """
@@ -76,6 +77,7 @@ class Scheduler:
         self._tts: Launched | None = None  # the TTS step in flight, its codes read in the next iteration
         self.loop_seconds: defaultdict[str, float] = defaultdict(float)  # host time by part of the iteration
         self.on_batch: Callable[[str, int], None] | None = None  # observer of each batch's size (metrics)
+        self.after_advance: Callable[[], None] | None = None  # called once requests have advanced (chunks went out)
 
     # ---- requests in and out ----------------------------------------------------------------------------------
     def add(self, live: Live) -> None:
@@ -129,6 +131,8 @@ class Scheduler:
         for live in list(self.live):
             if live.may_move:
                 self._guard(live, self._advance, live)
+        if self.after_advance is not None:
+            self.after_advance()
         plan = self.plan(now)
         self.loop_seconds["advance"] += self.clock() - now
         launched = self._launch_llm_work(plan, now)
@@ -169,6 +173,8 @@ class Scheduler:
         for live in resolved:
             if not live.ended:
                 self._guard(live, self._advance, live)
+        if self.after_advance is not None:
+            self.after_advance()
         self._launch_llm_work(self.plan(now), now)
         self.loop_seconds["relaunch_llm"] += self.clock() - now
 
@@ -211,8 +217,8 @@ class Scheduler:
         gathered = now - self._last_decode_at >= cfg.llm_gather_s
         llm = llm_rows if needed or (llm_rows and (gathered or not gather)) else []
         prefills.sort(key=lambda r: (r not in urgent, r.first_audio_at is not None, buffered[r], r.order))
-        if urgent:  # a TTS text prefill on the loop's stream delays the step of a stream about to run dry: one at
-            # most; the LLM's prefills run on its own stream and are not held back
+        if urgent:  # a TTS prefill (text or audio) on the loop's stream delays the step of a stream about to run
+            # dry: one at most; the LLM's prefills run on its own stream and are not held back
             speech = [r for r in prefills if r.prefill_side() is r.speech][:1]
             prefills = [r for r in prefills if r in speech or r.prefill_side() is not r.speech]
         return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}

@@ -22,8 +22,9 @@ class LLMPrefill:
 
 @dataclass
 class LLMDecode:
-    """Run `ids` (one token, or the reply header) at the session's next positions, then sample one token with the
-    repetition window `window`. Result: (token, post-norm hidden at `hidden_at` or None)."""
+    """Run `ids` (one token, or the reply header, which the engine sends with the turn's prompt before it) at the
+    session's next positions, then sample one token with the repetition window `window`. Result: (token, post-norm
+    hidden at `hidden_at` or None)."""
 
     ids: list[int]
     window: list[int]

@@ -332,7 +332,9 @@ class DecoderStack(nn.Module):
     def fuse_projections(self) -> None:
         """Each layer's q/k/v and gate/up as one product each (`Attention.fuse`, `GatedMLP.fuse`): call once the
         weights are loaded and placed. The separate parameters become views of the fused tensors, so state_dict
-        keys, loading and memory stay as they were. Calling it again changes nothing."""
+        keys, in-place loading and memory stay as they were; `.to()` and friends undo it, and anything that replaces
+        the parameter objects (`load_state_dict(assign=True)`, a deep copy) leaves it stale: fuse again after those.
+        Calling it again changes nothing."""
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
