@@ -36,7 +36,7 @@ from omnivox.bench.capacity import poisson_arrivals
 from omnivox.bench.results import build_results, write_results
 from omnivox.engine.engine import Engine, EngineConfig, settle_heap
 from omnivox.engine.forcing import ReplyScript
-from omnivox.workload import load_workload
+from omnivox.workload import load_workload, split_warmup
 
 console = Console()
 
@@ -144,7 +144,7 @@ async def serve_and_trace(engine: Engine, rate: float, warmup_s: float, trace_s:
     """Poisson chats at `rate` for `warmup_s`, then a profiler window of `trace_s` while they go on."""
     from torch.profiler import ProfilerActivity, profile
 
-    items = [item for item in load_workload() if item.id != "warmup"]
+    _, items = split_warmup(load_workload())
     script = ReplyScript(items)
     arrivals = poisson_arrivals(rate, trace_s + 1.0, warmup_s, items, seed=seed)
     rows: dict[str, list[int]] = {stage: [] for stages in STREAM_STAGES.values() for stage in stages}  # made up front:

@@ -34,7 +34,7 @@ from omnivox.config import tiny_config
 from omnivox.engine.engine import Engine, EngineConfig, settle_heap
 from omnivox.engine.forcing import ReplyScript
 from omnivox.models.loader import build_dummy_model
-from omnivox.workload import load_workload
+from omnivox.workload import load_workload, split_warmup
 
 console = Console()
 
@@ -66,7 +66,7 @@ def stub_device(engine: Engine) -> None:
 async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: float) -> dict[str, Any]:
     """Runs `streams` chats at once for `warmup_s` + `seconds`, replacing each as it ends; returns the loop's host
     time by part over the last `seconds`, per iteration."""
-    items = [item for item in load_workload() if item.id != "warmup"]
+    _, items = split_warmup(load_workload())
     script = ReplyScript(items)
     started = [0]
     rows: defaultdict[str, list[int]] = defaultdict(list)  # batch sizes by stage
