@@ -229,6 +229,44 @@ def test_chat_read_aloud_multi_turn_restart_and_cancel_together(model, monkeypat
     assert_same(second, alone_second, "second turn")
 
 
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_prompts_riding_along_with_a_decode_step_change_nothing(model, compile):
+    """Turns that start while another reply is decoding run their prompt and reply header inside its decode step
+    (one forward, `Segments`): every request gives the same tokens, codes and PCM as when it runs alone; compiled
+    layers too (the flattened tokens are a new shape for them)."""
+    config = EngineConfig(compile=compile)
+    engine = Engine(model, config)
+    riding = []
+    decode = engine.llm.decode
+
+    def spy(rows, prompts=()):
+        if prompts:
+            riding.append((len(rows), [len(p.ids) for p in prompts]))
+        return decode(rows, prompts)
+
+    engine.llm.decode = spy
+    windows = record_codes(engine)
+    long = engine.stream("Tell me a story.", seed=1, forced_reply=RESTART_REPLY, forced_audio_seconds=3.0)
+    chunks = iter(long)
+    first = next(chunks)  # its reply decodes from here on
+    starts = [
+        lambda e: e.stream("How are you?", seed=2, forced_reply="Fine, thanks. And you?", forced_audio_seconds=1.0,
+                           request_id="chat"),
+        lambda e: e.stream("Hi", seed=3, sampling=MATE, request_id="free"),
+    ]
+    results = drain([start(engine) for start in starts], windows)
+    long_pcm = np.concatenate([first.pcm] + [c.pcm for c in chunks])
+    assert riding and all(len(lengths) <= 2 for _, lengths in riding), riding
+    assert_clean(engine)
+    for index, start in enumerate(starts):
+        alone = Engine(model, config)
+        assert_same(drain([start(alone)], record_codes(alone))[0], results[index], f"request {index}")
+    alone = Engine(model, config)
+    alone_pcm = np.concatenate([c.pcm for c in alone.stream("Tell me a story.", seed=1, forced_reply=RESTART_REPLY,
+                                                              forced_audio_seconds=3.0)])
+    assert np.array_equal(alone_pcm, long_pcm), "the decoding reply's audio changed"
+
+
 # ---- rows, admission, soak --------------------------------------------------------------------------------------
 def test_cancel_gives_every_row_back(model):
     engine = Engine(model)

@@ -15,6 +15,7 @@ import pytest
 from omnivox.engine.engine import Engine
 from omnivox.engine.graphs import Ready
 from omnivox.engine.live import CallInProgress, Live, Side
+from omnivox.engine.llm_executor import RIDING_PROMPT_TOKENS
 from omnivox.engine.request import Piece
 from omnivox.engine.scheduler import Launched, Scheduler, SchedulerConfig
 from omnivox.engine.slots import SlotHandle
@@ -202,6 +203,25 @@ def test_llm_look_ahead_rows_gather_between_decode_steps():
     assert runs == ([True] + [False] * (period - 1)) * 3
     s._decode = object()  # a step in flight: no second one until its tokens are in
     assert s.plan(200.0)["llm"] == []
+
+
+def test_a_short_prompt_rides_along_with_the_next_decode_step():
+    """A turn's prompt and reply header of up to RIDING_PROMPT_TOKENS ids run inside a decode step: one is launched
+    for it at once (gathering rows ride too), and while a step is in flight the prompt waits for the next one, which
+    it would have queued behind anyway. A longer prompt runs as a prefill of its own, also while a step runs."""
+    ahead = live(tts_step(), decode_one(), buffered=CONFIG.low_buffer_s + 1.0)
+    header = live(llm=LLMDecode(list(range(RIDING_PROMPT_TOKENS)), [1], hidden_at=2))
+    assert just_decoded(scheduler(ahead)).plan(100.0)["llm"] == [], "gathering: no step yet"
+    s = just_decoded(scheduler(ahead, header))
+    plan = s.plan(100.0)
+    assert plan["llm"] == [ahead] and plan["prefill"] == [header], "a step for the prompt to ride along with"
+    s._decode = object()  # a step in flight
+    assert s.plan(100.0)["prefill"] == [], "the prompt waits for the next step"
+    long = live(llm=LLMDecode(list(range(RIDING_PROMPT_TOKENS + 1)), [1], hidden_at=2))
+    s = just_decoded(scheduler(ahead, long))
+    assert s.plan(100.0)["llm"] == [], "a prompt that cannot ride starts no step"
+    s._decode = object()
+    assert s.plan(100.0)["prefill"] == [long], "and does not wait for the step in flight"
 
 
 # ---- vocoder windows ---------------------------------------------------------------------------------------------

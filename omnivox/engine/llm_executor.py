@@ -7,6 +7,8 @@ a token this step write to the scratch position (the last one, never used by a s
 dropped. Masks, sampling and the counter-based random numbers all run inside the step, so it replays as one CUDA
 graph per (batch size, key width). A prefill runs the prompts of several rows, wherever they are in the pool, as
 one padded batch (pads write to the scratch position), replayed as a CUDA graph per (batch, length, key width).
+Short prompts may instead ride along with a decode step, in the same forward (one graph per decode shape): the
+weights, which a step at these batch sizes spends most of its time reading, are then read once for both.
 
 Both return `Pending` results: the loop launches the LLM's work, runs the TTS and the vocoder meanwhile, and only
 then waits for the tokens.
@@ -35,9 +37,12 @@ from omnivox.engine.masks import causal_mask
 from omnivox.engine.sampling import LLM_TOP_K_MAX, compiled, sample_llm
 from omnivox.engine.slots import SlotTable
 from omnivox.models.kv_cache import KVPool, KVRows
+from omnivox.models.layers import Segment, Segments
 
 WINDOW = 16  # repetition-penalty window width of a step (the header + a 3-token call fit)
 PREFILL_ALIGN = 16  # prefill lengths are padded to a multiple of this (fewer shapes for the compiler)
+RIDING_PROMPTS = 2  # prompts a decode step takes along (padded to this many rows: one graph per step shape)
+RIDING_PROMPT_TOKENS = 64  # ... each of at most this many ids (a turn's prompt and reply header; longer run alone)
 
 
 @dataclass
@@ -139,32 +144,43 @@ class LLMExecutor:
 
     def _prefill(self, rows: list[PrefillRow], batch: int, length: int) -> Pending:
         width = length_bucket(max(r.start + len(r.ids) for r in rows), self.widths)
-        ids = np.zeros((batch, length), np.int64)
-        positions = np.full((batch, length), self.scratch, np.int64)
-        pool_rows = np.full(batch, rows[0].row, np.int64)  # a padding row writes to row 0's scratch position
-        last = np.zeros(batch, np.int64)
-        entries = []
-        for i, r in enumerate(rows):
-            n = len(r.ids)
-            ids[i, :n], positions[i, :n], pool_rows[i], last[i] = r.ids, np.arange(r.start, r.start + n), r.row, n - 1
-            entries.append((r.window, r.sampling) if r.sampling is not None else None)
-        ints, floats = self._pack(entries, batch)
-        inputs = dict(ids=ids, positions=positions, rows=pool_rows, last=last, ints=ints, floats=floats)
+        ints, floats = self._pack([_entry(r) for r in rows], batch)
+        inputs = dict(self._prompt_arrays(rows, batch, length), ints=ints, floats=floats)
         with self.on_stream() as caller:
             tokens, hidden = self.graphs.run(("prefill", batch, length, width),
                                              lambda **kw: self._prefill_step(width, **kw), inputs)
-            wanted = {}
-            for i, r in enumerate(rows):
-                if r.hidden_at is not None:
-                    wanted[i] = hidden[i, r.hidden_at].clone()  # the graph's output is overwritten by its next replay
-                    if caller is not None:
-                        wanted[i].record_stream(caller)  # read later on the caller's stream
-            sampled = [r.sampling is not None for r in rows]
+            results = self._prompt_results(rows, hidden, caller)
+            return Pending((tokens,), lambda tokens: results(tokens, 0), self.stream)
 
-            def results(tokens: np.ndarray) -> list[tuple[int | None, torch.Tensor | None]]:
-                return [(int(tokens[i]) if sampled[i] else None, wanted.get(i)) for i in range(len(rows))]
+    def _prompt_arrays(self, rows: list[PrefillRow], batch: int, length: int) -> dict[str, np.ndarray]:
+        """Prompts' inputs padded to [batch, length]: ids, positions, pool rows and each one's last index. Padding
+        writes to the scratch position (of the first prompt's row, for padding rows)."""
+        ids = np.zeros((batch, length), np.int64)
+        positions = np.full((batch, length), self.scratch, np.int64)
+        pool_rows = np.full(batch, rows[0].row, np.int64)
+        last = np.zeros(batch, np.int64)
+        for i, r in enumerate(rows):
+            n = len(r.ids)
+            ids[i, :n], positions[i, :n], pool_rows[i], last[i] = r.ids, np.arange(r.start, r.start + n), r.row, n - 1
+        return dict(ids=ids, positions=positions, rows=pool_rows, last=last)
 
-            return Pending((tokens,), results, self.stream)
+    @staticmethod
+    def _prompt_results(rows: list[PrefillRow], hidden: torch.Tensor, caller: torch.cuda.Stream | None):
+        """Each prompt's (sampled token or None, hidden at `hidden_at` or None), from the step's tokens (prompt i's
+        at index offset + i) and its hidden states [batch, length, C] (copied now: a graph's output is overwritten
+        by its next replay)."""
+        wanted = {}
+        for i, r in enumerate(rows):
+            if r.hidden_at is not None:
+                wanted[i] = hidden[i, r.hidden_at].clone()
+                if caller is not None:
+                    wanted[i].record_stream(caller)  # read later on the caller's stream
+        sampled = [r.sampling is not None for r in rows]
+
+        def results(tokens: np.ndarray, offset: int) -> list[tuple[int | None, torch.Tensor | None]]:
+            return [(int(tokens[offset + i]) if sampled[i] else None, wanted.get(i)) for i in range(len(rows))]
+
+        return results
 
     def _prefill_step(self, width: int, ids, positions, rows, last, ints, floats):
         view = KVRows(self.pool, rows, width)
@@ -174,11 +190,58 @@ class LLMExecutor:
 
     # ---- decode steps -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, rows: list[LLMRow]) -> Pending | Ready:
-        """One token for each of `rows` (all of them active rows of the pool); the result is the sampled tokens."""
+    def decode(self, rows: list[LLMRow], prompts: list[PrefillRow] = ()) -> Pending | Ready:
+        """One token for each of `rows` (all of them active rows of the pool); the result is the sampled tokens,
+        then one (token or None, hidden or None) per prompt of `prompts` (see `prefill`). Up to RIDING_PROMPTS
+        prompts of at most RIDING_PROMPT_TOKENS ids ride along in the same forward (`can_ride`); the reference path
+        runs them after the step, one at a time."""
         if self.one_row_at_a_time:
-            return Ready([self._decode(r.row, 1, [r]).get()[0] for r in rows])
-        return self._decode(0, batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch), rows)
+            steps = [self._decode(r.row, 1, [r]).get()[0] for r in rows]
+            return Ready(steps + [self._prefill([p], 1, len(p.ids)).get()[0] for p in prompts])
+        batch = batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch)
+        if not prompts:
+            return self._decode(0, batch, rows)
+        if len(prompts) > RIDING_PROMPTS or not all(can_ride(len(p.ids)) for p in prompts):
+            raise ValueError(f"at most {RIDING_PROMPTS} prompts of 1..{RIDING_PROMPT_TOKENS} ids ride along")
+        return self._decode_with_prompts(batch, rows, prompts)
+
+    def _decode_with_prompts(self, batch: int, rows: list[LLMRow], prompts: list[PrefillRow]) -> Pending:
+        """A decode step over pool rows 0..batch-1 with prompts riding along: one forward over the step's tokens
+        and the prompts' (`Segments`), so the weights are read once for both. A prefill alone costs about as much
+        as a decode step; inside one it costs a few more rows of each product."""
+        ends = [r.position + 1 for r in rows] + [p.start + len(p.ids) for p in prompts]
+        width = length_bucket(max(ends), self.widths)
+        entries: list[tuple[list[int], LLMSampling] | None] = [None] * batch
+        for r in rows:
+            entries[r.row] = (r.window, r.sampling)
+        entries += [_entry(p) for p in prompts] + [None] * (RIDING_PROMPTS - len(prompts))
+        ints, floats = self._pack(entries, batch + RIDING_PROMPTS)
+        for r in rows:
+            ints[r.row, :2] = r.token, r.position
+        inputs = dict(self._prompt_arrays(prompts, RIDING_PROMPTS, RIDING_PROMPT_TOKENS), ints=ints, floats=floats)
+        with self.on_stream() as caller:
+            tokens, hidden = self.graphs.run(("llm+prompts", batch, width),
+                                             lambda **kw: self._step_with_prompts(width, **kw), inputs)
+            prompt_results = self._prompt_results(prompts, hidden, caller)
+            index = [r.row for r in rows]
+
+            def results(tokens: np.ndarray) -> list:
+                return [int(tokens[i]) for i in index] + prompt_results(tokens, batch)
+
+            return Pending((tokens,), results, self.stream)
+
+    def _step_with_prompts(self, width: int, ints, floats, ids, positions, rows, last):
+        batch = ints.shape[0] - ids.shape[0]
+        step_ids, step_positions = ints[:batch, :1], ints[:batch, 1:2]
+        segments = Segments([
+            Segment(step_positions, self.pool.view(0, batch, width), causal_mask(step_positions, width)),
+            Segment(positions, KVRows(self.pool, rows, width), causal_mask(positions, width)),
+        ])
+        flat_ids = torch.cat([step_ids.flatten(), ids.flatten()])[None]
+        hidden = self.llm(flat_ids, segments.positions, segments, compiled=self.compiled)[0]  # [N, C]
+        prompts = hidden[batch:].view(ids.shape[0], ids.shape[1], -1)
+        final = torch.cat([hidden[:batch], prompts[torch.arange(ids.shape[0], device=ids.device), last]])
+        return self._sample(self.llm.compute_logits(final), ints, floats), prompts
 
     def _decode(self, first: int, batch: int, rows: list[LLMRow]) -> Pending:
         """One step over pool rows first..first+batch-1, of which `rows` take part."""
@@ -196,8 +259,9 @@ class LLMExecutor:
             return Pending((out,), lambda tokens: [int(tokens[i]) for i in index], self.stream)
 
     def warm_up(self) -> None:
-        """Captures every (batch size, key width) decode graph and the prefill graphs of the common shapes now;
-        every row writes to the scratch position only, so no cache is touched."""
+        """Captures every (batch size, key width) decode graph, with and without prompts riding along, and the
+        prefill graphs of the common shapes now; every row writes to the scratch position only, so no cache is
+        touched."""
         if not self.graphs.enabled:
             return
         with self.on_stream():
@@ -206,6 +270,12 @@ class LLMExecutor:
                     ints, floats = self._pack([None] * batch, batch)
                     self.graphs.run(("llm", 0, batch, width), lambda w=width, **kw: self._step(0, w, **kw),
                                     {"ints": ints, "floats": floats})
+                    ints, floats = self._pack([None] * (batch + RIDING_PROMPTS), batch + RIDING_PROMPTS)
+                    scratch = PrefillRow(0, self.scratch, [0])  # one id at the scratch position
+                    prompts = self._prompt_arrays([scratch], RIDING_PROMPTS, RIDING_PROMPT_TOKENS)
+                    self.graphs.run(("llm+prompts", batch, width),
+                                    lambda w=width, **kw: self._step_with_prompts(w, **kw),
+                                    dict(prompts, ints=ints, floats=floats))
             for batch in (2, 4, 8, 16, 32):  # the prefills of up to 32 new conversations at once
                 for length in (PREFILL_ALIGN, 2 * PREFILL_ALIGN, 4 * PREFILL_ALIGN):
                     for width in self.widths:
@@ -245,3 +315,13 @@ class LLMExecutor:
             ints[i, 3:6] = s.greedy, s.seed, s.counter
             floats[i] = s.temperature, s.top_p, s.repetition_penalty
         return ints, floats
+
+
+def can_ride(tokens: int) -> bool:
+    """A prompt of `tokens` ids may run inside a decode step (`LLMExecutor.decode`)."""
+    return 0 < tokens <= RIDING_PROMPT_TOKENS
+
+
+def _entry(prompt: PrefillRow) -> tuple[list[int], LLMSampling] | None:
+    """A prompt's sampling entry for `LLMExecutor._pack` (None: nothing is sampled after it)."""
+    return (prompt.window, prompt.sampling) if prompt.sampling is not None else None

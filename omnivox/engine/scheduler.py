@@ -3,13 +3,13 @@
 A live request (`Live`, omnivox/engine/live.py) holds its reply's two coroutines (omnivox/engine/request.py), its
 cache rows, its random keys and its playback clock. `advance` runs each coroutine until it asks for device work or
 waits; the iteration then launches the LLM's work on its own stream (a decode step when a stream needs text now or
-soon, else every `llm_gather_s` for the rows running ahead; the pending prompt prefills within a token budget) and
-launches, meanwhile, the vocoder windows (on the vocoder's stream), one TTS step for every row in a TTS call and
-the TTS prefills. The TTS step's codes are read in the next iteration, after its next step is launched: a row's
-next step takes them on the device, so the host's work of one iteration runs beside the device's step, and the
-device always has the next step queued. While it waits for the last step and the vocoder, LLM work that finishes
-hands its results over and the LLM's next work is launched at once (it starts on the device when the TTS step
-ends).
+soon, else every `llm_gather_s` for the rows running ahead; short prompts ride along inside it, others run as a
+prefill within a token budget) and launches, meanwhile, the vocoder windows (on the vocoder's stream), one TTS step
+for every row in a TTS call and the TTS prefills. The TTS step's codes are read in the next iteration, after its
+next step is launched: a row's next step takes them on the device, so the host's work of one iteration runs beside
+the device's step, and the device always has the next step queued. While it waits for the last step and the vocoder,
+LLM work that finishes hands its results over and the LLM's next work is launched at once (it starts on the device
+when the TTS step ends).
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
@@ -29,7 +29,7 @@ from functools import partial
 
 from omnivox.engine.graphs import Pending, Ready
 from omnivox.engine.live import CallInProgress, Live
-from omnivox.engine.llm_executor import LLMExecutor, LLMRow, LLMSampling, PrefillRow
+from omnivox.engine.llm_executor import RIDING_PROMPTS, LLMExecutor, LLMRow, LLMSampling, PrefillRow, can_ride
 from omnivox.engine.request import LLMChunk, Piece
 from omnivox.engine.tts_executor import TTSExecutor, TTSRow, TTSSampling
 from omnivox.engine.types import SAMPLE_RATE
@@ -154,13 +154,15 @@ class Scheduler:
         """Launches the planned decode step and prefills; True if any request moved (a prompt wholly covered by
         the shared prefix moves without a launch), so the loop goes on rather than wait for new work."""
         moved = bool(plan["llm"])
+        prompts = [r for r in plan["prefill"] if r.llm is not None and r.prefill_side() is r.llm]
         if plan["llm"]:
-            self._decode = self._launch_llm(plan["llm"])
+            riding = [r for r in prompts if can_ride(len(r.llm.item.ids))][:RIDING_PROMPTS]
+            self._decode = self._launch_llm(plan["llm"], riding)
             self._last_decode_at = now
+            prompts = [r for r in prompts if r not in riding]
         if self._prefill is None:
-            llm_prefills = [r for r in plan["prefill"] if r.llm is not None and r.prefill_side() is r.llm]
-            moved |= bool(llm_prefills)
-            self._prefill = self._launch_llm_prefills(llm_prefills)
+            moved |= bool(prompts)
+            self._prefill = self._launch_llm_prefills(prompts)
         return moved
 
     def _relaunch_llm(self) -> None:
@@ -184,6 +186,7 @@ class Scheduler:
         cfg = self.config
         llm_busy, decode_free = self._prefill is not None, self._decode is None
         vocode, tts, llm_rows, prefills, buffered, urgent = [], [], [], [], {}, set()
+        riding = False  # a prompt that can ride along with a decode step is ready
         for r in self.live:
             b = buffered[r] = r.buffered_s(now)
             if r.first_audio_at is not None and b < cfg.underrun_reserve_s:
@@ -198,7 +201,14 @@ class Scheduler:
             elif speech_wants is TTSCall and r.call.wants_step:
                 tts.append(r)
             side = r.prefill_side()
-            if side is not None and not (side is reply_llm and (r.llm_inflight or llm_busy)):  # the LLM's waits
+            if side is reply_llm and side is not None:
+                # an LLM prompt waits while its request's LLM work runs; one that can ride along with a decode step
+                # waits for the next step (queued behind the one in flight anyway), others for the prefill in flight
+                rides = can_ride(len(r.llm.item.ids))
+                if not (r.llm_inflight or (rides and not decode_free) or (llm_busy and not rides)):
+                    prefills.append(r)
+                    riding |= rides
+            elif side is not None:
                 prefills.append(r)
             if llm_wants is LLMDecode and len(reply_llm.item.ids) == 1 and decode_free and not r.llm_inflight:
                 llm_rows.append(r)
@@ -209,13 +219,13 @@ class Scheduler:
             vocode = []
         # a decode step costs about as much for one row as for many: run it when a stream's audio waits on text (its
         # first audio, or a buffer running low) or will soon (audio out, little buffered: the next TTS call's text
-        # must be there before the buffer runs dry), else let look-ahead rows gather for a few iterations; rows of a
-        # stream in its first TTS call ride along with the steps that run
+        # must be there before the buffer runs dry, or a prompt can ride along), else let look-ahead rows gather for
+        # a few iterations; rows of a stream in its first TTS call ride along with the steps that run
         needed = any(buffered[r] < cfg.low_buffer_s and (r.llm_waited_for or r.first_audio_at is not None)
                      for r in llm_rows)
         gather = bool(tts or vocode)  # rows wait to gather only while there is other work to do
         gathered = now - self._last_decode_at >= cfg.llm_gather_s
-        llm = llm_rows if needed or (llm_rows and (gathered or not gather)) else []
+        llm = llm_rows if needed or riding or (llm_rows and (gathered or not gather)) else []
         prefills.sort(key=lambda r: (r not in urgent, r.first_audio_at is not None, buffered[r], r.order))
         if urgent:  # a TTS prefill (text or audio) on the loop's stream delays the step of a stream about to run
             # dry: one at most; the LLM's prefills run on its own stream and are not held back
@@ -422,7 +432,8 @@ class Scheduler:
         live.llm_counter += 1
         return sampling
 
-    def _launch_llm(self, lives: list[Live]) -> Launched | None:
+    def _launch_llm(self, lives: list[Live], riding: list[Live]) -> Launched | None:
+        """A decode step for `lives`, with the prompts of `riding` in the same forward."""
         rows, now = [], self.clock()
         for live in lives:
             live.mark("decoding", now)
@@ -431,17 +442,27 @@ class Scheduler:
                                self._llm_sampling(live)))
             live.session.length += 1
             live.llm_inflight = True
-        return self._launch("llm", lives, lambda: self.llm.decode(rows), "launch_llm")
+        prompts, taking = self._prompt_rows(riding)
+        return self._launch("llm", lives + taking, lambda: self.llm.decode(rows, prompts), "launch_llm")
 
     def _launch_llm_prefills(self, lives: list[Live]) -> Launched | None:
         """The LLM prompt prefills and reply headers of `lives` (in priority order) as one batch, within the token
         budget; the rest wait for a later iteration."""
-        budget, rows, taking = self.config.prefill_token_budget, [], []
+        rows, taking = self._prompt_rows(lives, self.config.prefill_token_budget)
+        if not rows:
+            return None
+        return self._launch("prefill", taking, lambda: self.llm.prefill(rows), "launch_prefill")
+
+    def _prompt_rows(self, lives: list[Live], budget: int | None = None) -> tuple[list[PrefillRow], list[Live]]:
+        """The prefill rows of `lives`' pending LLM prompts (in order, within `budget` tokens if given) and the
+        requests they belong to. A prompt wholly covered by the shared system prompt takes its cache and is
+        done at once."""
+        rows, taking = [], []
         for live in lives:
             item, session = live.llm.item, live.session
             covered = self.prefix.covers(item.ids) if isinstance(item, LLMPrefill) and session.length == 0 else 0
             ids = item.ids[covered:]
-            if ids and rows and len(ids) > budget:
+            if budget is not None and ids and rows and len(ids) > budget:
                 break
             if covered:  # a new conversation starts from the shared system prompt's cache
                 self.llm.copy_prefix(self.prefix.pool, session.slot.row, covered)
@@ -449,7 +470,8 @@ class Scheduler:
             if not ids:
                 live.llm.resolve(None)
                 continue
-            budget -= len(ids)
+            if budget is not None:
+                budget -= len(ids)
             if isinstance(item, LLMDecode):
                 rows.append(PrefillRow(session.slot.row, session.length, ids, item.window, self._llm_sampling(live),
                                        item.hidden_at))
@@ -458,9 +480,7 @@ class Scheduler:
             session.length += len(ids)
             live.llm_inflight = True
             taking.append(live)
-        if not rows:
-            return None
-        return self._launch("prefill", taking, lambda: self.llm.prefill(rows), "launch_prefill")
+        return rows, taking
 
     def _resolve_llm(self, block: bool) -> list[Live]:
         """Hands the LLM's finished work to its requests (waiting for what is in flight if `block`); returns them."""

@@ -15,12 +15,13 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnivox.models.kv_cache import KVView
+from omnivox.models.kv_cache import KVRows, KVView
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [T, D] or [B, 1, T, D] in the activation dtype
 
@@ -214,6 +215,42 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
 
 
+@dataclass
+class Segment:
+    """`positions.shape` = [batch, length] tokens that attend through their own cache view and mask."""
+
+    positions: torch.Tensor
+    cache: KVView | KVRows
+    mask: torch.Tensor
+
+
+class Segments:
+    """Several batches in one forward: the decoder's products (projections, MLP) run once over every token, laid out
+    one segment after another as [1, N, C], and each segment attends through its own cache and mask. A decode step's
+    rows and a few prompts' tokens then read the weights once instead of in two forwards."""
+
+    def __init__(self, segments: list[Segment]):
+        self.segments = segments
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Every token's position, [1, N] (for the rotary tables)."""
+        return torch.cat([s.positions.flatten() for s in self.segments])[None]
+
+    def attend(self, attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               compiled: bool = False) -> torch.Tensor:
+        """q [1, H, N, D], k and v [1, KV, N, D] -> [1, N, H * D]: each segment's rows attend on their own."""
+        parts, start = [], 0
+        for s in self.segments:
+            batch, length = s.positions.shape
+            end = start + batch * length
+            q_s, k_s, v_s = (t[0, :, start:end].unflatten(1, (batch, length)).transpose(0, 1) for t in (q, k, v))
+            out = attention.attend_cached(q_s, k_s, v_s, s.positions, s.cache, s.mask, compiled)  # [B, T, H * D]
+            parts.append(out.reshape(1, end - start, -1))
+            start = end
+        return torch.cat(parts, dim=1)
+
+
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x))."""
 
@@ -266,12 +303,14 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         rope: Rope,
-        cache: KVView | None,
+        cache: KVView | Segments | None,
         mask: torch.Tensor | None,
         compiled: bool = False,
     ) -> torch.Tensor:
         inputs, outputs = self.compiled_halves() if compiled else (self.attention_inputs, self.attention_outputs)
         q, k, v = inputs(x, rope)
+        if isinstance(cache, Segments):
+            return outputs(x, cache.attend(self.self_attn, q, k, v, compiled))
         return outputs(x, self.self_attn.attend_cached(q, k, v, positions, cache, mask, compiled))
 
     def attention_inputs(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -347,12 +386,13 @@ class DecoderStack(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVView | None,
+        cache: KVView | Segments | None,
         mask: torch.Tensor | None = None,
         compiled: bool = False,
     ) -> torch.Tensor:
         """x: [B, T, C] embeddings; positions: long [T] or [B, T]; returns post-norm hidden [B, T, C]. `compiled`:
-        the layers' compiled halves (`DecoderLayer.compiled_halves`) instead of the eager ones."""
+        the layers' compiled halves (`DecoderLayer.compiled_halves`) instead of the eager ones. With `Segments` as
+        the cache, x is [1, N, C], the segments' tokens one after another, and `mask` is unused."""
         cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)  # [(B,) T, D]
         rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         for layer in self.layers:

@@ -12,7 +12,7 @@ from torch import nn
 
 from omnivox.config import LLMConfig
 from omnivox.models.kv_cache import KVView
-from omnivox.models.layers import DecoderStack
+from omnivox.models.layers import DecoderStack, Segments
 
 
 class Qwen2Model(DecoderStack):
@@ -51,7 +51,7 @@ class Qwen2LM(nn.Module):
         self,
         ids: torch.Tensor | None,
         positions: torch.Tensor,
-        cache: KVView | None,
+        cache: KVView | Segments | None,
         mask: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
         compiled: bool = False,
