@@ -257,6 +257,7 @@ def test_prompts_riding_along_with_a_decode_step_change_nothing(model, compile):
     results = drain([start(engine) for start in starts], windows)
     long_pcm = np.concatenate([first.pcm] + [c.pcm for c in chunks])
     assert riding and all(len(lengths) <= 2 for _, lengths in riding), riding
+    assert engine.loop_stats()["prompts_riding"] == sum(len(lengths) for _, lengths in riding)
     assert_clean(engine)
     for index, start in enumerate(starts):
         alone = Engine(model, config)

@@ -86,7 +86,7 @@ def test_health_ready_models_metrics_page(server):
     for name in ("omnivox_ttfb_seconds", "omnivox_rtf", "omnivox_audio_seconds_total", "omnivox_streams_active",
                  "omnivox_tts_batch_size", "omnivox_llm_batch_size", "omnivox_vocoder_batch_size",
                  "omnivox_scheduler_waiting", "omnivox_stream_buffered_seconds", "omnivox_underruns", "omnivox_errors",
-                 "omnivox_loop_iterations"):
+                 "omnivox_loop_iterations", "omnivox_llm_prompts_riding"):
         assert name in metrics.text, name
     assert 'omnivox_loop_seconds{part="tts"}' in metrics.text, "the loop's time by part of the iteration"
     page = httpx.get(server.url + "/")

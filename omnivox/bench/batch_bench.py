@@ -172,18 +172,25 @@ def _drain_all(streams) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def part_equivalence(engine: Engine, requests: int, seconds: float) -> dict:
-    """Fast path, all requests at once, vs the reference path one by one; greedy and seeded."""
+def part_equivalence(engine: Engine, requests: int, seconds: float, stagger_s: float = 0.0) -> dict:
+    """Fast path, all requests at once (or `stagger_s` apart, so later prompts ride along with earlier replies'
+    decode steps), vs the reference path one by one; greedy and seeded."""
     items = split_warmup(load_workload(STANDARD_WORKLOAD))[1]
     reference = engine.with_config(path="reference")
 
     report = {}
     for mode, sampling in (("greedy", SamplingParams(greedy=True)), ("seeded", SamplingParams())):
-        def open_all(eng: Engine, mode=mode, sampling=sampling):
-            return [eng.stream(items[i % len(items)].prompt, seed=i, sampling=sampling,
-                               forced_reply=items[i % len(items)].reply, forced_audio_seconds=seconds)
-                    for i in range(requests)]
-        batched = _drain_all(open_all(engine))
+        def open_all(eng: Engine, stagger_s: float = 0.0, sampling=sampling):
+            streams = []
+            for i in range(requests):
+                if i and stagger_s:
+                    time.sleep(stagger_s)
+                streams.append(eng.stream(items[i % len(items)].prompt, seed=i, sampling=sampling,
+                                          forced_reply=items[i % len(items)].reply, forced_audio_seconds=seconds))
+            return streams
+        riding = engine.loop_stats().get("prompts_riding", 0)
+        batched = _drain_all(open_all(engine, stagger_s))
+        riding = engine.loop_stats().get("prompts_riding", 0) - riding
         alone = [_drain_all([s])[0] for s in open_all(reference)]
         parted, pcm_same, agree = [], 0, []
         for (pcm_a, codes_a), (pcm_b, codes_b) in zip(batched, alone, strict=True):
@@ -196,9 +203,11 @@ def part_equivalence(engine: Engine, requests: int, seconds: float) -> dict:
         same = sum(p is None for p in parted)
         total = sum(max(len(c), 1) for _, c in alone)
         report[mode] = {"requests": requests, "identical_codes": same, "identical_pcm": pcm_same,
-                        "first_differing_audio_token": parted, "agreeing_prefix_share": sum(agree) / total}
+                        "first_differing_audio_token": parted, "agreeing_prefix_share": sum(agree) / total,
+                        "stagger_s": stagger_s, "prompts_riding": riding}
         console.print(f"{mode}: codes identical in {same}/{requests} replies, PCM in {pcm_same}/{requests}; first "
-                      f"differing audio token {parted}; {100 * sum(agree) / total:.0f} % of tokens before the split")
+                      f"differing audio token {parted}; {100 * sum(agree) / total:.0f} % of tokens before the split; "
+                      f"{riding} prompts rode along with decode steps")
     reference.shutdown()
     return report
 
@@ -241,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--requests", type=int, default=8, help="requests in the equivalence part")
     p.add_argument("--seconds", type=float, default=2.0, help="forced audio length in the equivalence part")
+    p.add_argument("--stagger-ms", type=float, default=0.0,
+                   help="equivalence part: open the batched requests this far apart (later prompts then ride along "
+                        "with earlier replies' decode steps); 0: all at once")
     p.add_argument("--trials", type=int, default=3, help="passes over the workload in the single part")
     p.add_argument("--max-session-tokens", type=int, default=2048)
     p.add_argument("--attention", default="auto", help="EngineConfig.attention (auto, products, sdpa, ...)")
@@ -275,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if "profile" in parts:
         results["profile"] = part_profile(engine, batches, args.position, max(args.repeats // 4, 3))
     if "equivalence" in parts:
-        results["equivalence"] = part_equivalence(engine, args.requests, args.seconds)
+        results["equivalence"] = part_equivalence(engine, args.requests, args.seconds, args.stagger_ms / 1e3)
     if "single" in parts:
         t0 = time.perf_counter()
         engine.warm_up()

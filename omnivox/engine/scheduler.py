@@ -70,6 +70,7 @@ class Scheduler:
         self.clock = clock
         self.live: list[Live] = []
         self.iterations = 0
+        self.prompts_riding = 0  # LLM prompts run inside a decode step since start-up
         self._last_decode_at = -float("inf")
         self._last_vocode_at = -float("inf")
         self._decode: Launched | None = None  # the LLM's work in flight on its stream (at most one of each)
@@ -234,14 +235,15 @@ class Scheduler:
         return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
 
     def stats(self, now: float) -> dict[str, dict[str, float]]:
-        """Queue depths by kind of work, the buffered audio of the streams that have audio, and the loop's host time
-        by part of the iteration (for /metrics)."""
+        """Queue depths by kind of work, the buffered audio of the streams that have audio, the loop's host time by
+        part of the iteration and the prompts that rode along with decode steps (for /metrics)."""
         kinds = {"tts_step": TTSCall, "vocoder": Vocode, "tts_prefill": (TTSPrefillText, TTSPrefillAudio)}
         waiting = {name: sum(r.speech.waiting_on(kind) for r in self.live) for name, kind in kinds.items()}
         waiting["llm"] = sum(r.llm is not None and r.llm.waiting_on((LLMDecode, LLMPrefill)) for r in self.live)
         waiting["text"] = sum(r.llm_waited_for for r in self.live)
         buffered = [r.buffered_s(now) for r in self.live if r.first_audio_at is not None]
-        stats = {"waiting": waiting, "loop_s": dict(self.loop_seconds), "iterations": self.iterations}
+        stats = {"waiting": waiting, "loop_s": dict(self.loop_seconds), "iterations": self.iterations,
+                 "prompts_riding": self.prompts_riding}
         if not buffered:
             return stats | {"buffered_s": {"min": 0.0, "mean": 0.0}}
         return stats | {"buffered_s": {"min": min(buffered), "mean": sum(buffered) / len(buffered)}}
@@ -344,8 +346,11 @@ class Scheduler:
             start = max(launched.t0, live.stage_busy_until.get(stage, launched.t0))
             live.metrics.stages[stage] = live.metrics.stages.get(stage, 0.0) + now - start
             live.stage_busy_until[stage] = now
-        if self.on_batch is not None:
-            self.on_batch("vocoder" if launched.stage == "audio" else launched.stage, len(launched.lives))
+        if self.on_batch is not None:  # prompts that rode along with a decode step count as a prefill batch
+            self.on_batch("vocoder" if launched.stage == "audio" else launched.stage,
+                          len(launched.lives) - launched.riding)
+            if launched.riding:
+                self.on_batch("prefill", launched.riding)
         return out
 
     def _run(self, stage: str, lives: list[Live], run: Callable[[], list], part: str = "") -> list:
@@ -443,7 +448,11 @@ class Scheduler:
             live.session.length += 1
             live.llm_inflight = True
         prompts, taking = self._prompt_rows(riding)
-        return self._launch("llm", lives + taking, lambda: self.llm.decode(rows, prompts), "launch_llm")
+        launched = self._launch("llm", lives + taking, lambda: self.llm.decode(rows, prompts), "launch_llm")
+        if launched is not None:
+            launched.riding = len(taking)
+            self.prompts_riding += len(taking)
+        return launched
 
     def _launch_llm_prefills(self, lives: list[Live]) -> Launched | None:
         """The LLM prompt prefills and reply headers of `lives` (in priority order) as one batch, within the token
@@ -524,3 +533,4 @@ class Launched:
     pending: Pending | Ready
     t0: float
     calls: list[CallInProgress] | None = None  # a TTS step's: the call each row's step belongs to
+    riding: int = 0  # a decode step's: how many of `lives` (the last ones) are prompts riding along

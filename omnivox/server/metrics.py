@@ -56,6 +56,8 @@ class ServerMetrics:
                                   "iterations since start-up (host time; wait_* = waiting on the LLM's stream)",
                                   ["part"], registry=r)
         self.loop_iterations = Gauge("omnivox_loop_iterations", "Engine loop iterations since start-up", registry=r)
+        self.prompts_riding = Gauge("omnivox_llm_prompts_riding", "LLM prompts run inside a decode step (not as a "
+                                    "prefill of their own) since start-up", registry=r)
         self._engine = None
         self.underruns = Counter(
             "omnivox_underruns",
@@ -117,4 +119,5 @@ class ServerMetrics:
             for part, seconds in loop.get("loop_s", {}).items():
                 self.loop_seconds.labels(part).set(seconds)
             self.loop_iterations.set(loop.get("iterations", 0))
+            self.prompts_riding.set(loop.get("prompts_riding", 0))
         return generate_latest(self.registry)
