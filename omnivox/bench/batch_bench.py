@@ -32,7 +32,7 @@ from rich.table import Table
 from omnivox.bench.plot import plot_steps
 from omnivox.bench.workloads import STANDARD_WORKLOAD, load_workload, split_warmup
 from omnivox.engine.engine import Engine, EngineConfig, settle_heap
-from omnivox.engine.llm_executor import LLMRow, LLMSampling, PrefillRow
+from omnivox.engine.llm_executor import RIDING_PROMPTS, LLMRow, LLMSampling, PrefillRow
 from omnivox.engine.tts_executor import TTSRow, TTSSampling
 from omnivox.engine.types import SamplingParams
 
@@ -80,7 +80,8 @@ def _step_rows(engine: Engine, batch: int, position: int):
 
 
 def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) -> list[dict]:
-    """Step times with `b` active rows, every row at `position` (keys read: the bucket that holds it)."""
+    """Step times with `b` active rows, every row at `position` (keys read: the bucket that holds it); with two
+    prompts of PROMPT_TOKENS ids, a decode step they ride along with against their prefill of their own."""
     rows_out = []
     with engine.on_device():
         for b in batches:
@@ -88,21 +89,27 @@ def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) 
                 llm_s = _time(engine, lambda rows=llm_rows: engine.llm.decode(rows).get(), repeats)
                 prompts = [PrefillRow(h.row, 100, list(range(1000, 1000 + PROMPT_TOKENS))) for h in llm_handles]
                 prefill_s = _time(engine, lambda rows=prompts: engine.llm.prefill(rows).get(), max(repeats // 4, 3))
+                # two new turns' prompts: a prefill of their own, or riding along with the decode step
+                pair = prompts[:RIDING_PROMPTS] if b >= RIDING_PROMPTS else []
+                pair_s = _time(engine, lambda rows=pair: engine.llm.prefill(rows).get(), repeats) if pair else 0.0
+                riding_s = (_time(engine, lambda rows=llm_rows, p=pair: engine.llm.decode(rows, p).get(), repeats)
+                            if pair else 0.0)
                 tts_s = _time(engine, lambda rows=tts_rows: engine.tts.step(rows).get(), repeats)
                 voc_s = _time(engine, lambda w=windows: engine.vocoder.decode(w).get(), max(repeats // 4, 3))
             row = {"batch": b, "llm_ms": 1e3 * llm_s, "tts_ms": 1e3 * tts_s, "vocoder_ms": 1e3 * voc_s,
-                   "prefill_ms": 1e3 * prefill_s,
+                   "prefill_ms": 1e3 * prefill_s, "prefill_pair_ms": 1e3 * pair_s, "llm_riding_ms": 1e3 * riding_s,
                    # realtime streams one GPU could feed from the TTS step alone (46.875 steps per audio second)
                    "tts_stream_bound": b / (46.875 * tts_s)}
             rows_out.append(row)
             console.print(row)
     table = Table(title=f"step time vs batch size (positions ~{position})")
-    for col in ("batch", "LLM ms", "TTS ms", "vocoder ms (29 tok)", f"LLM prefill ms ({PROMPT_TOKENS} tok/row)",
-                "TTS-bound streams"):
+    for col in ("batch", "LLM ms", f"LLM + {RIDING_PROMPTS} prompts riding ms", "TTS ms", "vocoder ms (29 tok)",
+                f"LLM prefill ms ({PROMPT_TOKENS} tok/row)", f"prefill of {RIDING_PROMPTS} ms", "TTS-bound streams"):
         table.add_column(col, justify="right")
     for r in rows_out:
-        table.add_row(str(r["batch"]), f"{r['llm_ms']:.2f}", f"{r['tts_ms']:.2f}", f"{r['vocoder_ms']:.2f}",
-                      f"{r['prefill_ms']:.2f}", f"{r['tts_stream_bound']:.0f}")
+        table.add_row(str(r["batch"]), f"{r['llm_ms']:.2f}", f"{r['llm_riding_ms']:.2f}", f"{r['tts_ms']:.2f}",
+                      f"{r['vocoder_ms']:.2f}", f"{r['prefill_ms']:.2f}", f"{r['prefill_pair_ms']:.2f}",
+                      f"{r['tts_stream_bound']:.0f}")
     console.print(table)
     return rows_out
 
