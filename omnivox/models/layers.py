@@ -207,7 +207,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Writes k/v into the cache, attends over every key it returns: [B, T, H * D] before `o_proj`."""
         if cache is not None:
-            k, v = cache.update(self.layer_idx, positions, k, v)  # [B, KV, Tk, D]
+            k, v = cache.update(self.layer_idx, positions, k, v, compiled)  # [B, KV, Tk, D]
         if mask is not None:
             mask = mask[..., : k.shape[2]]
         out = attend(q, k, v, mask, self.scale, compiled)  # [B, H, T, D]
