@@ -254,10 +254,12 @@ def test_prompts_riding_along_with_a_decode_step_change_nothing(model, compile):
                            request_id="chat"),
         lambda e: e.stream("Hi", seed=3, sampling=MATE, request_id="free"),
     ]
-    results = drain([start(engine) for start in starts], windows)
+    streams = [start(engine) for start in starts]
+    results = drain(streams, windows)
     long_pcm = np.concatenate([first.pcm] + [c.pcm for c in chunks])
     assert riding and all(len(lengths) <= 2 for _, lengths in riding), riding
     assert engine.loop_stats()["prompts_riding"] == sum(len(lengths) for _, lengths in riding)
+    assert all(s.metrics.stages.get("prefill", 0.0) > 0 for s in streams), "a riding prompt's time is prefill time"
     assert_clean(engine)
     for index, start in enumerate(starts):
         alone = Engine(model, config)

@@ -17,7 +17,7 @@ then waits for the tokens.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +95,9 @@ class LLMExecutor:
         self.graphs = graphs
         self.widths = length_buckets(self.capacity, 256)
         self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1, eager
-        self.compiled = compile  # the layers' compiled halves; batches of 1 are padded to 2 (one compile for all)
+        # the layers' compiled halves; batches of 1 are padded to 2 (one compile for every batch size; a step with
+        # prompts riding along is one row of flattened tokens: one more compile)
+        self.compiled = compile
         self.smallest_batch = 2 if compile else 1
         self.stream = stream
 
@@ -152,7 +154,7 @@ class LLMExecutor:
             results = self._prompt_results(rows, hidden, caller)
             return Pending((tokens,), lambda tokens: results(tokens, 0), self.stream)
 
-    def _prompt_arrays(self, rows: list[PrefillRow], batch: int, length: int) -> dict[str, np.ndarray]:
+    def _prompt_arrays(self, rows: Sequence[PrefillRow], batch: int, length: int) -> dict[str, np.ndarray]:
         """Prompts' inputs padded to [batch, length]: ids, positions, pool rows and each one's last index. Padding
         writes to the scratch position (of the first prompt's row, for padding rows)."""
         ids = np.zeros((batch, length), np.int64)
@@ -165,7 +167,7 @@ class LLMExecutor:
         return dict(ids=ids, positions=positions, rows=pool_rows, last=last)
 
     @staticmethod
-    def _prompt_results(rows: list[PrefillRow], hidden: torch.Tensor, caller: torch.cuda.Stream | None):
+    def _prompt_results(rows: Sequence[PrefillRow], hidden: torch.Tensor, caller: torch.cuda.Stream | None):
         """Each prompt's (sampled token or None, hidden at `hidden_at` or None), from the step's tokens (prompt i's
         at index offset + i) and its hidden states [batch, length, C] (copied now: a graph's output is overwritten
         by its next replay)."""
@@ -190,7 +192,7 @@ class LLMExecutor:
 
     # ---- decode steps -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, rows: list[LLMRow], prompts: list[PrefillRow] = ()) -> Pending | Ready:
+    def decode(self, rows: list[LLMRow], prompts: Sequence[PrefillRow] = ()) -> Pending | Ready:
         """One token for each of `rows` (all of them active rows of the pool); the result is the sampled tokens,
         then one (token or None, hidden or None) per prompt of `prompts` (see `prefill`). Up to RIDING_PROMPTS
         prompts of at most RIDING_PROMPT_TOKENS ids ride along in the same forward (`can_ride`); the reference path
@@ -205,7 +207,7 @@ class LLMExecutor:
             raise ValueError(f"at most {RIDING_PROMPTS} prompts of 1..{RIDING_PROMPT_TOKENS} ids ride along")
         return self._decode_with_prompts(batch, rows, prompts)
 
-    def _decode_with_prompts(self, batch: int, rows: list[LLMRow], prompts: list[PrefillRow]) -> Pending:
+    def _decode_with_prompts(self, batch: int, rows: list[LLMRow], prompts: Sequence[PrefillRow]) -> Pending:
         """A decode step over pool rows 0..batch-1 with prompts riding along: one forward over the step's tokens
         and the prompts' (`Segments`), so the weights are read once for both. A prefill alone costs about as much
         as a decode step; inside one it costs a few more rows of each product."""

@@ -157,10 +157,10 @@ class Scheduler:
         moved = bool(plan["llm"])
         prompts = [r for r in plan["prefill"] if r.llm is not None and r.prefill_side() is r.llm]
         if plan["llm"]:
-            riding = [r for r in prompts if can_ride(len(r.llm.item.ids))][:RIDING_PROMPTS]
-            self._decode = self._launch_llm(plan["llm"], riding)
+            riders = [r for r in prompts if can_ride(len(r.llm.item.ids))][:RIDING_PROMPTS]
+            self._decode = self._launch_llm(plan["llm"], riders)
             self._last_decode_at = now
-            prompts = [r for r in prompts if r not in riding]
+            prompts = [r for r in prompts if r not in riders]
         if self._prefill is None:
             moved |= bool(prompts)
             self._prefill = self._launch_llm_prefills(prompts)
@@ -187,7 +187,7 @@ class Scheduler:
         cfg = self.config
         llm_busy, decode_free = self._prefill is not None, self._decode is None
         vocode, tts, llm_rows, prefills, buffered, urgent = [], [], [], [], {}, set()
-        riding = False  # a prompt that can ride along with a decode step is ready
+        rider_ready = False  # a prompt that can ride along with a decode step is ready
         for r in self.live:
             b = buffered[r] = r.buffered_s(now)
             if r.first_audio_at is not None and b < cfg.underrun_reserve_s:
@@ -204,11 +204,12 @@ class Scheduler:
             side = r.prefill_side()
             if side is reply_llm and side is not None:
                 # an LLM prompt waits while its request's LLM work runs; one that can ride along with a decode step
-                # waits for the next step (queued behind the one in flight anyway), others for the prefill in flight
+                # waits for the next step (queued behind the one in flight anyway), others for the prefill in flight.
+                # Length is judged before the shared system prompt's ids are taken off: a first turn's rarely rides
                 rides = can_ride(len(r.llm.item.ids))
                 if not (r.llm_inflight or (rides and not decode_free) or (llm_busy and not rides)):
                     prefills.append(r)
-                    riding |= rides
+                    rider_ready |= rides
             elif side is not None:
                 prefills.append(r)
             if llm_wants is LLMDecode and len(reply_llm.item.ids) == 1 and decode_free and not r.llm_inflight:
@@ -221,12 +222,12 @@ class Scheduler:
         # a decode step costs about as much for one row as for many: run it when a stream's audio waits on text (its
         # first audio, or a buffer running low) or will soon (audio out, little buffered: the next TTS call's text
         # must be there before the buffer runs dry, or a prompt can ride along), else let look-ahead rows gather for
-        # a few iterations; rows of a stream in its first TTS call ride along with the steps that run
+        # a few iterations; rows of a stream in its first TTS call join the steps that run
         needed = any(buffered[r] < cfg.low_buffer_s and (r.llm_waited_for or r.first_audio_at is not None)
                      for r in llm_rows)
         gather = bool(tts or vocode)  # rows wait to gather only while there is other work to do
         gathered = now - self._last_decode_at >= cfg.llm_gather_s
-        llm = llm_rows if needed or riding or (llm_rows and (gathered or not gather)) else []
+        llm = llm_rows if needed or rider_ready or (llm_rows and (gathered or not gather)) else []
         prefills.sort(key=lambda r: (r not in urgent, r.first_audio_at is not None, buffered[r], r.order))
         if urgent:  # a TTS prefill (text or audio) on the loop's stream delays the step of a stream about to run
             # dry: one at most; the LLM's prefills run on its own stream and are not held back
@@ -341,16 +342,19 @@ class Scheduler:
         now = self.clock()
         if isinstance(launched.pending, Pending):
             self.loop_seconds["wait_" + launched.stage] += now - t0
-        stage = launched.stage
-        for live in launched.lives:  # a request's batches of one stage may overlap (TTS steps): their union counts
+        # prompts that rode along with a decode step (the last `riders` requests) count as a prefill
+        steppers = len(launched.lives) - launched.riders
+        for i, live in enumerate(launched.lives):  # a request's batches of one stage may overlap (TTS steps):
+            stage = launched.stage if i < steppers else "prefill"  # their union counts
             start = max(launched.t0, live.stage_busy_until.get(stage, launched.t0))
             live.metrics.stages[stage] = live.metrics.stages.get(stage, 0.0) + now - start
             live.stage_busy_until[stage] = now
-        if self.on_batch is not None:  # prompts that rode along with a decode step count as a prefill batch
-            self.on_batch("vocoder" if launched.stage == "audio" else launched.stage,
-                          len(launched.lives) - launched.riding)
-            if launched.riding:
-                self.on_batch("prefill", launched.riding)
+        if launched.riders and not self.llm.one_row_at_a_time:  # the reference path runs them after the step
+            self.prompts_riding += launched.riders
+        if self.on_batch is not None:
+            self.on_batch("vocoder" if launched.stage == "audio" else launched.stage, steppers)
+            if launched.riders:
+                self.on_batch("prefill", launched.riders)
         return out
 
     def _run(self, stage: str, lives: list[Live], run: Callable[[], list], part: str = "") -> list:
@@ -437,8 +441,9 @@ class Scheduler:
         live.llm_counter += 1
         return sampling
 
-    def _launch_llm(self, lives: list[Live], riding: list[Live]) -> Launched | None:
-        """A decode step for `lives`, with the prompts of `riding` in the same forward."""
+    def _launch_llm(self, lives: list[Live], riders: list[Live]) -> Launched | None:
+        """A decode step for `lives`, with the prompts of `riders` in the same forward."""
+        prompts, taking = self._prompt_rows(riders)
         rows, now = [], self.clock()
         for live in lives:
             live.mark("decoding", now)
@@ -447,11 +452,9 @@ class Scheduler:
                                self._llm_sampling(live)))
             live.session.length += 1
             live.llm_inflight = True
-        prompts, taking = self._prompt_rows(riding)
         launched = self._launch("llm", lives + taking, lambda: self.llm.decode(rows, prompts), "launch_llm")
         if launched is not None:
-            launched.riding = len(taking)
-            self.prompts_riding += len(taking)
+            launched.riders = len(taking)
         return launched
 
     def _launch_llm_prefills(self, lives: list[Live]) -> Launched | None:
@@ -533,4 +536,4 @@ class Launched:
     pending: Pending | Ready
     t0: float
     calls: list[CallInProgress] | None = None  # a TTS step's: the call each row's step belongs to
-    riding: int = 0  # a decode step's: how many of `lives` (the last ones) are prompts riding along
+    riders: int = 0  # a decode step's: how many of `lives` (the last ones) are prompts riding along

@@ -51,7 +51,7 @@ WRITE_RECOMPILE_LIMIT = 32  # compiles of each compiled write (torch's default i
 
 
 @functools.cache
-def compiled_write_kv(rows: bool = False) -> Callable[..., None]:
+def compiled_write_kv(*, rows: bool) -> Callable[..., None]:
     """`write_kv` compiled: `rows` False for a `KVView` (its slice of the pool, no rows argument), True for `KVRows`.
 
     Why: a decode step is launch-bound, and eagerly the write is a kernel for K and one for V (two scatters, ~7 us
@@ -68,7 +68,8 @@ def compiled_write_kv(rows: bool = False) -> Callable[..., None]:
 
     def write(*args: torch.Tensor | None) -> None:
         # both settings are read when a compile starts; set and restored by hand (`config.patch` costs ~70 us a call,
-        # which a layer without CUDA graphs would pay at every step)
+        # which a layer without CUDA graphs would pay at every step). Process-wide settings: safe because an
+        # engine's model work runs on its one loop thread
         saved = shape_config.use_duck_shape, dynamo_config.recompile_limit
         shape_config.use_duck_shape, dynamo_config.recompile_limit = False, WRITE_RECOMPILE_LIMIT
         try:
@@ -96,14 +97,9 @@ class KVView:
         `compiled`: one compiled kernel writes K and V (`compiled_write_kv`) instead of two scatters."""
         keys, values = self.pool.k[layer][self.rows], self.pool.v[layer][self.rows]
         if compiled:
-            compiled_write_kv()(keys, values, positions, k, v)
-            return keys[:, :, : self.key_len], values[:, :, : self.key_len]
-        batch, heads, steps, dim = k.shape
-        if positions.dim() == 1:
-            positions = positions.expand(batch, steps)
-        index = positions[:, None, :, None].expand(batch, heads, steps, dim)
-        keys.scatter_(2, index, k)
-        values.scatter_(2, index, v)
+            compiled_write_kv(rows=False)(keys, values, positions, k, v)
+        else:
+            write_kv(keys, values, None, positions, k, v)
         return keys[:, :, : self.key_len], values[:, :, : self.key_len]
 
 

@@ -119,5 +119,6 @@ class ServerMetrics:
             for part, seconds in loop.get("loop_s", {}).items():
                 self.loop_seconds.labels(part).set(seconds)
             self.loop_iterations.set(loop.get("iterations", 0))
-            self.prompts_riding.set(loop.get("prompts_riding", 0))
+            if "prompts_riding" in loop:  # absent when the live list changed while it was read
+                self.prompts_riding.set(loop["prompts_riding"])
         return generate_latest(self.registry)
