@@ -270,6 +270,44 @@ def test_prompts_riding_along_with_a_decode_step_change_nothing(model, compile):
     assert np.array_equal(alone_pcm, long_pcm), "the decoding reply's audio changed"
 
 
+def test_extra_steps_before_first_audio_give_the_same_audio_sooner(model, batched):
+    """`first_audio_extra_steps`: streams without audio yet run more TTS steps an iteration, over just their rows
+    (`step_scattered`). The eight mixed requests give the same tokens, codes and PCM; one request's first audio
+    comes after fewer loop iterations."""
+    engine = Engine(model, EngineConfig(first_audio_extra_steps=2))
+    scattered = []
+    step_scattered = engine.tts.step_scattered
+
+    def spy(rows):
+        scattered.append([r.row for r in rows])
+        return step_scattered(rows)
+
+    engine.tts.step_scattered = spy
+    windows = record_codes(engine)
+    ours = drain([start() for start in mixed(engine)], windows)
+    assert any(len(rows) > 1 for rows in scattered), f"no extra step over several rows: {scattered}"
+    for index, (mine, theirs) in enumerate(zip(ours, batched[0], strict=True)):
+        assert_same(mine, theirs, f"request {index}")
+    assert_clean(engine)
+
+    def iterations_to_first_audio(extra: int) -> int:
+        e = Engine(model, EngineConfig(first_audio_extra_steps=extra))
+        at = []
+        deliver = e.scheduler._deliver
+
+        def spy(live, piece):  # on the loop thread, as the first audio goes out
+            if len(piece.pcm) and not at:
+                at.append(e.scheduler.iterations)
+            deliver(live, piece)
+
+        e.scheduler._deliver = spy
+        drain([e.stream("Hi", seed=1, forced_reply="Glad to hear that.", forced_audio_seconds=2.0)])
+        return at[0]
+
+    plain, sooner = iterations_to_first_audio(0), iterations_to_first_audio(2)
+    assert sooner <= plain - 12, f"first audio after {sooner} iterations with extra steps, {plain} without"
+
+
 # ---- rows, admission, soak --------------------------------------------------------------------------------------
 def test_cancel_gives_every_row_back(model):
     engine = Engine(model)

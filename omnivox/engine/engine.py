@@ -74,6 +74,9 @@ class EngineConfig:
     # efficient | math | cudnn: SDPA kernels only
     attention: str = "auto"
     llm_lookahead: int = 8  # LLM chunks a reply may make ahead of its speech
+    # more TTS steps an iteration for streams without audio yet (each over just their rows): first audio sooner for
+    # the device time of a few small steps (omnivox/engine/scheduler.py, `SchedulerConfig`)
+    first_audio_extra_steps: int = 0
     tts_capacity: int = 2560  # TTS positions per segment: 302 condition slots + up to 2048 audio tokens + scratch
     memory_fraction: float = 0.85  # share of free GPU memory the automatic slot count may use for caches
 
@@ -311,7 +314,8 @@ class Engine:
         self.graphs = (graphs, llm_graphs, vocoder_graphs)
         self._prefix: PrefixCache | None = None
         self._default_speaker: torch.Tensor | None = None
-        self.scheduler = Scheduler(self.llm, self.tts, self.vocoder, None, SchedulerConfig(), clock)
+        self.scheduler = Scheduler(self.llm, self.tts, self.vocoder, None,
+                                   SchedulerConfig(first_audio_extra_steps=config.first_audio_extra_steps), clock)
         self.scheduler.after_advance = lambda: self._flush_wakeups()  # chunks out as soon as they are made
         self._cv = threading.Condition()
         self._commands: deque[Callable[[], None]] = deque()
@@ -449,7 +453,7 @@ class Engine:
             self._shared_prompt()
             self.default_speaker()
             self.llm.warm_up()
-            self.tts.warm_up()
+            self.tts.warm_up(scattered=self.config.first_audio_extra_steps > 0)
             self.vocoder.warm_up()
             if self.cuda_stream is not None:
                 torch.cuda.synchronize(self.device)

@@ -59,6 +59,9 @@ class SchedulerConfig:
     vocoder_gather_rows: int = 8  # ... or until this many wait
     underrun_reserve_s: float = 0.3  # a stream with less buffered than this is about to underrun
     ahead_limit_s: float = 20.0  # a stream with more buffered than this waits
+    # more TTS steps an iteration for streams without audio yet, each over just their rows: first audio sooner, at
+    # the device time of a small step each (0: one step an iteration for every stream)
+    first_audio_extra_steps: int = 0
 
 
 class Scheduler:
@@ -75,7 +78,7 @@ class Scheduler:
         self._last_vocode_at = -float("inf")
         self._decode: Launched | None = None  # the LLM's work in flight on its stream (at most one of each)
         self._prefill: Launched | None = None
-        self._tts: Launched | None = None  # the TTS step in flight, its codes read in the next iteration
+        self._tts: list[Launched] = []  # the TTS steps in flight, their codes read in the next iteration
         self.loop_seconds: defaultdict[str, float] = defaultdict(float)  # host time by part of the iteration
         self.on_batch: Callable[[str, int], None] | None = None  # observer of each batch's size (metrics)
         self.after_advance: Callable[[], None] | None = None  # called once requests have advanced (chunks went out)
@@ -126,7 +129,7 @@ class Scheduler:
         """
         self.reap()
         resolved = self._resolve_llm(block=False)
-        if not self.live and self._tts is None:
+        if not self.live and not self._tts:
             return bool(self._resolve_llm(block=True) or resolved)
         now = self.clock()
         for live in list(self.live):
@@ -138,12 +141,13 @@ class Scheduler:
         self.loop_seconds["advance"] += self.clock() - now
         launched = self._launch_llm_work(plan, now)
         speech = [r for r in plan["prefill"] if r.speech is r.prefill_side()]
-        if plan["vocode"] or plan["tts"] or speech or self._tts is not None:
+        if plan["vocode"] or plan["tts"] or speech or self._tts:
             audio = self._launch_vocoder(plan["vocode"])
             previous, self._tts = self._tts, self._launch_tts(plan["tts"])
             self._run_speech_prefills(speech)
-            self._await_speech(previous, audio)
-            self._resolve_tts(previous)
+            self._await_speech(*previous, audio)
+            for launched in previous:
+                self._resolve_tts(launched)
             self._resolve_vocoder(audio)
             self._relaunch_llm()
         elif not self._resolve_llm(block=True):  # nothing to do but wait for the LLM
@@ -378,14 +382,30 @@ class Scheduler:
             live.speech.resolve(pcm)
         self.loop_seconds["audio"] += self.clock() - t0
 
-    def _launch_tts(self, lives: list[Live]) -> Launched | None:
-        """The next step of each of `lives`' TTS calls, on the loop's stream; its codes are taken by `_resolve_tts`
-        in the next iteration. A call's later steps feed on the codes its last step drew, on the device."""
+    def _launch_tts(self, lives: list[Live]) -> list[Launched]:
+        """The next step of each of `lives`' TTS calls, on the loop's stream, then up to `first_audio_extra_steps`
+        more for those without audio yet (each over just their rows); their codes are taken by `_resolve_tts` in the
+        next iteration. A call's later steps feed on the codes its last step drew, on the device."""
         if not lives:
-            return None
-        rows, calls, now = [], [], self.clock()
+            return []
+        now = self.clock()
         for live in lives:
             live.mark("speaking", now)
+        rows, calls = self._tts_rows(lives)
+        steps = [self._launch("tts", lives, lambda: self.tts.step(rows), "tts", calls)]
+        young = [r for r in lives if r.first_audio_at is None]
+        for _ in range(self.config.first_audio_extra_steps):
+            young = [r for r in young if not r.ended and r.call.wants_step]
+            if not young:
+                break
+            rows, calls = self._tts_rows(young)
+            steps.append(self._launch("tts", young, lambda rows=rows: self.tts.step_scattered(rows), "tts", calls))
+        return [launched for launched in steps if launched is not None]
+
+    def _tts_rows(self, lives: list[Live]) -> tuple[list[TTSRow], list[CallInProgress]]:
+        """The next step of each of `lives`' TTS calls, counted as launched."""
+        rows, calls = [], []
+        for live in lives:
             if live.tts_sampling is None:
                 s = live.sampling
                 live.tts_sampling = TTSSampling(tuple(s.tts_temperature), s.tts_top_p, s.tts_top_k, s.greedy,
@@ -397,7 +417,7 @@ class Scheduler:
                                prev_drawn=i > 0))
             call.launched += 1
             calls.append(call)
-        return self._launch("tts", lives, lambda: self.tts.step(rows), "tts", calls)
+        return rows, calls
 
     def _resolve_tts(self, launched: Launched | None) -> None:
         """Hands each call its step's codes; a call that drew EOS or its last step gives the request its result (a
