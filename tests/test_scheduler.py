@@ -345,6 +345,18 @@ def test_streams_without_audio_get_extra_steps_over_their_rows():
     s.tts.answers = [[((4,) * 4, False), ((8,) * 4, False)], [((5,) * 4, False)]]
     s._launch_tts(s.plan(100.0)["tts"])
     assert young.call.launched == 5, "no step past the call's last"
+    # while a stream is about to run dry, no extra steps (they would delay its next step too)
+    fresh = live(TTSCall(position=302, prev_codes=None, num_text_tokens=20, ban_eos=(True,) * 5,
+                         force_eos=(False,) * 5))
+    dry = live(tts_step(), buffered=CONFIG.underrun_reserve_s / 2)
+    fresh.tts_slot, dry.tts_slot = SlotHandle(1), SlotHandle(0)
+    s = scheduler(fresh, dry, first_audio_extra_steps=2)
+    s.clock = lambda: 100.0  # the playback clocks' now
+    s.tts = StepRecorder()
+    s.tts.step_scattered = s.tts.step
+    s.tts.answers = [[((1,) * 4, False), ((2,) * 4, False)]]
+    s._launch_tts(s.plan(100.0)["tts"])
+    assert [len(rows) for rows in s.tts.launched] == [2], "one step over both, none extra"
 
 
 def test_read_aloud_has_no_llm_work():

@@ -279,6 +279,8 @@ class Engine:
                  clock: Callable[[], float] = time.perf_counter, model_load_s: float = 0.0):
         self.model = model
         self.config = config = config or EngineConfig()
+        if config.first_audio_extra_steps < 0:
+            raise InvalidRequest(f"first_audio_extra_steps is {config.first_audio_extra_steps}: use 0 (none) or more")
         if config.llm_lookahead < 0:
             raise InvalidRequest(f"llm_lookahead is {config.llm_lookahead}: use 0 (none) or more chunks")
         if config.path not in ("fast", "reference"):

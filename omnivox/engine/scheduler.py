@@ -5,11 +5,11 @@ cache rows, its random keys and its playback clock. `advance` runs each coroutin
 waits; the iteration then launches the LLM's work on its own stream (a decode step when a stream needs text now or
 soon, else every `llm_gather_s` for the rows running ahead; short prompts ride along inside it, others run as a
 prefill within a token budget) and launches, meanwhile, the vocoder windows (on the vocoder's stream), one TTS step
-for every row in a TTS call and the TTS prefills. The TTS step's codes are read in the next iteration, after its
-next step is launched: a row's next step takes them on the device, so the host's work of one iteration runs beside
-the device's step, and the device always has the next step queued. While it waits for the last step and the vocoder,
-LLM work that finishes hands its results over and the LLM's next work is launched at once (it starts on the device
-when the TTS step ends).
+for every row in a TTS call (opt-in: more for streams without audio yet, over just their rows) and the TTS prefills.
+The TTS step's codes are read in the next iteration, after its next step is launched: a row's next step takes them
+on the device, so the host's work of one iteration runs beside the device's step, and the device always has the next
+step queued. While it waits for the last step and the vocoder, LLM work that finishes hands its results over and the
+LLM's next work is launched at once (it starts on the device when the TTS step ends).
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
@@ -31,7 +31,7 @@ from omnivox.engine.graphs import Pending, Ready
 from omnivox.engine.live import CallInProgress, Live
 from omnivox.engine.llm_executor import RIDING_PROMPTS, LLMExecutor, LLMRow, LLMSampling, PrefillRow, can_ride
 from omnivox.engine.request import LLMChunk, Piece
-from omnivox.engine.tts_executor import TTSExecutor, TTSRow, TTSSampling
+from omnivox.engine.tts_executor import SCATTERED_ROWS, TTSExecutor, TTSRow, TTSSampling
 from omnivox.engine.types import SAMPLE_RATE
 from omnivox.engine.vocoder import VocoderExecutor
 from omnivox.engine.work import (
@@ -393,14 +393,23 @@ class Scheduler:
             live.mark("speaking", now)
         rows, calls = self._tts_rows(lives)
         steps = [self._launch("tts", lives, lambda: self.tts.step(rows), "tts", calls)]
-        young = [r for r in lives if r.first_audio_at is None]
+        young = self._young(lives, now) if self.config.first_audio_extra_steps else []
         for _ in range(self.config.first_audio_extra_steps):
             young = [r for r in young if not r.ended and r.call.wants_step]
             if not young:
                 break
-            rows, calls = self._tts_rows(young)
-            steps.append(self._launch("tts", young, lambda rows=rows: self.tts.step_scattered(rows), "tts", calls))
+            young_rows, calls = self._tts_rows(young)
+            run = partial(self.tts.step_scattered, young_rows)
+            steps.append(self._launch("tts", young, run, "tts", calls))
         return [launched for launched in steps if launched is not None]
+
+    def _young(self, lives: list[Live], now: float) -> list[Live]:
+        """The streams of `lives` without audio yet that get extra steps: the oldest SCATTERED_ROWS (the shapes
+        captured at start-up), none while a stream is about to underrun (extra steps delay every stream's next)."""
+        reserve = self.config.underrun_reserve_s
+        if any(r.first_audio_at is not None and r.buffered_s(now) < reserve for r in self.live):
+            return []
+        return sorted((r for r in lives if r.first_audio_at is None), key=lambda r: r.order)[:SCATTERED_ROWS]
 
     def _tts_rows(self, lives: list[Live]) -> tuple[list[TTSRow], list[CallInProgress]]:
         """The next step of each of `lives`' TTS calls, counted as launched."""

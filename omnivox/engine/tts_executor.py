@@ -5,6 +5,8 @@ each row's audio mask on the device, and samples each row's 4 codes with its own
 replays as one CUDA graph per (batch size, key width). Rows without a step write to the scratch slot (the last
 one) and are dropped, as in the LLM executor. Each row's drawn codes also stay on the device, where the row's next
 step may take them as its input: the loop launches that step before it has read them (host work beside the step).
+`step_scattered` runs the same step for a few rows anywhere in the pool (`KVRows`), one graph per (batch, key width)
+of up to SCATTERED_ROWS rows: the extra steps of streams still waiting for their first audio.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from omnivox.engine.graphs import (
 from omnivox.engine.masks import causal_mask, tts_audio_mask
 from omnivox.engine.sampling import compiled, sample_tts
 from omnivox.engine.slots import SlotTable
-from omnivox.models.kv_cache import KVPool, KVRows
+from omnivox.models.kv_cache import KVPool, KVRows, KVView
 
 PREFILL_WIDTH = 16  # text tokens per row of a batched text prefill (a streaming chunk is 10 + 2, a restart's 7)
+SCATTERED_ROWS = 8  # rows a step over scattered rows takes at most (its shapes are captured at start-up)
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ class TTSExecutor:
         still waiting for their first audio, beside the step over every row."""
         if self.one_row_at_a_time:
             return self.step(rows)
+        if len(rows) > SCATTERED_ROWS:
+            raise ValueError(f"{len(rows)} rows: a scattered step takes at most {SCATTERED_ROWS}")
         batch = batch_bucket(len(rows), self.slots.size, self.smallest_batch)
         width = length_bucket(max(r.position for r in rows) + 1, self.widths)
         pool_rows = np.full(batch, rows[0].row, np.int64)  # a padding row writes the first row's scratch slot
@@ -227,7 +232,7 @@ class TTSExecutor:
         over up to 8 scattered rows (`step_scattered`); scratch rows only."""
         if not self.graphs.enabled:
             return
-        for batch in batch_buckets(8, self.smallest_batch) if scattered else ():
+        for batch in batch_buckets(min(SCATTERED_ROWS, self.slots.size), self.smallest_batch) if scattered else ():
             for width in self.widths:
                 ints, floats = self._blank(batch)
                 inputs = {"ints": ints, "floats": floats, "rows": np.zeros(batch, np.int64),
@@ -269,7 +274,7 @@ class TTSExecutor:
         self.drawn[drawn_rows] = torch.where((ints[:, 0] != self.scratch)[:, None], codes, drawn)
         return codes
 
-    def _audio_step(self, ints: torch.Tensor, floats: torch.Tensor, drawn: torch.Tensor, cache,
+    def _audio_step(self, ints: torch.Tensor, floats: torch.Tensor, drawn: torch.Tensor, cache: KVView | KVRows,
                     width: int) -> torch.Tensor:
         """Each row's next audio token: its input (`[Ptts]`, the codes it drew last or codes from the host), its
         audio mask, the backbone over `cache` and its sampling. Returns the codes [B, num_vq]."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnivox.config import TTSConfig
-from omnivox.models.kv_cache import KVView
+from omnivox.models.kv_cache import KVRows, KVView
 from omnivox.models.layers import DecoderStack
 
 
@@ -80,7 +80,7 @@ class ConditionalChatTTS(nn.Module):
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVView | None,
+        cache: KVView | KVRows | None,
         mask: torch.Tensor | None = None,
         compiled: bool = False,
     ) -> torch.Tensor:

@@ -201,7 +201,7 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVView | None,
+        cache: KVView | KVRows | None,
         mask: torch.Tensor | None,
         compiled: bool = False,
     ) -> torch.Tensor:
