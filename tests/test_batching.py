@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from omnivox.engine.engine import Engine, EngineConfig
+from omnivox.engine.graphs import GraphCache, batch_buckets
 from omnivox.engine.slots import SlotTable
-from omnivox.engine.tts_executor import TTSRow, TTSSampling
+from omnivox.engine.tts_executor import SCATTERED_ROWS, TTSRow, TTSSampling
 from omnivox.engine.types import SAMPLES_PER_AUDIO_TOKEN, SamplingParams
 from omnivox.errors import EngineBusy
 from omnivox.models.kv_cache import KVPool
@@ -306,6 +307,37 @@ def test_extra_steps_before_first_audio_give_the_same_audio_sooner(model, batche
 
     plain, sooner = iterations_to_first_audio(0), iterations_to_first_audio(2)
     assert sooner <= plain - 12, f"first audio after {sooner} iterations with extra steps, {plain} without"
+
+
+class EagerGraphs(GraphCache):
+    """Graphs "on", so the executors take their graph-only paths (warm-up, batched TTS text prefills), with every
+    step run eagerly and each shape key recorded: what a CPU can check of them."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"), enabled=False)
+        self.enabled = True
+        self.keys: list = []
+
+    def run(self, key, fn, inputs):
+        self.keys.append(key)
+        return fn(**{name: torch.as_tensor(value) for name, value in inputs.items()})
+
+
+def test_warm_up_captures_every_scattered_step_the_loop_may_run(model):
+    """With extra steps on, warm-up runs a step over scattered rows at every batch size up to SCATTERED_ROWS and
+    every key width (scratch rows only: the drawn codes of real rows stay as they were); more rows are refused."""
+    engine = Engine(model, EngineConfig(first_audio_extra_steps=1))
+    tts = engine.tts
+    tts.graphs = EagerGraphs()
+    before = tts.drawn.clone()
+    tts.warm_up(scattered=True)
+    scattered = {key[1:] for key in tts.graphs.keys if key[0] == "tts_scattered"}
+    sizes = batch_buckets(min(SCATTERED_ROWS, tts.slots.size), tts.smallest_batch)
+    assert scattered == {(b, w) for b in sizes for w in tts.widths}
+    assert torch.equal(tts.drawn[: tts.slots.size], before[: tts.slots.size]), "only the spare row is written"
+    rows = [TTSRow(0, 302, None, 10, True, False, TTSSampling((1.0,) * 4, 0.9, 20, True, 0), 0)]
+    with pytest.raises(ValueError, match="at most"):
+        tts.step_scattered(rows * (SCATTERED_ROWS + 1))
 
 
 # ---- rows, admission, soak --------------------------------------------------------------------------------------
