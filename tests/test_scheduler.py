@@ -351,11 +351,12 @@ def test_streams_without_audio_get_extra_steps_over_their_rows():
     dry = live(tts_step(), buffered=CONFIG.underrun_reserve_s / 2)
     fresh.tts_slot, dry.tts_slot = SlotHandle(1), SlotHandle(0)
     s = scheduler(fresh, dry, first_audio_extra_steps=2)
-    s.clock = lambda: 100.0  # the playback clocks' now
     s.tts = StepRecorder()
     s.tts.step_scattered = s.tts.step
     s.tts.answers = [[((1,) * 4, False), ((2,) * 4, False)]]
-    s._launch_tts(s.plan(100.0)["tts"])
+    plan = s.plan(100.0)
+    assert plan["underrunning"] == [dry]
+    s._launch_tts(plan["tts"], bool(plan["underrunning"]))
     assert [len(rows) for rows in s.tts.launched] == [2], "one step over both, none extra"
 
 

@@ -199,7 +199,7 @@ class LLMExecutor:
         runs them after the step, one at a time."""
         if self.one_row_at_a_time:
             steps = [self._decode(r.row, 1, [r]).get()[0] for r in rows]
-            return Ready(steps + [self._prefill([p], 1, len(p.ids)).get()[0] for p in prompts])
+            return Ready(steps + (self.prefill(list(prompts)).get() if prompts else []))
         batch = batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch)
         if not prompts:
             return self._decode(0, batch, rows)
@@ -213,13 +213,8 @@ class LLMExecutor:
         as a decode step; inside one it costs a few more rows of each product."""
         ends = [r.position + 1 for r in rows] + [p.start + len(p.ids) for p in prompts]
         width = length_bucket(max(ends), self.widths)
-        entries: list[tuple[list[int], LLMSampling] | None] = [None] * batch
-        for r in rows:
-            entries[r.row] = (r.window, r.sampling)
-        entries += [_entry(p) for p in prompts] + [None] * (RIDING_PROMPTS - len(prompts))
-        ints, floats = self._pack(entries, batch + RIDING_PROMPTS)
-        for r in rows:
-            ints[r.row, :2] = r.token, r.position
+        riding = [_entry(p) for p in prompts] + [None] * (RIDING_PROMPTS - len(prompts))
+        ints, floats = self._step_inputs(0, batch, rows, riding)
         inputs = dict(self._prompt_arrays(prompts, RIDING_PROMPTS, RIDING_PROMPT_TOKENS), ints=ints, floats=floats)
         with self.on_stream() as caller:
             tokens, hidden = self.graphs.run(("llm+prompts", batch, width),
@@ -248,12 +243,7 @@ class LLMExecutor:
     def _decode(self, first: int, batch: int, rows: list[LLMRow]) -> Pending:
         """One step over pool rows first..first+batch-1, of which `rows` take part."""
         width = length_bucket(max(r.position for r in rows) + 1, self.widths)
-        entries: list[tuple[list[int], LLMSampling] | None] = [None] * batch
-        for r in rows:
-            entries[r.row - first] = (r.window, r.sampling)
-        ints, floats = self._pack(entries, batch)
-        for r in rows:
-            ints[r.row - first, :2] = r.token, r.position
+        ints, floats = self._step_inputs(first, batch, rows)
         with self.on_stream():
             out = self.graphs.run(("llm", first, batch, width),
                                   lambda **kw: self._step(first, width, **kw), {"ints": ints, "floats": floats})
@@ -299,6 +289,18 @@ class LLMExecutor:
         sample = compiled(sample_llm) if self.compiled else sample_llm
         return sample(logits, ints[:, 6:], temperature=floats[:, 0], top_k=ints[:, 2], top_p=floats[:, 1],
                       repetition_penalty=floats[:, 2], greedy=ints[:, 3] != 0, seeds=ints[:, 4], counters=ints[:, 5])
+
+    def _step_inputs(self, first: int, batch: int, rows: list[LLMRow],
+                     after: list[tuple[list[int], LLMSampling] | None] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """A decode step's packed inputs: row r at batch index r.row - first (its token, position and sampling), then
+        the sampling entries `after` (prompts riding along) past the step's `batch` rows."""
+        entries: list[tuple[list[int], LLMSampling] | None] = [None] * batch
+        for r in rows:
+            entries[r.row - first] = (r.window, r.sampling)
+        ints, floats = self._pack(entries + list(after), batch + len(after))
+        for r in rows:
+            ints[r.row - first, :2] = r.token, r.position
+        return ints, floats
 
     def _pack(self, entries, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """The step's inputs in two host arrays: ints [B, 6 + WINDOW] (token, position, top_k, greedy, seed,

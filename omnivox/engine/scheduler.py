@@ -143,7 +143,7 @@ class Scheduler:
         speech = [r for r in plan["prefill"] if r.speech is r.prefill_side()]
         if plan["vocode"] or plan["tts"] or speech or self._tts:
             audio = self._launch_vocoder(plan["vocode"])
-            previous, self._tts = self._tts, self._launch_tts(plan["tts"])
+            previous, self._tts = self._tts, self._launch_tts(plan["tts"], bool(plan["underrunning"]))
             self._run_speech_prefills(speech)
             self._await_speech(*previous, audio)
             for launched in previous:
@@ -186,8 +186,9 @@ class Scheduler:
         self.loop_seconds["relaunch_llm"] += self.clock() - now
 
     def plan(self, now: float) -> dict[str, list[Live]]:
-        """Which requests' pending work runs this iteration (pure: reads the requests and the clock). One pass over
-        the live requests sorts each one's pending work by kind."""
+        """Which requests' pending work runs this iteration (pure: reads the requests and the clock), and which
+        streams are about to underrun ("underrunning"). One pass over the live requests sorts each one's pending
+        work by kind."""
         cfg = self.config
         llm_busy, decode_free = self._prefill is not None, self._decode is None
         vocode, tts, llm_rows, prefills, buffered, urgent = [], [], [], [], {}, set()
@@ -237,7 +238,7 @@ class Scheduler:
             # dry: one at most; the LLM's prefills run on its own stream and are not held back
             speech = [r for r in prefills if r.prefill_side() is r.speech][:1]
             prefills = [r for r in prefills if r in speech or r.prefill_side() is not r.speech]
-        return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
+        return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills, "underrunning": list(urgent)}
 
     def stats(self, now: float) -> dict[str, dict[str, float]]:
         """Queue depths by kind of work, the buffered audio of the streams that have audio, the loop's host time by
@@ -382,10 +383,11 @@ class Scheduler:
             live.speech.resolve(pcm)
         self.loop_seconds["audio"] += self.clock() - t0
 
-    def _launch_tts(self, lives: list[Live]) -> list[Launched]:
+    def _launch_tts(self, lives: list[Live], underrunning: bool = False) -> list[Launched]:
         """The next step of each of `lives`' TTS calls, on the loop's stream, then up to `first_audio_extra_steps`
-        more for those without audio yet (each over just their rows); their codes are taken by `_resolve_tts` in the
-        next iteration. A call's later steps feed on the codes its last step drew, on the device."""
+        more for those without audio yet (each over just their rows; none while a stream is `underrunning`: they
+        would delay its next step too); their codes are taken by `_resolve_tts` in the next iteration. A call's
+        later steps feed on the codes its last step drew, on the device."""
         if not lives:
             return []
         now = self.clock()
@@ -393,7 +395,7 @@ class Scheduler:
             live.mark("speaking", now)
         rows, calls = self._tts_rows(lives)
         steps = [self._launch("tts", lives, lambda: self.tts.step(rows), "tts", calls)]
-        young = self._young(lives, now) if self.config.first_audio_extra_steps else []
+        young = [] if underrunning else self._young(lives)
         for _ in range(self.config.first_audio_extra_steps):
             young = [r for r in young if not r.ended and r.call.wants_step]
             if not young:
@@ -403,11 +405,10 @@ class Scheduler:
             steps.append(self._launch("tts", young, run, "tts", calls))
         return [launched for launched in steps if launched is not None]
 
-    def _young(self, lives: list[Live], now: float) -> list[Live]:
+    def _young(self, lives: list[Live]) -> list[Live]:
         """The streams of `lives` without audio yet that get extra steps: the oldest SCATTERED_ROWS (the shapes
-        captured at start-up), none while a stream is about to underrun (extra steps delay every stream's next)."""
-        reserve = self.config.underrun_reserve_s
-        if any(r.first_audio_at is not None and r.buffered_s(now) < reserve for r in self.live):
+        captured at start-up)."""
+        if not self.config.first_audio_extra_steps:
             return []
         return sorted((r for r in lives if r.first_audio_at is None), key=lambda r: r.order)[:SCATTERED_ROWS]
 

@@ -186,11 +186,12 @@ class TTSExecutor:
         pool_rows[: len(rows)] = [r.row for r in rows]
         drawn_rows = np.full(batch, self.slots.size, np.int64)  # ... and its codes to the spare row
         drawn_rows[: len(rows)] = pool_rows[: len(rows)]
-        ints, floats = self._pack(rows, list(range(len(rows))), batch)
+        index = list(range(len(rows)))
+        ints, floats = self._pack(rows, index, batch)
         inputs = {"ints": ints, "floats": floats, "rows": pool_rows, "drawn_rows": drawn_rows}
         out = self.graphs.run(("tts_scattered", batch, width),
                               lambda **kw: self._step_scattered(width, **kw), inputs)
-        return self._pending_codes(out, list(range(len(rows))))
+        return self._pending_codes(out, index)
 
     def _step_rows(self, first: int, batch: int, rows: list[TTSRow]) -> Pending:
         """One step over pool rows first..first+batch-1, of which `rows` take part."""

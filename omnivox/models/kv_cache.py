@@ -54,10 +54,10 @@ WRITE_RECOMPILE_LIMIT = 32  # compiles of each compiled write (torch's default i
 def compiled_write_kv(*, rows: bool) -> Callable[..., None]:
     """`write_kv` compiled: `rows` False for a `KVView` (its slice of the pool, no rows argument), True for `KVRows`.
 
-    Why: a decode step is launch-bound, and eagerly the write is a kernel for K and one for V (two scatters, ~7 us
-    each on an H200, ~10 % of a TTS step). Compiled, the two index_puts have the same iteration space and fuse into
-    one kernel that stores both, in place into the pool's buffers (no copy of them, no host sync: it captures in
-    CUDA graphs). A write copies values, so the cache is bit-identical to the eager write's.
+    Why: a decode step is launch-bound, and eagerly the write is a kernel for K and one for V (as scatters they
+    took ~7 us each on an H200, ~10 % of a TTS step). Compiled, the two index_puts have the same iteration space
+    and fuse into one kernel that stores both, in place into the pool's buffers (no copy of them, no host sync: it
+    captures in CUDA graphs). A write copies values, so the cache is bit-identical to the eager write's.
 
     Dynamic shapes without duck sizing: sizes that happen to be equal on a first call (a batch of 4 and 4 kv heads)
     would be assumed equal, and every such coincidence would cost a compile. So a compile is made per kind of call
@@ -94,7 +94,7 @@ class KVView:
         self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compiled: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [batch, kv_heads, T, head_dim]; positions: long [batch, T] or [T] (the same for every row).
-        `compiled`: one compiled kernel writes K and V (`compiled_write_kv`) instead of two scatters."""
+        `compiled`: one compiled kernel writes K and V (`compiled_write_kv`) instead of two index writes."""
         keys, values = self.pool.k[layer][self.rows], self.pool.v[layer][self.rows]
         if compiled:
             compiled_write_kv(rows=False)(keys, values, positions, k, v)
