@@ -340,6 +340,27 @@ def test_warm_up_captures_every_scattered_step_the_loop_may_run(model):
         tts.step_scattered(rows * (SCATTERED_ROWS + 1))
 
 
+def test_batched_tts_text_prefills_give_the_same_audio(model, batched):
+    """With graphs on, the TTS text prefills of several streams run as one step over just their rows (wherever they
+    are in the pool); off (CPU) they run one at a time. The eight mixed requests: the same tokens, codes and PCM."""
+    engine = Engine(model)
+    engine.tts.graphs = EagerGraphs()
+    prefills = []
+    prefill_rows = engine.tts.prefill_text_rows
+
+    def spy(rows):
+        prefills.append([row for row, *_ in rows])
+        return prefill_rows(rows)
+
+    engine.tts.prefill_text_rows = spy
+    windows = record_codes(engine)
+    ours = drain([start() for start in mixed(engine)], windows)
+    assert any(len(rows) > 1 for rows in prefills), f"no batched text prefill: {prefills}"
+    for index, (mine, theirs) in enumerate(zip(ours, batched[0], strict=True)):
+        assert_same(mine, theirs, f"request {index}")
+    assert_clean(engine)
+
+
 # ---- rows, admission, soak --------------------------------------------------------------------------------------
 def test_cancel_gives_every_row_back(model):
     engine = Engine(model)

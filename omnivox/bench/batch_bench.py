@@ -95,21 +95,26 @@ def part_steps(engine: Engine, batches: list[int], position: int, repeats: int) 
                 riding_s = (_time(engine, lambda rows=llm_rows, p=pair: engine.llm.decode(rows, p).get(), repeats)
                             if pair else 0.0)
                 tts_s = _time(engine, lambda rows=tts_rows: engine.tts.step(rows).get(), repeats)
+                # one stream's TTS text prefill (a 10-token chunk and its framing) while `b` rows are active
+                text = [(tts_rows[0].row, list(range(1, 13)), 0, None)]
+                text_s = _time(engine, lambda t=text: engine.tts.prefill_text_rows(t), repeats)
                 voc_s = _time(engine, lambda w=windows: engine.vocoder.decode(w).get(), max(repeats // 4, 3))
             row = {"batch": b, "llm_ms": 1e3 * llm_s, "tts_ms": 1e3 * tts_s, "vocoder_ms": 1e3 * voc_s,
                    "prefill_ms": 1e3 * prefill_s, "prefill_pair_ms": 1e3 * pair_s, "llm_riding_ms": 1e3 * riding_s,
+                   "tts_text_ms": 1e3 * text_s,
                    # realtime streams one GPU could feed from the TTS step alone (46.875 steps per audio second)
                    "tts_stream_bound": b / (46.875 * tts_s)}
             rows_out.append(row)
             console.print(row)
     table = Table(title=f"step time vs batch size (positions ~{position})")
-    for col in ("batch", "LLM ms", f"LLM + {RIDING_PROMPTS} prompts riding ms", "TTS ms", "vocoder ms (29 tok)",
-                f"LLM prefill ms ({PROMPT_TOKENS} tok/row)", f"prefill of {RIDING_PROMPTS} ms", "TTS-bound streams"):
+    for col in ("batch", "LLM ms", f"LLM + {RIDING_PROMPTS} prompts riding ms", "TTS ms", "TTS text prefill ms (1 row)",
+                "vocoder ms (29 tok)", f"LLM prefill ms ({PROMPT_TOKENS} tok/row)", f"prefill of {RIDING_PROMPTS} ms",
+                "TTS-bound streams"):
         table.add_column(col, justify="right")
     for r in rows_out:
         table.add_row(str(r["batch"]), f"{r['llm_ms']:.2f}", f"{r['llm_riding_ms']:.2f}", f"{r['tts_ms']:.2f}",
-                      f"{r['vocoder_ms']:.2f}", f"{r['prefill_ms']:.2f}", f"{r['prefill_pair_ms']:.2f}",
-                      f"{r['tts_stream_bound']:.0f}")
+                      f"{r['tts_text_ms']:.2f}", f"{r['vocoder_ms']:.2f}", f"{r['prefill_ms']:.2f}",
+                      f"{r['prefill_pair_ms']:.2f}", f"{r['tts_stream_bound']:.0f}")
     console.print(table)
     return rows_out
 

@@ -109,8 +109,9 @@ class TTSExecutor:
     @torch.inference_mode()
     def prefill_text_rows(self, rows: list[tuple[int, list[int], int, torch.Tensor | None]]) -> None:
         """Several rows' text prefills, each (row, ids, begin, speaker). With graphs, those of at most PREFILL_WIDTH
-        tokens run as one batched step over the active rows (per-row positions, padding at the scratch slot); the
-        rest (a read-aloud part's whole text) run one at a time."""
+        tokens run as one batched step over just those rows, wherever they are in the pool (`KVRows`; per-row
+        positions, padding at the scratch slot): a step over every active row would cost sixteen tokens of each;
+        the rest (a read-aloud part's whole text) run one at a time."""
         batched = [self.graphs.enabled and len(ids) <= PREFILL_WIDTH for _, ids, _, _ in rows]
         short = [r for r, b in zip(rows, batched, strict=True) if b]
         for r, b in zip(rows, batched, strict=True):
@@ -118,19 +119,22 @@ class TTSExecutor:
                 self.prefill_text(*r)
         if not short:
             return
-        batch = batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch)
+        batch = batch_bucket(len(short), self.slots.size, self.smallest_batch)
         width = length_bucket(max(begin + len(ids) for _, ids, begin, _ in short), self.widths)
         ids_h = np.zeros((batch, PREFILL_WIDTH), np.int64)
         positions = np.full((batch, PREFILL_WIDTH), self.scratch, np.int64)
+        pool_rows = np.full(batch, short[0][0], np.int64)  # a padding row writes to the first row's scratch slot
         has_speaker = np.zeros(batch, bool)
         speaker = torch.zeros(batch, self.tts.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
-        for row, ids, begin, spk in short:
-            ids_h[row, : len(ids)] = ids
-            positions[row, : len(ids)] = np.arange(begin, begin + len(ids))
+        for i, (row, ids, begin, spk) in enumerate(short):
+            ids_h[i, : len(ids)] = ids
+            positions[i, : len(ids)] = np.arange(begin, begin + len(ids))
+            pool_rows[i] = row
             if spk is not None:
-                has_speaker[row] = True
-                speaker[row] = spk
-        inputs = {"ids": ids_h, "positions": positions, "speaker": speaker, "has_speaker": has_speaker}
+                has_speaker[i] = True
+                speaker[i] = spk
+        inputs = {"ids": ids_h, "positions": positions, "rows": pool_rows, "speaker": speaker,
+                  "has_speaker": has_speaker}
         self.graphs.run(("tts_text", batch, width), lambda **kw: self._text_step(width, **kw), inputs)
 
     def _text_embeds(self, ids: torch.Tensor, speaker: torch.Tensor | None,
@@ -145,9 +149,9 @@ class TTSExecutor:
             is_speaker = is_speaker & has_speaker[:, None]
         return torch.where(is_speaker[..., None], speaker[:, None].to(embeds.dtype), embeds)
 
-    def _text_step(self, width: int, ids, positions, speaker, has_speaker) -> torch.Tensor:
+    def _text_step(self, width: int, ids, positions, rows, speaker, has_speaker) -> torch.Tensor:
         embeds = self._text_embeds(ids, speaker, has_speaker)
-        view = self.pool.view(0, ids.shape[0], width)
+        view = KVRows(self.pool, rows, width)
         return self.tts(embeds, positions, view, causal_mask(positions, width), compiled=self.compiled)
 
     @torch.inference_mode()
@@ -248,6 +252,7 @@ class TTSExecutor:
                 text = {
                     "ids": np.zeros((batch, PREFILL_WIDTH), np.int64),
                     "positions": np.full((batch, PREFILL_WIDTH), self.scratch, np.int64),
+                    "rows": np.zeros(batch, np.int64),
                     "speaker": torch.zeros(batch, self.tts.cfg.hidden_size, dtype=self.model.dtype,
                                            device=self.device),
                     "has_speaker": np.zeros(batch, bool),
