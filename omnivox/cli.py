@@ -56,14 +56,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the fast path's steps eagerly on a GPU")
     p.add_argument(
-        "--first-audio-extra-steps",
-        type=int,
-        default=0,
-        metavar="N",
-        help="more TTS steps an iteration for streams without audio yet, each over just their rows: first audio "
-        "sooner, at the device time of N small steps an iteration while any stream waits for its first audio",
-    )
-    p.add_argument(
         "--compile",
         default="auto",
         choices=["auto", "on", "off"],
@@ -116,7 +108,6 @@ def engine_config(args: argparse.Namespace):
         max_sessions=args.max_sessions,
         max_session_tokens=args.max_session_tokens,
         llm_lookahead=args.llm_lookahead,
-        first_audio_extra_steps=args.first_audio_extra_steps,
     )
 
 

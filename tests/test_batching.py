@@ -21,7 +21,7 @@ import torch
 from omnivox.engine.engine import Engine, EngineConfig
 from omnivox.engine.graphs import GraphCache, batch_buckets
 from omnivox.engine.slots import SlotTable
-from omnivox.engine.tts_executor import SCATTERED_ROWS, TTSRow, TTSSampling
+from omnivox.engine.tts_executor import TTSRow, TTSSampling
 from omnivox.engine.types import SAMPLES_PER_AUDIO_TOKEN, SamplingParams
 from omnivox.errors import EngineBusy
 from omnivox.models.kv_cache import KVPool
@@ -271,44 +271,6 @@ def test_prompts_riding_along_with_a_decode_step_change_nothing(model, compile):
     assert np.array_equal(alone_pcm, long_pcm), "the decoding reply's audio changed"
 
 
-def test_extra_steps_before_first_audio_give_the_same_audio_sooner(model, batched):
-    """`first_audio_extra_steps`: streams without audio yet run more TTS steps an iteration, over just their rows
-    (`step_scattered`). The eight mixed requests give the same tokens, codes and PCM; one request's first audio
-    comes after fewer loop iterations."""
-    engine = Engine(model, EngineConfig(first_audio_extra_steps=2))
-    scattered = []
-    step_scattered = engine.tts.step_scattered
-
-    def spy(rows):
-        scattered.append([r.row for r in rows])
-        return step_scattered(rows)
-
-    engine.tts.step_scattered = spy
-    windows = record_codes(engine)
-    ours = drain([start() for start in mixed(engine)], windows)
-    assert any(len(rows) > 1 for rows in scattered), f"no extra step over several rows: {scattered}"
-    for index, (mine, theirs) in enumerate(zip(ours, batched[0], strict=True)):
-        assert_same(mine, theirs, f"request {index}")
-    assert_clean(engine)
-
-    def iterations_to_first_audio(extra: int) -> int:
-        e = Engine(model, EngineConfig(first_audio_extra_steps=extra))
-        at = []
-        deliver = e.scheduler._deliver
-
-        def spy(live, piece):  # on the loop thread, as the first audio goes out
-            if len(piece.pcm) and not at:
-                at.append(e.scheduler.iterations)
-            deliver(live, piece)
-
-        e.scheduler._deliver = spy
-        drain([e.stream("Hi", seed=1, forced_reply="Glad to hear that.", forced_audio_seconds=2.0)])
-        return at[0]
-
-    plain, sooner = iterations_to_first_audio(0), iterations_to_first_audio(2)
-    assert sooner <= plain - 12, f"first audio after {sooner} iterations with extra steps, {plain} without"
-
-
 class EagerGraphs(GraphCache):
     """Graphs "on", so the executors take their graph-only paths (warm-up, batched TTS text prefills), with every
     step run eagerly and each shape key recorded: what a CPU can check of them."""
@@ -323,21 +285,17 @@ class EagerGraphs(GraphCache):
         return fn(**{name: torch.as_tensor(value) for name, value in inputs.items()})
 
 
-def test_warm_up_captures_every_scattered_step_the_loop_may_run(model):
-    """With extra steps on, warm-up runs a step over scattered rows at every batch size up to SCATTERED_ROWS and
-    every key width (scratch rows only: the drawn codes of real rows stay as they were); more rows are refused."""
-    engine = Engine(model, EngineConfig(first_audio_extra_steps=1))
-    tts = engine.tts
+def test_warm_up_captures_every_tts_step_the_loop_may_run(model):
+    """Warm-up runs a TTS step and a batched text prefill at every batch size and key width (scratch slots only:
+    the drawn codes of real rows stay as they were)."""
+    tts = Engine(model, EngineConfig()).tts
     tts.graphs = EagerGraphs()
     before = tts.drawn.clone()
-    tts.warm_up(scattered=True)
-    scattered = {key[1:] for key in tts.graphs.keys if key[0] == "tts_scattered"}
-    sizes = batch_buckets(min(SCATTERED_ROWS, tts.slots.size), tts.smallest_batch)
-    assert scattered == {(b, w) for b in sizes for w in tts.widths}
-    assert torch.equal(tts.drawn[: tts.slots.size], before[: tts.slots.size]), "only the spare row is written"
-    rows = [TTSRow(0, 302, None, 10, True, False, TTSSampling((1.0,) * 4, 0.9, 20, True, 0), 0)]
-    with pytest.raises(ValueError, match="at most"):
-        tts.step_scattered(rows * (SCATTERED_ROWS + 1))
+    tts.warm_up()
+    every = {(b, w) for b in batch_buckets(tts.slots.size, tts.smallest_batch) for w in tts.widths}
+    assert {key[2:] for key in tts.graphs.keys if key[0] == "tts"} == every
+    assert {key[1:] for key in tts.graphs.keys if key[0] == "tts_text"} == every
+    assert torch.equal(tts.drawn, before), "warm-up drew codes for a real row"
 
 
 def test_batched_tts_text_prefills_give_the_same_audio(model, batched):

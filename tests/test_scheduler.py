@@ -291,14 +291,14 @@ def test_a_call_steps_ahead_of_its_codes_and_a_step_after_eos_is_dropped():
     s = scheduler(r)
     s.tts = StepRecorder()
     s.tts.answers = [[((1, 1, 1, 1), False)], [((2, 2, 2, 2), True)], [((3, 3, 3, 3), False)]]
-    [first] = s._launch_tts(s.plan(100.0)["tts"])
-    [second] = s._launch_tts(s.plan(100.0)["tts"])  # launched before the first step's codes are read
+    first = s._launch_tts(s.plan(100.0)["tts"])
+    second = s._launch_tts(s.plan(100.0)["tts"])  # launched before the first step's codes are read
     rows = [step[0] for step in s.tts.launched]
     assert [(x.position, x.counter, x.prev_drawn) for x in rows] == [(320, 40, False), (321, 41, True)]
     assert rows[0].prev_codes == (7, 7, 7, 7) and rows[0].ban_eos and not rows[0].force_eos
     s._resolve_tts(first)
     assert not r.speech.ready and r.call.codes == [(1, 1, 1, 1)], "mid-call: the request is not resumed"
-    [third] = s._launch_tts(s.plan(100.0)["tts"])  # the EOS of step 2 is not known yet: step 3 goes too
+    third = s._launch_tts(s.plan(100.0)["tts"])  # the EOS of step 2 is not known yet: step 3 goes too
     s._resolve_tts(second)
     assert r.speech.ready and r.speech.result == TTSCallResult([(1, 1, 1, 1)], eos=True)
     assert r.tts_counter == 42, "the EOS step counts, the step after it does not"
@@ -315,49 +315,11 @@ def test_a_call_asks_for_its_steps_only():
     s.tts = StepRecorder()
     s.tts.answers = [[((i, i, i, i), False)] for i in range(3)]
     launched = [s._launch_tts(s.plan(100.0)["tts"]) for _ in range(4)]
-    assert launched[3] == [] and len(s.tts.launched) == 3, "three steps, then none until the codes are in"
+    assert launched[3] is None and len(s.tts.launched) == 3, "three steps, then none until the codes are in"
     assert s.tts.launched[0][0].prev_codes is None and not s.tts.launched[0][0].prev_drawn, "[Ptts] first"
-    for [step] in launched[:3]:
+    for step in launched[:3]:
         s._resolve_tts(step)
     assert r.speech.result == TTSCallResult([(0,) * 4, (1,) * 4, (2,) * 4], eos=False) and r.tts_counter == 3
-
-
-def test_streams_without_audio_get_extra_steps_over_their_rows():
-    """With `first_audio_extra_steps`, a call of a stream that has no audio yet runs that many more steps an
-    iteration (over just its rows, `step_scattered`), in order after the step over every row; a stream with audio
-    gets one. The codes come back in step order."""
-    young_call = TTSCall(position=302, prev_codes=None, num_text_tokens=20, ban_eos=(True,) * 5,
-                         force_eos=(False,) * 5)
-    young, old = live(young_call), live(tts_step(), buffered=2.0)
-    young.tts_slot, old.tts_slot = SlotHandle(2), SlotHandle(0)
-    s = scheduler(young, old, first_audio_extra_steps=2)
-    s.tts = StepRecorder()
-    s.tts.step_scattered = s.tts.step
-    s.tts.answers = [[((1,) * 4, False), ((9,) * 4, False)], [((2,) * 4, False)], [((3,) * 4, False)]]
-    steps = s._launch_tts(s.plan(100.0)["tts"])
-    assert [len(rows) for rows in s.tts.launched] == [2, 1, 1], "one step over both, two more for the young one"
-    assert [(x.row, x.position, x.prev_drawn, x.counter) for x in sum(s.tts.launched[1:], [])] == \
-        [(2, 303, True, 1), (2, 304, True, 2)]
-    for launched in steps:
-        s._resolve_tts(launched)
-    assert young.call.codes == [(1,) * 4, (2,) * 4, (3,) * 4] and young.call.launched == 3
-    assert old.call.codes == [(9,) * 4] and old.call.launched == 1
-    s.tts.answers = [[((4,) * 4, False), ((8,) * 4, False)], [((5,) * 4, False)]]
-    s._launch_tts(s.plan(100.0)["tts"])
-    assert young.call.launched == 5, "no step past the call's last"
-    # while a stream is about to run dry, no extra steps (they would delay its next step too)
-    fresh = live(TTSCall(position=302, prev_codes=None, num_text_tokens=20, ban_eos=(True,) * 5,
-                         force_eos=(False,) * 5))
-    dry = live(tts_step(), buffered=CONFIG.underrun_reserve_s / 2)
-    fresh.tts_slot, dry.tts_slot = SlotHandle(1), SlotHandle(0)
-    s = scheduler(fresh, dry, first_audio_extra_steps=2)
-    s.tts = StepRecorder()
-    s.tts.step_scattered = s.tts.step
-    s.tts.answers = [[((1,) * 4, False), ((2,) * 4, False)]]
-    plan = s.plan(100.0)
-    assert plan["underrunning"] == [dry]
-    s._launch_tts(plan["tts"], bool(plan["underrunning"]))
-    assert [len(rows) for rows in s.tts.launched] == [2], "one step over both, none extra"
 
 
 def test_read_aloud_has_no_llm_work():

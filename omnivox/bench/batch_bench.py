@@ -268,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=3, help="passes over the workload in the single part")
     p.add_argument("--max-session-tokens", type=int, default=2048)
     p.add_argument("--attention", default="auto", help="EngineConfig.attention (auto, products, sdpa, ...)")
-    p.add_argument("--first-audio-extra-steps", type=int, default=0, help="EngineConfig.first_audio_extra_steps")
     p.add_argument("--compile", default="auto", help="EngineConfig.compile (auto, on, off)")
     p.add_argument("--plot-steps", nargs="+", metavar="LABEL=FILE.json",
                    help="draw the steps parts of earlier runs (batch_bench.json files) into --out/steps.png; runs "
@@ -286,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     slots = max(batches) if {"steps", "profile"} & set(parts) else 16
     config = EngineConfig(max_concurrent_requests=slots, max_session_tokens=args.max_session_tokens, max_sessions=0,
-                          attention=args.attention, compile=args.compile,
-                          first_audio_extra_steps=args.first_audio_extra_steps)
+                          attention=args.attention, compile=args.compile)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(None, device=args.device, dtype=args.precision, dummy_weights=args.dummy_weights,
                                     config=config)

@@ -74,9 +74,6 @@ class EngineConfig:
     # efficient | math | cudnn: SDPA kernels only
     attention: str = "auto"
     llm_lookahead: int = 8  # LLM chunks a reply may make ahead of its speech
-    # more TTS steps an iteration for streams without audio yet (each over just their rows): first audio sooner for
-    # the device time of a few small steps (omnivox/engine/scheduler.py, `SchedulerConfig`)
-    first_audio_extra_steps: int = 0
     tts_capacity: int = 2560  # TTS positions per segment: 302 condition slots + up to 2048 audio tokens + scratch
     memory_fraction: float = 0.85  # share of free GPU memory the automatic slot count may use for caches
 
@@ -279,8 +276,6 @@ class Engine:
                  clock: Callable[[], float] = time.perf_counter, model_load_s: float = 0.0):
         self.model = model
         self.config = config = config or EngineConfig()
-        if config.first_audio_extra_steps < 0:
-            raise InvalidRequest(f"first_audio_extra_steps is {config.first_audio_extra_steps}: use 0 (none) or more")
         if config.llm_lookahead < 0:
             raise InvalidRequest(f"llm_lookahead is {config.llm_lookahead}: use 0 (none) or more chunks")
         if config.path not in ("fast", "reference"):
@@ -316,8 +311,7 @@ class Engine:
         self.graphs = (graphs, llm_graphs, vocoder_graphs)
         self._prefix: PrefixCache | None = None
         self._default_speaker: torch.Tensor | None = None
-        self.scheduler = Scheduler(self.llm, self.tts, self.vocoder, None,
-                                   SchedulerConfig(first_audio_extra_steps=config.first_audio_extra_steps), clock)
+        self.scheduler = Scheduler(self.llm, self.tts, self.vocoder, None, SchedulerConfig(), clock)
         self.scheduler.after_advance = lambda: self._flush_wakeups()  # chunks out as soon as they are made
         self._cv = threading.Condition()
         self._commands: deque[Callable[[], None]] = deque()
@@ -455,7 +449,7 @@ class Engine:
             self._shared_prompt()
             self.default_speaker()
             self.llm.warm_up()
-            self.tts.warm_up(scattered=self.config.first_audio_extra_steps > 0)
+            self.tts.warm_up()
             self.vocoder.warm_up()
             if self.cuda_stream is not None:
                 torch.cuda.synchronize(self.device)

@@ -5,7 +5,7 @@ cache rows, its random keys and its playback clock. `advance` runs each coroutin
 waits; the iteration then launches the LLM's work on its own stream (a decode step when a stream needs text now or
 soon, else every `llm_gather_s` for the rows running ahead; short prompts ride along inside it, others run as a
 prefill within a token budget) and launches, meanwhile, the vocoder windows (on the vocoder's stream), one TTS step
-for every row in a TTS call (opt-in: more for streams without audio yet, over just their rows) and the TTS prefills.
+for every row in a TTS call and the TTS prefills.
 The TTS step's codes are read in the next iteration, after its next step is launched: a row's next step takes them
 on the device, so the host's work of one iteration runs beside the device's step, and the device always has the next
 step queued. While it waits for the last step and the vocoder, LLM work that finishes hands its results over and the
@@ -31,7 +31,7 @@ from omnivox.engine.graphs import Pending, Ready
 from omnivox.engine.live import CallInProgress, Live
 from omnivox.engine.llm_executor import RIDING_PROMPTS, LLMExecutor, LLMRow, LLMSampling, PrefillRow, can_ride
 from omnivox.engine.request import LLMChunk, Piece
-from omnivox.engine.tts_executor import SCATTERED_ROWS, TTSExecutor, TTSRow, TTSSampling
+from omnivox.engine.tts_executor import TTSExecutor, TTSRow, TTSSampling
 from omnivox.engine.types import SAMPLE_RATE
 from omnivox.engine.vocoder import VocoderExecutor
 from omnivox.engine.work import (
@@ -59,9 +59,6 @@ class SchedulerConfig:
     vocoder_gather_rows: int = 8  # ... or until this many wait
     underrun_reserve_s: float = 0.3  # a stream with less buffered than this is about to underrun
     ahead_limit_s: float = 20.0  # a stream with more buffered than this waits
-    # more TTS steps an iteration for streams without audio yet, each over just their rows: first audio sooner, at
-    # the device time of a small step each (0: one step an iteration for every stream)
-    first_audio_extra_steps: int = 0
 
 
 class Scheduler:
@@ -78,7 +75,7 @@ class Scheduler:
         self._last_vocode_at = -float("inf")
         self._decode: Launched | None = None  # the LLM's work in flight on its stream (at most one of each)
         self._prefill: Launched | None = None
-        self._tts: list[Launched] = []  # the TTS steps in flight, their codes read in the next iteration
+        self._tts: Launched | None = None  # the TTS step in flight, its codes read in the next iteration
         self.loop_seconds: defaultdict[str, float] = defaultdict(float)  # host time by part of the iteration
         self.on_batch: Callable[[str, int], None] | None = None  # observer of each batch's size (metrics)
         self.after_advance: Callable[[], None] | None = None  # called once requests have advanced (chunks went out)
@@ -129,7 +126,7 @@ class Scheduler:
         """
         self.reap()
         resolved = self._resolve_llm(block=False)
-        if not self.live and not self._tts:
+        if not self.live and self._tts is None:
             return bool(self._resolve_llm(block=True) or resolved)
         now = self.clock()
         for live in list(self.live):
@@ -141,13 +138,12 @@ class Scheduler:
         self.loop_seconds["advance"] += self.clock() - now
         launched = self._launch_llm_work(plan, now)
         speech = [r for r in plan["prefill"] if r.speech is r.prefill_side()]
-        if plan["vocode"] or plan["tts"] or speech or self._tts:
+        if plan["vocode"] or plan["tts"] or speech or self._tts is not None:
             audio = self._launch_vocoder(plan["vocode"])
-            previous, self._tts = self._tts, self._launch_tts(plan["tts"], bool(plan["underrunning"]))
+            previous, self._tts = self._tts, self._launch_tts(plan["tts"])
             self._run_speech_prefills(speech)
-            self._await_speech(*previous, audio)
-            for launched in previous:
-                self._resolve_tts(launched)
+            self._await_speech(previous, audio)
+            self._resolve_tts(previous)
             self._resolve_vocoder(audio)
             self._relaunch_llm()
         elif not self._resolve_llm(block=True):  # nothing to do but wait for the LLM
@@ -186,9 +182,8 @@ class Scheduler:
         self.loop_seconds["relaunch_llm"] += self.clock() - now
 
     def plan(self, now: float) -> dict[str, list[Live]]:
-        """Which requests' pending work runs this iteration (pure: reads the requests and the clock), and which
-        streams are about to underrun ("underrunning"). One pass over the live requests sorts each one's pending
-        work by kind."""
+        """Which requests' pending work runs this iteration (pure: reads the requests and the clock). One pass over
+        the live requests sorts each one's pending work by kind."""
         cfg = self.config
         llm_busy, decode_free = self._prefill is not None, self._decode is None
         vocode, tts, llm_rows, prefills, buffered, urgent = [], [], [], [], {}, set()
@@ -238,7 +233,7 @@ class Scheduler:
             # dry: one at most; the LLM's prefills run on its own stream and are not held back
             speech = [r for r in prefills if r.prefill_side() is r.speech][:1]
             prefills = [r for r in prefills if r in speech or r.prefill_side() is not r.speech]
-        return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills, "underrunning": list(urgent)}
+        return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
 
     def stats(self, now: float) -> dict[str, dict[str, float]]:
         """Queue depths by kind of work, the buffered audio of the streams that have audio, the loop's host time by
@@ -383,34 +378,16 @@ class Scheduler:
             live.speech.resolve(pcm)
         self.loop_seconds["audio"] += self.clock() - t0
 
-    def _launch_tts(self, lives: list[Live], underrunning: bool = False) -> list[Launched]:
-        """The next step of each of `lives`' TTS calls, on the loop's stream, then up to `first_audio_extra_steps`
-        more for those without audio yet (each over just their rows; none while a stream is `underrunning`: they
-        would delay its next step too); their codes are taken by `_resolve_tts` in the next iteration. A call's
-        later steps feed on the codes its last step drew, on the device."""
+    def _launch_tts(self, lives: list[Live]) -> Launched | None:
+        """The next step of each of `lives`' TTS calls, on the loop's stream; its codes are taken by `_resolve_tts`
+        in the next iteration. A call's later steps feed on the codes its last step drew, on the device."""
         if not lives:
-            return []
+            return None
         now = self.clock()
         for live in lives:
             live.mark("speaking", now)
         rows, calls = self._tts_rows(lives)
-        steps = [self._launch("tts", lives, lambda: self.tts.step(rows), "tts", calls)]
-        young = [] if underrunning else self._young(lives)
-        for _ in range(self.config.first_audio_extra_steps):
-            young = [r for r in young if not r.ended and r.call.wants_step]
-            if not young:
-                break
-            young_rows, calls = self._tts_rows(young)
-            run = partial(self.tts.step_scattered, young_rows)
-            steps.append(self._launch("tts", young, run, "tts", calls))
-        return [launched for launched in steps if launched is not None]
-
-    def _young(self, lives: list[Live]) -> list[Live]:
-        """The streams of `lives` without audio yet that get extra steps: the oldest SCATTERED_ROWS (the shapes
-        captured at start-up)."""
-        if not self.config.first_audio_extra_steps:
-            return []
-        return sorted((r for r in lives if r.first_audio_at is None), key=lambda r: r.order)[:SCATTERED_ROWS]
+        return self._launch("tts", lives, lambda: self.tts.step(rows), "tts", calls)
 
     def _tts_rows(self, lives: list[Live]) -> tuple[list[TTSRow], list[CallInProgress]]:
         """The next step of each of `lives`' TTS calls, counted as launched."""

@@ -5,8 +5,6 @@ each row's audio mask on the device, and samples each row's 4 codes with its own
 replays as one CUDA graph per (batch size, key width). Rows without a step write to the scratch slot (the last
 one) and are dropped, as in the LLM executor. Each row's drawn codes also stay on the device, where the row's next
 step may take them as its input: the loop launches that step before it has read them (host work beside the step).
-`step_scattered` runs the same step for a few rows anywhere in the pool (`KVRows`), one graph per (batch, key width)
-of up to SCATTERED_ROWS rows: the extra steps of streams still waiting for their first audio.
 """
 
 from __future__ import annotations
@@ -29,10 +27,9 @@ from omnivox.engine.graphs import (
 from omnivox.engine.masks import causal_mask, tts_audio_mask
 from omnivox.engine.sampling import compiled, sample_tts
 from omnivox.engine.slots import SlotTable
-from omnivox.models.kv_cache import KVPool, KVRows, KVView
+from omnivox.models.kv_cache import KVPool, KVRows
 
 PREFILL_WIDTH = 16  # text tokens per row of a batched text prefill (a streaming chunk is 10 + 2, a restart's 7)
-SCATTERED_ROWS = 8  # rows a step over scattered rows takes at most (its shapes are captured at start-up)
 
 
 @dataclass(frozen=True)
@@ -71,9 +68,7 @@ class TTSExecutor:
         self.condition_slots = c.condition_len - 1
         self.pool = KVPool(c.num_hidden_layers, c.num_attention_heads, c.head_dim, self.capacity, model.dtype,
                            model.device, slots)
-        # each row's last codes; one spare row past the pool's, where padding rows of a step over scattered rows
-        # (`step_scattered`) put theirs
-        self.drawn = torch.zeros(slots + 1, self.num_vq, dtype=torch.long, device=model.device)
+        self.drawn = torch.zeros(slots, self.num_vq, dtype=torch.long, device=model.device)  # each row's last codes
         self.slots = SlotTable(slots, self._swap)
         self.graphs = graphs
         self.widths = length_buckets(self.capacity, 512)
@@ -176,39 +171,11 @@ class TTSExecutor:
             return Ready([self._step_rows(r.row, 1, [r]).get()[0] for r in rows])
         return self._step_rows(0, batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch), rows)
 
-    @torch.inference_mode()
-    def step_scattered(self, rows: list[TTSRow]) -> Pending | Ready:
-        """`step` for a few rows anywhere in the pool (`KVRows`), in a batch of their own: the extra steps of streams
-        still waiting for their first audio, beside the step over every row."""
-        if self.one_row_at_a_time:
-            return self.step(rows)
-        if len(rows) > SCATTERED_ROWS:
-            raise ValueError(f"{len(rows)} rows: a scattered step takes at most {SCATTERED_ROWS}")
-        batch = batch_bucket(len(rows), self.slots.size, self.smallest_batch)
-        width = length_bucket(max(r.position for r in rows) + 1, self.widths)
-        pool_rows = np.full(batch, rows[0].row, np.int64)  # a padding row writes the first row's scratch slot
-        pool_rows[: len(rows)] = [r.row for r in rows]
-        drawn_rows = np.full(batch, self.slots.size, np.int64)  # ... and its codes to the spare row
-        drawn_rows[: len(rows)] = pool_rows[: len(rows)]
-        index = list(range(len(rows)))
-        ints, floats = self._pack(rows, index, batch)
-        inputs = {"ints": ints, "floats": floats, "rows": pool_rows, "drawn_rows": drawn_rows}
-        out = self.graphs.run(("tts_scattered", batch, width),
-                              lambda **kw: self._step_scattered(width, **kw), inputs)
-        return self._pending_codes(out, index)
-
     def _step_rows(self, first: int, batch: int, rows: list[TTSRow]) -> Pending:
         """One step over pool rows first..first+batch-1, of which `rows` take part."""
         width = length_bucket(max(r.position for r in rows) + 1, self.widths)
-        index = [r.row - first for r in rows]
-        ints, floats = self._pack(rows, index, batch)
-        out = self.graphs.run(("tts", first, batch, width), lambda **kw: self._step(first, width, **kw),
-                              {"ints": ints, "floats": floats})
-        return self._pending_codes(out, index)
-
-    def _pack(self, rows: list[TTSRow], index: list[int], batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The step's host inputs (`_blank`) with row `index[i]` of the batch holding `rows[i]`."""
         ints, floats = self._blank(batch)
+        index = [r.row - first for r in rows]
         no_codes = [0] * self.num_vq
         # one list per row, converted by numpy in one go: a slice assignment per field costs more than the step's
         # whole packing at a hundred rows
@@ -216,10 +183,8 @@ class TTSExecutor:
                         r.sampling.top_k, r.sampling.greedy, r.sampling.seed, r.counter, r.prev_drawn,
                         *(no_codes if r.prev_codes is None else r.prev_codes)] for r in rows]
         floats[index] = [[*r.sampling.temperature, r.sampling.top_p] for r in rows]
-        return ints, floats
-
-    def _pending_codes(self, out: torch.Tensor, index: list[int]) -> Pending:
-        """The codes of batch rows `index`, on their way back (read without blocking the loop)."""
+        out = self.graphs.run(("tts", first, batch, width), lambda **kw: self._step(first, width, **kw),
+                              {"ints": ints, "floats": floats})
         eos = self.eos_code
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
@@ -232,18 +197,10 @@ class TTSExecutor:
 
         return Pending((out,), codes_of_rows, stream)
 
-    def warm_up(self, scattered: bool = False) -> None:
-        """Captures every (batch size, key width) step and text-prefill graph now, and with `scattered` the steps
-        over up to 8 scattered rows (`step_scattered`); scratch rows only."""
+    def warm_up(self) -> None:
+        """Captures every (batch size, key width) step and text-prefill graph now; scratch rows only."""
         if not self.graphs.enabled:
             return
-        for batch in batch_buckets(min(SCATTERED_ROWS, self.slots.size), self.smallest_batch) if scattered else ():
-            for width in self.widths:
-                ints, floats = self._blank(batch)
-                inputs = {"ints": ints, "floats": floats, "rows": np.zeros(batch, np.int64),
-                          "drawn_rows": np.full(batch, self.slots.size, np.int64)}
-                self.graphs.run(("tts_scattered", batch, width),
-                                lambda w=width, **kw: self._step_scattered(w, **kw), inputs)
         for batch in batch_buckets(self.slots.size, self.smallest_batch):
             for width in self.widths:
                 ints, floats = self._blank(batch)
@@ -268,31 +225,20 @@ class TTSExecutor:
         return ints, np.ones((batch, self.num_vq + 1), np.float32)
 
     def _step(self, first: int, width: int, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
-        drawn = self.drawn[first:first + ints.shape[0]]
-        codes = self._audio_step(ints, floats, drawn, self.pool.view(first, ints.shape[0], width), width)
-        drawn.copy_(torch.where((ints[:, 0] != self.scratch)[:, None], codes, drawn))  # rows taking part only
-        return codes
-
-    def _step_scattered(self, width: int, ints: torch.Tensor, floats: torch.Tensor, rows: torch.Tensor,
-                        drawn_rows: torch.Tensor) -> torch.Tensor:
-        drawn = self.drawn[drawn_rows]
-        codes = self._audio_step(ints, floats, drawn, KVRows(self.pool, rows, width), width)
-        self.drawn[drawn_rows] = torch.where((ints[:, 0] != self.scratch)[:, None], codes, drawn)
-        return codes
-
-    def _audio_step(self, ints: torch.Tensor, floats: torch.Tensor, drawn: torch.Tensor, cache: KVView | KVRows,
-                    width: int) -> torch.Tensor:
         """Each row's next audio token: its input (`[Ptts]`, the codes it drew last or codes from the host), its
-        audio mask, the backbone over `cache` and its sampling. Returns the codes [B, num_vq]."""
+        audio mask, the backbone and its sampling. Returns the codes [B, num_vq]."""
         batch, q = ints.shape[0], self.num_vq
         positions, first_step, num_text = ints[:, 0], ints[:, 1] != 0, ints[:, 2]
         bos = self.tts.embed_text(torch.full((batch, 1), self.audio_bos, device=ints.device))
+        drawn = self.drawn[first:first + batch]
         prev = torch.where(ints[:, 9, None] != 0, drawn, ints[:, 10:10 + q])
         embeds = torch.where(first_step[:, None, None], bos, self.tts.embed_codes(prev[:, None]))  # [B, 1, C]
         mask = tts_audio_mask(positions, num_text, positions + 1, width)
-        hidden = self.tts(embeds, positions[:, None], cache, mask, self.compiled)
+        hidden = self.tts(embeds, positions[:, None], self.pool.view(first, batch, width), mask, self.compiled)
         logits = self.tts.compute_logits(hidden)[:, -1]  # [B, num_vq, num_codes]
         sample = compiled(sample_tts) if self.compiled else sample_tts
-        return sample(logits, temperature=floats[:, :q], top_p=floats[:, q], top_k=ints[:, 5],
-                      first_audio_step=first_step, ban_eos=ints[:, 3] != 0, force_eos=ints[:, 4] != 0,
-                      greedy=ints[:, 6] != 0, eos_id=self.eos_code, seeds=ints[:, 7], counters=ints[:, 8])
+        codes = sample(logits, temperature=floats[:, :q], top_p=floats[:, q], top_k=ints[:, 5],
+                       first_audio_step=first_step, ban_eos=ints[:, 3] != 0, force_eos=ints[:, 4] != 0,
+                       greedy=ints[:, 6] != 0, eos_id=self.eos_code, seeds=ints[:, 7], counters=ints[:, 8])
+        drawn.copy_(torch.where((positions != self.scratch)[:, None], codes, drawn))  # rows taking part only
+        return codes
