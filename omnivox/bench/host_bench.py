@@ -51,12 +51,16 @@ def stub_device(engine: Engine) -> None:
     def llm_prefill(*_: Any, ids: torch.Tensor, **__: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(ids.shape[0], dtype=torch.long), torch.zeros(*ids.shape, llm_hidden)
 
+    def llm_step_with_prompts(*_: Any, ints: torch.Tensor, ids: torch.Tensor, **__: Any):
+        return torch.zeros(ints.shape[0], dtype=torch.long), torch.zeros(*ids.shape, llm_hidden)
+
     def tts_step(*_: Any, ints: torch.Tensor, **__: Any) -> torch.Tensor:
         codes = torch.zeros(ints.shape[0], num_vq, dtype=torch.long)
         codes[:, 0] = torch.where(ints[:, 4] != 0, eos, 0)  # forced EOS (column 4) ends a reply where it is told to
         return codes
 
     engine.llm._step, engine.llm._prefill_step, engine.tts._step = llm_step, llm_prefill, tts_step
+    engine.llm._step_with_prompts = llm_step_with_prompts  # a decode step with prompts riding along
     engine.tts.prefill_text_rows = lambda *_, **__: None
     engine.tts.prefill_audio = lambda *_, **__: None
     engine.tts.project_speaker = lambda *_, **__: torch.zeros(tts_hidden)
