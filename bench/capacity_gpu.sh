@@ -12,6 +12,7 @@
 #   after STARTUP_ESTIMATE (60 s))  READY_TIMEOUT (300 s)  PORT (a free one)
 #   SERVER_TREE (run the server from that checkout's root, e.g. an older engine, swept by this client in the
 #   same device call; `python -m` puts the working directory first on the path, so PYTHONPATH alone would not do)
+#   CLIENT_PROCESSES (processes the client sends and listens from; empty = one per four cores, at most 8)
 # Writes under OUT_DIR: server.log, prewarm.log, capacity.log, capacity.json (every request; rewritten after each
 # rate), capacity.png, metrics.txt (the server's last /metrics), nvidia-smi.txt. Prints the table last.
 set -uo pipefail
@@ -87,6 +88,7 @@ echo "sweep: rates $rates, ${duration} s window after ${warmup} s warm-up, $endp
 timeout --signal=INT --kill-after=10 "$((left + 30))" \
     "$py" -m omnivox.cli capacity --url "$url" --sweep "$rates" --duration "$duration" --warmup "$warmup" \
     ${workload:+--workload "$workload"} --endpoint "$endpoint" --ttfa-bound "$bound" --timeout "$request_timeout" --budget "$left" \
+    ${CLIENT_PROCESSES:+--client-processes "$CLIENT_PROCESSES"} \
     --out "$out/capacity.json" > "$out/capacity.log" 2>&1
 rc=$?
 echo "sweep exit $rc after $((SECONDS - t0)) s"

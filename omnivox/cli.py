@@ -322,6 +322,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return loadtest_main(args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too few: use 1 or more")
+    return value
+
+
 def _rates(text: str) -> list[float]:
     try:
         rates = [float(part) for part in text.split(",") if part.strip()]
@@ -333,7 +343,7 @@ def _rates(text: str) -> list[float]:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from omnivox.bench.capacity_client import sweep
+    from omnivox.bench.capacity_client import default_client_processes, sweep
     from omnivox.bench.capacity_report import capacity_table, headline_text, plot_capacity
     from omnivox.workload import load_workload, split_warmup
 
@@ -366,7 +376,8 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     try:
         results = sweep(args.url, args.sweep, items=items, duration_s=args.duration, warmup_s=args.warmup,
                         endpoint=args.endpoint, seed=args.seed, ttfa_bound_s=args.ttfa_bound / 1000,
-                        timeout_s=args.timeout, budget_s=args.budget, out=out, on_rate=progress)
+                        timeout_s=args.timeout, budget_s=args.budget, out=out, on_rate=progress,
+                        client_processes=args.client_processes or default_client_processes())
     except ConnectionError as e:
         raise OmnivoxError(str(e)) from None
     except KeyboardInterrupt:
@@ -476,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole sweep: a rate that might not finish in time is not started")
     p.add_argument("--out", default="out/capacity/results.json", help="results JSON (bench schema, every request)")
+    p.add_argument("--client-processes", type=_positive_int, default=None, metavar="N",
+                   help="processes that send the requests and listen to the replies, each a share (default: one "
+                   "per four cores, at most 8): one Python process falls behind past about 150 streams at once")
     p.add_argument("--plot", help="write a PNG of p95 TTFA, underruns and streams playing against the rate")
     p.add_argument("--show", metavar="RESULTS.json", help="print (and with --plot draw) an earlier sweep; runs nothing")
     p.add_argument("--rate-seconds", action="store_true",

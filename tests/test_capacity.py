@@ -21,7 +21,7 @@ from omnivox.bench.capacity import (
     streams_playing,
     summarize_rate,
 )
-from omnivox.bench.capacity_client import _gpu_memory, metric_series, request_for
+from omnivox.bench.capacity_client import _gpu_memory, deal, metric_series, request_for
 from omnivox.bench.capacity_report import capacity_table, headline_text, loop_table, milestone_table, plot_capacity
 from omnivox.bench.results import build_results, read_results
 from omnivox.bench.streamed_reply import audio_of
@@ -329,16 +329,18 @@ def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path
     workload.write_text("".join(json.dumps({"id": i.id, "prompt": i.prompt, "reply": i.reply,
                                             "audio_seconds": i.audio_seconds}) + "\n" for i in ITEMS))
     out, png = tmp_path / "cap" / "results.json", tmp_path / "cap.png"
-    # a bound no reply can meet makes every rate fail, deterministically: two rates run, the third is skipped
+    # a bound no reply can meet makes every rate fail, deterministically: two rates run, the third is skipped; two
+    # client processes share each rate's arrivals
     argv = ["capacity", "--url", server.url, "--sweep", "4,1,2", "--duration", "1.5", "--warmup", "0.5",
             "--workload", str(workload), "--endpoint", "mix", "--seed", "5", "--ttfa-bound", "0.001",
-            "--out", str(out), "--plot", str(png)]
+            "--out", str(out), "--plot", str(png), "--client-processes", "2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "verdict" in printed and "capacity: no rate passed" in printed and "engine loop per rate" in printed
 
     results = read_results(out)
     assert results["kind"] == "capacity" and results["dummy_weights"] is True
+    assert results["config"]["client_processes"] == 2
     rates = results["extra"]["rates"]
     assert [r["rate"] for r in rates] == [1.0, 2.0] and results["extra"]["skipped_rates"] == [4.0]
     assert results["extra"]["stop_reason"] == "2 rates failed" and results["extra"]["interrupted_rate"] is None
@@ -347,6 +349,7 @@ def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path
         expected = poisson_arrivals(r["rate"], 1.5, 0.5, ITEMS, "mix", seed=5)
         samples = [s for s in results["samples"] if s["rate"] == r["rate"]]
         assert [s["scheduled_s"] for s in samples] == pytest.approx([a.at_s for a in expected])
+        assert [s["seed"] for s in samples] == [5 + i for i in range(len(expected))], "arrival order, own seeds"
         assert r["requests"] == sum(not a.warmup for a in expected) and r["gpu_memory"] is None
         profile = r["server_profile"]  # the engine loop ran through every window (warm-up replies play into it)
         assert profile is not None and profile["iterations_per_s"] > 0, profile
@@ -359,6 +362,22 @@ def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path
     assert png.read_bytes()[:4] == b"\x89PNG"
     stats = server.wait_idle()
     assert stats["live_requests"] == 0 and stats["cache_bytes"] == 0, stats
+
+
+def test_arrivals_are_dealt_round_robin_with_their_index():
+    arrivals = poisson_arrivals(8.0, 1.0, 0.5, ITEMS, "chat", seed=1)
+    hands = deal(arrivals, 3)
+    assert [len(h) for h in hands] == [len(arrivals[i::3]) for i in range(3)]
+    assert sorted(i for hand in hands for i, _ in hand) == list(range(len(arrivals)))
+    assert all(arrivals[i] is a for hand in hands for i, a in hand)
+    assert all([i for i, _ in hand] == sorted(i for i, _ in hand) for hand in hands), "each hand in time order"
+    assert deal(arrivals, 1) == [list(enumerate(arrivals))]
+
+
+def test_client_processes_must_be_a_positive_number(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["capacity", "--client-processes", "0"])
+    assert exit_.value.code == 2 and "use 1 or more" in capsys.readouterr().err
 
 
 def test_request_body_carries_the_workload_only_for_random_weights():

@@ -1,8 +1,11 @@
 """`omnivox capacity`: how many realtime streams a running server holds (the contract in shared/docs/batching.md).
 
 For each rate, lowest first: open-loop Poisson arrivals (capacity.poisson_arrivals) for a warm-up and then the
-measuring window, every request streamed over SSE from one asyncio process (httpx, no thread per stream, no cap
-on connections: a client-side queue would hide the server's). Each reply is timed by a playback clock
+measuring window, every request streamed over SSE from asyncio (httpx, no thread per stream, no cap on connections:
+a client-side queue would hide the server's). Past about 150 streams at once one Python process reading every
+stream's chunks falls behind (it sends late and reads late, which looks like the server's underruns), so the
+arrivals are dealt round-robin to `client_processes` worker processes, each with its own event loop, all timed on
+the machine's monotonic clock (`time.perf_counter`). Each reply is timed by a playback clock
 (capacity.PlaybackClock); the server's GPU memory is read from /metrics once a second, and its engine loop's
 counters as the measuring window starts and ends (capacity.server_profile). The sweep stops after two failing
 rates. With a random-weight server every request carries its workload reply and length in the `omnivox` field, so
@@ -15,10 +18,14 @@ under extra.rates; it is rewritten after each rate so an interrupted sweep keeps
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import multiprocessing
+import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -146,20 +153,80 @@ async def _profile_window(client: httpx.AsyncClient, url: str, start: float, end
     return server_profile(before, after, ended - started)
 
 
-async def run_rate(client: httpx.AsyncClient, url: str, rate: float, duration_s: float, warmup_s: float,
-                   items: list[WorkloadItem], endpoint: str, seed: int, forced: bool,
-                   origin: float | None = None) -> list[dict[str, Any]]:
-    """Every request of one rate (warm-up ones flagged), on this rate's clock (0 = start of the warm-up, at
-    perf_counter time `origin`, by default now)."""
-    arrivals = poisson_arrivals(rate, duration_s, warmup_s, items, endpoint, seed)
-    origin = time.perf_counter() if origin is None else origin
+def default_client_processes() -> int:
+    """One client process per four cores, at most 8 (the server needs cores too): 1 on a small machine."""
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
+def _client(timeout_s: float) -> httpx.AsyncClient:
+    # idle connections are dropped well before the server's keep-alive timeout (uvicorn: 5 s): reusing one the server
+    # is closing at that moment fails the request with a ReadError (seen once in a 94-request sweep)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0)
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits)
+
+
+async def _listen(client: httpx.AsyncClient, url: str, share: list[tuple[int, Arrival]], seed: int, forced: bool,
+                  origin: float) -> list[dict[str, Any]]:
+    """Sends each (index, arrival) of `share` at its time after `origin` and listens to every reply to its end."""
     tasks = []
-    for index, arrival in enumerate(arrivals):
+    for index, arrival in share:
         delay = origin + arrival.at_s - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(stream_one(client, url, arrival, seed + index, forced, origin)))
     return list(await asyncio.gather(*tasks))
+
+
+def _listen_in_worker(url: str, share: list[tuple[int, Arrival]], seed: int, forced: bool, origin: float,
+                      timeout_s: float) -> list[dict[str, Any]]:
+    """`_listen` in a worker process, with its own event loop and connections."""
+    async def run() -> list[dict[str, Any]]:
+        async with _client(timeout_s) as client:
+            return await _listen(client, url, share, seed, forced, origin)
+
+    _raise_open_files()
+    return asyncio.run(run())
+
+
+def deal(arrivals: list[Arrival], hands: int) -> list[list[tuple[int, Arrival]]]:
+    """Arrivals dealt round-robin to `hands` listeners, each with its index in the rate's order (its seed)."""
+    return [list(enumerate(arrivals))[hand::hands] for hand in range(hands)]
+
+
+async def run_rate(client: httpx.AsyncClient, url: str, rate: float, duration_s: float, warmup_s: float,
+                   items: list[WorkloadItem], endpoint: str, seed: int, forced: bool,
+                   origin: float | None = None, workers: ProcessPoolExecutor | None = None, processes: int = 1,
+                   timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """Every request of one rate (warm-up ones flagged), in arrival order, on this rate's clock (0 = start of the
+    warm-up, at perf_counter time `origin`, by default now). With `workers` (`processes` of them), each sends and
+    listens to a share of the arrivals; without, this event loop does it all."""
+    arrivals = poisson_arrivals(rate, duration_s, warmup_s, items, endpoint, seed)
+    origin = time.perf_counter() if origin is None else origin
+    if workers is None:
+        return await _listen(client, url, deal(arrivals, 1)[0], seed, forced, origin)
+    loop = asyncio.get_running_loop()
+    shares = [share for share in deal(arrivals, processes) if share]
+    done = await asyncio.gather(*(loop.run_in_executor(workers, _listen_in_worker, url, share, seed, forced, origin,
+                                                       timeout_s) for share in shares))
+    by_index = {index: sample for share, samples in zip(shares, done, strict=True)
+                for (index, _), sample in zip(share, samples, strict=True)}
+    return [by_index[i] for i in range(len(arrivals))]
+
+
+@contextlib.contextmanager
+def _client_workers(processes: int) -> Iterator[ProcessPoolExecutor | None]:
+    """`processes` client processes, started now (a rate's first arrivals must not wait for a process to start),
+    and stopped at the end without waiting for replies still playing (an interrupted sweep); None for one: the
+    sweep's own event loop listens."""
+    if processes <= 1:
+        yield None
+        return
+    workers = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        list(workers.map(time.sleep, [0.5] * processes))  # each worker busy at once: all of them start
+        yield workers
+    finally:
+        workers.shutdown(wait=False, cancel_futures=True)
 
 
 async def _server_info(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
@@ -191,12 +258,16 @@ def rate_seconds(items: list[WorkloadItem], warmup_s: float, duration_s: float, 
 async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem], duration_s: float = 60.0,
                       warmup_s: float = 10.0, endpoint: str = "chat", seed: int = 0, ttfa_bound_s: float = 0.3,
                       timeout_s: float = 120.0, budget_s: float | None = None, out: str | Path | None = None,
-                      on_rate: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                      on_rate: Callable[[dict[str, Any]], None] | None = None,
+                      client_processes: int = 1) -> dict[str, Any]:
     """Run the sweep; returns the results document (bench schema, kind "capacity"). `budget_s`: start no rate
     that might not end within this many seconds of the start (warm-up + window + a drain of three times the
-    longest reply, at most one request timeout)."""
+    longest reply, at most one request timeout). `client_processes`: processes that send and listen (1: this
+    one's event loop)."""
     if not rates or any(not (math.isfinite(r) and r > 0) for r in rates):
         raise ValueError(f"rates must be positive requests per second, got {rates}")
+    if client_processes < 1:
+        raise ValueError(f"client_processes must be 1 or more, got {client_processes}")
     if not (duration_s > 0 and warmup_s >= 0):
         raise ValueError(f"duration must be positive and warm-up not negative, got {duration_s} and {warmup_s}")
     url = url.rstrip("/")
@@ -205,70 +276,68 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
     per_rate_s = rate_seconds(items, warmup_s, duration_s, timeout_s)
     config = {"url": url, "rates": sorted(rates), "duration_s": duration_s, "warmup_s": warmup_s,
               "endpoint": endpoint, "seed": seed, "ttfa_bound_s": ttfa_bound_s, "timeout_s": timeout_s,
-              "prompt_ids": sorted({item.id for item in items})}
+              "prompt_ids": sorted({item.id for item in items}), "client_processes": client_processes}
     samples: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     skipped: list[float] = []
     interrupted: list[float] = []
     stop_reason: list[str] = []
-    # idle connections are dropped well before the server's keep-alive timeout (uvicorn: 5 s): reusing one the server
-    # is closing at that moment fails the request with a ReadError (seen once in a 94-request sweep)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits) as client:
-        info = await _server_info(client, url)
-        forced = bool(info.get("random_weights", info.get("dummy_weights", False)))
+    with _client_workers(client_processes) as workers:
+        async with _client(timeout_s) as client:
+            info = await _server_info(client, url)
+            forced = bool(info.get("random_weights", info.get("dummy_weights", False)))
 
-        def document() -> dict[str, Any]:
-            return build_results(samples, config, kind="capacity", dummy_weights=forced, extra={
-                "rates": summaries, "headline": headline(summaries), "skipped_rates": skipped,
-                "stop_reason": stop_reason[0] if stop_reason else None,
-                "interrupted_rate": interrupted[0] if interrupted else None, "server": info,
-                "wall_s": time.perf_counter() - started})
+            def document() -> dict[str, Any]:
+                return build_results(samples, config, kind="capacity", dummy_weights=forced, extra={
+                    "rates": summaries, "headline": headline(summaries), "skipped_rates": skipped,
+                    "stop_reason": stop_reason[0] if stop_reason else None,
+                    "interrupted_rate": interrupted[0] if interrupted else None, "server": info,
+                    "wall_s": time.perf_counter() - started})
 
-        if out is not None:  # a file from the start: `--show` works even if the first rate never ends
-            write_results(out, document())
-        for rate in sorted(rates):
-            failed = sum(1 for s in summaries if not s["passed"])
-            elapsed = time.perf_counter() - started
-            if not stop_reason and failed >= STOP_AFTER_FAILURES:
-                stop_reason.append(f"{STOP_AFTER_FAILURES} rates failed")
-            elif not stop_reason and budget_s is not None and elapsed + per_rate_s > budget_s:
-                stop_reason.append(f"out of time (budget {budget_s:g} s)")
-            if stop_reason:
-                skipped.append(rate)
-                continue
-            memory: dict[str, float] = {}
-            origin = time.perf_counter()
-            watcher = asyncio.create_task(_watch_memory(client, url, memory))
-            profiler = asyncio.create_task(_profile_window(client, url, origin + warmup_s,
-                                                           origin + warmup_s + duration_s))
-            try:
-                rate_samples = await run_rate(client, url, rate, duration_s, warmup_s, items, endpoint, seed, forced,
-                                              origin)
-                profile = await profiler  # the replies may all end before the window does
-            except asyncio.CancelledError:  # Ctrl-C or a time limit: keep the rates that finished
-                interrupted.append(rate)
+            if out is not None:  # a file from the start: `--show` works even if the first rate never ends
+                write_results(out, document())
+            for rate in sorted(rates):
+                failed = sum(1 for s in summaries if not s["passed"])
+                elapsed = time.perf_counter() - started
+                if not stop_reason and failed >= STOP_AFTER_FAILURES:
+                    stop_reason.append(f"{STOP_AFTER_FAILURES} rates failed")
+                elif not stop_reason and budget_s is not None and elapsed + per_rate_s > budget_s:
+                    stop_reason.append(f"out of time (budget {budget_s:g} s)")
+                if stop_reason:
+                    skipped.append(rate)
+                    continue
+                memory: dict[str, float] = {}
+                origin = time.perf_counter()
+                watcher = asyncio.create_task(_watch_memory(client, url, memory))
+                profiler = asyncio.create_task(_profile_window(client, url, origin + warmup_s,
+                                                               origin + warmup_s + duration_s))
+                try:
+                    rate_samples = await run_rate(client, url, rate, duration_s, warmup_s, items, endpoint, seed,
+                                                  forced, origin, workers, client_processes, timeout_s)
+                    profile = await profiler  # the replies may all end before the window does
+                except asyncio.CancelledError:  # Ctrl-C or a time limit: keep the rates that finished
+                    interrupted.append(rate)
+                    if out is not None:
+                        write_results(out, document())
+                    raise
+                finally:
+                    watcher.cancel()
+                    profiler.cancel()
+                for s in rate_samples:
+                    s["rate"] = rate
+                summary = summarize_rate(rate_samples, rate, (warmup_s, warmup_s + duration_s))
+                reasons = failures(summary, ttfa_bound_s)
+                summary.update(passed=not reasons, failures=reasons,
+                               warmup_requests=len(rate_samples) - summary["requests"],
+                               client_lag_max_s=max((s["send_lag_s"] for s in rate_samples), default=0.0),
+                               gpu_memory=memory or None, server_profile=profile)
+                samples += rate_samples
+                summaries.append(summary)
                 if out is not None:
                     write_results(out, document())
-                raise
-            finally:
-                watcher.cancel()
-                profiler.cancel()
-            for s in rate_samples:
-                s["rate"] = rate
-            summary = summarize_rate(rate_samples, rate, (warmup_s, warmup_s + duration_s))
-            reasons = failures(summary, ttfa_bound_s)
-            summary.update(passed=not reasons, failures=reasons,
-                           warmup_requests=len(rate_samples) - summary["requests"],
-                           client_lag_max_s=max((s["send_lag_s"] for s in rate_samples), default=0.0),
-                           gpu_memory=memory or None, server_profile=profile)
-            samples += rate_samples
-            summaries.append(summary)
-            if out is not None:
-                write_results(out, document())
-            if on_rate is not None:
-                on_rate(summary)
-        results = document()
+                if on_rate is not None:
+                    on_rate(summary)
+            results = document()
     if out is not None:
         write_results(out, results)
     return results
