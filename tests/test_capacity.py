@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -323,6 +325,20 @@ def test_forced_fields_are_refused_with_real_weights(server_engine, server_facto
 # ------------------------------------------------------------------------------------------ end to end
 
 
+def client_processes_running() -> list[int]:
+    """This process's children running the capacity client program (from /proc)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"omnivox.bench.capacity_client" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
 def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli.console, "width", 250)
     workload = tmp_path / "short.jsonl"
@@ -335,6 +351,7 @@ def test_sweep_against_a_live_server_writes_table_json_and_plot(server, tmp_path
             "--workload", str(workload), "--endpoint", "mix", "--seed", "5", "--ttfa-bound", "0.001",
             "--out", str(out), "--plot", str(png), "--client-processes", "2"]
     assert main(argv) == 0
+    assert not client_processes_running(), "the client processes outlived the sweep"
     printed = capsys.readouterr().out
     assert "verdict" in printed and "capacity: no rate passed" in printed and "engine loop per rate" in printed
 

@@ -4,8 +4,9 @@ For each rate, lowest first: open-loop Poisson arrivals (capacity.poisson_arriva
 measuring window, every request streamed over SSE from asyncio (httpx, no thread per stream, no cap on connections:
 a client-side queue would hide the server's). Past about 150 streams at once one Python process reading every
 stream's chunks falls behind (it sends late and reads late, which looks like the server's underruns), so the
-arrivals are dealt round-robin to `client_processes` worker processes, each with its own event loop, all timed on
-the machine's monotonic clock (`time.perf_counter`). Each reply is timed by a playback clock
+arrivals are dealt round-robin to `client_processes` processes (this module run as a program: one JSON line in
+and one out per rate), each with its own event loop, all timed on the machine's monotonic clock
+(`time.perf_counter`). Each reply is timed by a playback clock
 (capacity.PlaybackClock); the server's GPU memory is read from /metrics once a second, and its engine loop's
 counters as the measuring window starts and ends (capacity.server_profile). The sweep stops after two failing
 rates. With a random-weight server every request carries its workload reply and length in the `omnivox` field, so
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import math
-import multiprocessing
 import os
 import resource
+import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,8 @@ GPU_GAUGES = {"omnivox_gpu_memory_allocated_bytes": "gpu_allocated_bytes",
 MEMORY_POLL_S = 1.0
 SCRAPE_TIMEOUT_S = 10.0  # a window-edge scrape slower than this says nothing about that edge anyway
 STOP_AFTER_FAILURES = 2
+WORKER_LINE_LIMIT = 1 << 28  # bytes of one client process's answer (a rate's samples, as one JSON line)
+WORKER_EXIT_S = 5.0  # a client process whose input closed gets this long to exit before it is killed
 
 
 def request_for(arrival: Arrival, seed: int, forced: bool, model: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -177,17 +181,6 @@ async def _listen(client: httpx.AsyncClient, url: str, share: list[tuple[int, Ar
     return list(await asyncio.gather(*tasks))
 
 
-def _listen_in_worker(url: str, share: list[tuple[int, Arrival]], seed: int, forced: bool, origin: float,
-                      timeout_s: float) -> list[dict[str, Any]]:
-    """`_listen` in a worker process, with its own event loop and connections."""
-    async def run() -> list[dict[str, Any]]:
-        async with _client(timeout_s) as client:
-            return await _listen(client, url, share, seed, forced, origin)
-
-    _raise_open_files()
-    return asyncio.run(run())
-
-
 def deal(arrivals: list[Arrival], hands: int) -> list[list[tuple[int, Arrival]]]:
     """Arrivals dealt round-robin to `hands` listeners, each with its index in the rate's order (its seed)."""
     return [list(enumerate(arrivals))[hand::hands] for hand in range(hands)]
@@ -195,38 +188,71 @@ def deal(arrivals: list[Arrival], hands: int) -> list[list[tuple[int, Arrival]]]
 
 async def run_rate(client: httpx.AsyncClient, url: str, rate: float, duration_s: float, warmup_s: float,
                    items: list[WorkloadItem], endpoint: str, seed: int, forced: bool,
-                   origin: float | None = None, workers: ProcessPoolExecutor | None = None, processes: int = 1,
+                   origin: float | None = None, workers: list[asyncio.subprocess.Process] | None = None,
                    timeout_s: float = 120.0) -> list[dict[str, Any]]:
     """Every request of one rate (warm-up ones flagged), in arrival order, on this rate's clock (0 = start of the
-    warm-up, at perf_counter time `origin`, by default now). With `workers` (`processes` of them), each sends and
-    listens to a share of the arrivals; without, this event loop does it all."""
+    warm-up, at perf_counter time `origin`, by default now). With `workers` (client processes, `_client_workers`),
+    each sends and listens to a share of the arrivals; without, this event loop does it all."""
     arrivals = poisson_arrivals(rate, duration_s, warmup_s, items, endpoint, seed)
     origin = time.perf_counter() if origin is None else origin
-    if workers is None:
+    if not workers:
         return await _listen(client, url, deal(arrivals, 1)[0], seed, forced, origin)
-    loop = asyncio.get_running_loop()
-    shares = [share for share in deal(arrivals, processes) if share]
-    done = await asyncio.gather(*(loop.run_in_executor(workers, _listen_in_worker, url, share, seed, forced, origin,
-                                                       timeout_s) for share in shares))
-    by_index = {index: sample for share, samples in zip(shares, done, strict=True)
-                for (index, _), sample in zip(share, samples, strict=True)}
+    shares = deal(arrivals, len(workers))
+    for worker, share in zip(workers, shares, strict=True):
+        job = {"url": url, "seed": seed, "forced": forced, "origin": origin, "timeout_s": timeout_s,
+               "share": [[index, dataclasses.asdict(arrival)] for index, arrival in share]}
+        worker.stdin.write(json.dumps(job).encode() + b"\n")
+    await asyncio.gather(*(worker.stdin.drain() for worker in workers))
+    answers = await asyncio.gather(*(worker.stdout.readline() for worker in workers))
+    if not all(answers):
+        raise RuntimeError("a capacity client process ended before answering (its error is above)")
+    by_index = {index: sample for share, answer in zip(shares, answers, strict=True)
+                for (index, _), sample in zip(share, json.loads(answer), strict=True)}
     return [by_index[i] for i in range(len(arrivals))]
 
 
-@contextlib.contextmanager
-def _client_workers(processes: int) -> Iterator[ProcessPoolExecutor | None]:
-    """`processes` client processes, started now (a rate's first arrivals must not wait for a process to start),
-    and stopped at the end without waiting for replies still playing (an interrupted sweep); None for one: the
-    sweep's own event loop listens."""
-    if processes <= 1:
-        yield None
-        return
-    workers = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+@contextlib.asynccontextmanager
+async def _client_workers(processes: int) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """`processes` client processes (this module run as a program: `_worker`), started and ready before the first
+    rate, ended when the sweep is (their input closed; killed if they linger). None started for one: the sweep's
+    own event loop listens."""
+    workers: list[asyncio.subprocess.Process] = []
     try:
-        list(workers.map(time.sleep, [0.5] * processes))  # each worker busy at once: all of them start
+        for _ in range(processes if processes > 1 else 0):
+            workers.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "omnivox.bench.capacity_client", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, limit=WORKER_LINE_LIMIT))
+        for worker in workers:
+            if (await worker.stdout.readline()).strip() != b"ready":
+                raise RuntimeError("a capacity client process did not start (its error is above)")
         yield workers
     finally:
-        workers.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            if worker.returncode is None:
+                worker.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(worker.wait() for worker in workers)), WORKER_EXIT_S)
+        for worker in workers:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+
+
+def _worker() -> None:
+    """A client process: for each job line on stdin (a rate's share of arrivals), sends and listens to every
+    request in it and answers one line of samples; ends when its input does."""
+    _raise_open_files()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        share = [(index, Arrival(a["at_s"], WorkloadItem(**a["item"]), a["endpoint"], a["warmup"]))
+                 for index, a in job["share"]]
+
+        async def listen(job=job, share=share) -> list[dict[str, Any]]:
+            async with _client(job["timeout_s"]) as client:
+                return await _listen(client, job["url"], share, job["seed"], job["forced"], job["origin"])
+
+        print(json.dumps(asyncio.run(listen())), flush=True)
 
 
 async def _server_info(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
@@ -282,7 +308,7 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
     skipped: list[float] = []
     interrupted: list[float] = []
     stop_reason: list[str] = []
-    with _client_workers(client_processes) as workers:
+    async with _client_workers(client_processes) as workers:
         async with _client(timeout_s) as client:
             info = await _server_info(client, url)
             forced = bool(info.get("random_weights", info.get("dummy_weights", False)))
@@ -313,7 +339,7 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
                                                                origin + warmup_s + duration_s))
                 try:
                     rate_samples = await run_rate(client, url, rate, duration_s, warmup_s, items, endpoint, seed,
-                                                  forced, origin, workers, client_processes, timeout_s)
+                                                  forced, origin, workers, timeout_s)
                     profile = await profiler  # the replies may all end before the window does
                 except asyncio.CancelledError:  # Ctrl-C or a time limit: keep the rates that finished
                     interrupted.append(rate)
@@ -346,3 +372,7 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
 def sweep(url: str, rates: list[float], **kwargs: Any) -> dict[str, Any]:
     """Run a capacity sweep against the server at `url` (see `sweep_async`)."""
     return asyncio.run(sweep_async(url, rates, **kwargs))
+
+
+if __name__ == "__main__":
+    _worker()
