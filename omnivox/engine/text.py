@@ -52,22 +52,25 @@ def normalize_for_tts(chunk_text: str, language: str) -> str:
 
 @dataclass(frozen=True)
 class TTSPrompt:
-    """The TTS condition string for the current text and the text's token count L (capped at 300)."""
+    """The TTS condition for the current text, as ids, and the text's token count L (capped at the reserved 300)."""
 
-    text: str
+    ids: list[int]
     num_text_tokens: int
 
 
 def build_tts_prompt(text: str, tts_tokenizer, reserved_len: int = 300) -> TTSPrompt:
-    """`[Stts][spk_emb]` + text + `[Etts]` + `[PAD]` x (reserved - 1 - L) + `[Ptts]`; truncated text has no [Etts]."""
+    """The official condition string `[Stts][spk_emb]` + text + `[Etts]` + `[PAD]` x (reserved - 1 - L) + `[Ptts]`,
+    tokenized. The tokenizer splits special tokens off before it tokenizes the text between them, so these are the
+    text's ids with the special ids around them: the padded string (~300 tokens, rebuilt for every LLM chunk) is
+    never tokenized. Text longer than the reserve is cut there, decoded and the string re-tokenized, as officially
+    (with no `[Etts]`)."""
+    special = tts_tokenizer.special
     ids = tts_tokenizer.encode(text)
     if len(ids) < reserved_len:
-        pad = "[Etts]" + "[PAD]" * (reserved_len - len(ids) - 1)
-    else:
-        ids = ids[:reserved_len]
-        text = tts_tokenizer.decode(ids)
-        pad = ""
-    return TTSPrompt(text=f"[Stts][spk_emb]{text}{pad}[Ptts]", num_text_tokens=len(ids))
+        pads = [special.pad] * (reserved_len - len(ids) - 1)
+        return TTSPrompt([special.stts, special.spk_emb, *ids, special.etts, *pads, special.ptts], len(ids))
+    ids = ids[:reserved_len]
+    return TTSPrompt(tts_tokenizer.encode(f"[Stts][spk_emb]{tts_tokenizer.decode(ids)}[Ptts]"), len(ids))
 
 
 class LLMTextDecoder:
