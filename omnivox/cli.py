@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/capacity/results.json", help="results JSON (bench schema, every request)")
     p.add_argument("--client-processes", type=_positive_int, default=None, metavar="N",
                    help="processes that send the requests and listen to the replies, each a share (default: one "
-                   "per four cores, at most 8): one Python process falls behind past about 150 streams at once")
+                   "per four cores, at most 8; 1 below 8 cores): one process sent up to 300 ms late at 160-180 streams")
     p.add_argument("--plot", help="write a PNG of p95 TTFA, underruns and streams playing against the rate")
     p.add_argument("--show", metavar="RESULTS.json", help="print (and with --plot draw) an earlier sweep; runs nothing")
     p.add_argument("--rate-seconds", action="store_true",

@@ -314,6 +314,7 @@ def test_batched_tts_text_prefills_give_the_same_audio(model, batched):
     windows = record_codes(engine)
     ours = drain([start() for start in mixed(engine)], windows)
     assert any(len(rows) > 1 for rows in prefills), f"no batched text prefill: {prefills}"
+    assert any(sorted(rows) != list(range(len(rows))) for rows in prefills), f"no spread-out rows: {prefills}"
     for index, (mine, theirs) in enumerate(zip(ours, batched[0], strict=True)):
         assert_same(mine, theirs, f"request {index}")
     assert_clean(engine)

@@ -3,9 +3,14 @@ and a short sweep end to end (table, JSON, PNG)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +28,7 @@ from omnivox.bench.capacity import (
     streams_playing,
     summarize_rate,
 )
-from omnivox.bench.capacity_client import _gpu_memory, deal, metric_series, request_for
+from omnivox.bench.capacity_client import _answer, _gpu_memory, deal, metric_series, request_for
 from omnivox.bench.capacity_report import capacity_table, headline_text, loop_table, milestone_table, plot_capacity
 from omnivox.bench.results import build_results, read_results
 from omnivox.bench.streamed_reply import audio_of
@@ -389,6 +394,37 @@ def test_arrivals_are_dealt_round_robin_with_their_index():
     assert all(arrivals[i] is a for hand in hands for i, a in hand)
     assert all([i for i, _ in hand] == sorted(i for i, _ in hand) for hand in hands), "each hand in time order"
     assert deal(arrivals, 1) == [list(enumerate(arrivals))]
+
+
+def test_a_client_process_ends_when_its_input_closes_mid_rate():
+    """A worker in the middle of a rate (its one arrival far in the future) exits as soon as its input closes: a
+    sweep that ends, or a parent that dies, leaves no client sending to the server."""
+    arrival = poisson_arrivals(8.0, 2.0, 0.0, ITEMS, "chat", seed=1)[0]
+    job = {"url": "http://127.0.0.1:9", "seed": 0, "forced": True, "origin": time.perf_counter() + 600,
+           "share": [[0, dataclasses.asdict(arrival)]]}
+    worker = subprocess.Popen([sys.executable, "-m", "omnivox.bench.capacity_client", "30"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    try:
+        assert worker.stdout.readline().strip() == b"ready"
+        worker.stdin.write(json.dumps(job).encode() + b"\n")
+        worker.stdin.flush()
+        time.sleep(0.5)
+        assert worker.poll() is None, "the worker waits for its arrival's time"
+        worker.stdin.close()
+        assert worker.wait(timeout=10) == 0 and worker.stdout.read() == b"", "no answer for a rate cut short"
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_client_process_that_dies_is_reported_with_its_exit_code():
+    async def answer_of_a_dead_process() -> None:
+        dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(3)",
+                                                    stdout=asyncio.subprocess.PIPE)
+        await _answer(dead)
+
+    with pytest.raises(RuntimeError, match=r"ended \(exit code 3\) before answering"):
+        asyncio.run(answer_of_a_dead_process())
 
 
 def test_client_processes_must_be_a_positive_number(capsys):

@@ -2,11 +2,12 @@
 
 For each rate, lowest first: open-loop Poisson arrivals (capacity.poisson_arrivals) for a warm-up and then the
 measuring window, every request streamed over SSE from asyncio (httpx, no thread per stream, no cap on connections:
-a client-side queue would hide the server's). Past about 150 streams at once one Python process reading every
-stream's chunks falls behind (it sends late and reads late, which looks like the server's underruns), so the
-arrivals are dealt round-robin to `client_processes` processes (this module run as a program: one JSON line in
-and one out per rate), each with its own event loop, all timed on the machine's monotonic clock
-(`time.perf_counter`). Each reply is timed by a playback clock
+a client-side queue would hide the server's). One Python process that reads every stream's chunks can fall behind
+(on an H200 at 18–20/s, 160–180 streams at once, it sent requests up to 300 ms late; one late to send is likely
+late to read too, which would look like the server's underruns), so the arrivals are dealt round-robin to
+`client_processes` processes (this module run as a program, `python -m omnivox.bench.capacity_client TIMEOUT_S`:
+one JSON line in and one out per rate, not for use by hand), each with its own event loop, all timed on the
+machine's monotonic clock (`time.perf_counter`). Each reply is timed by a playback clock
 (capacity.PlaybackClock); the server's GPU memory is read from /metrics once a second, and its engine loop's
 counters as the measuring window starts and ends (capacity.server_profile). The sweep stops after two failing
 rates. With a random-weight server every request carries its workload reply and length in the `omnivox` field, so
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +59,7 @@ SCRAPE_TIMEOUT_S = 10.0  # a window-edge scrape slower than this says nothing ab
 STOP_AFTER_FAILURES = 2
 WORKER_LINE_LIMIT = 1 << 28  # bytes of one client process's answer (a rate's samples, as one JSON line)
 WORKER_EXIT_S = 5.0  # a client process whose input closed gets this long to exit before it is killed
+WORKER_START_S = 60.0  # ... and this long to start
 
 
 def request_for(arrival: Arrival, seed: int, forced: bool, model: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -158,8 +161,9 @@ async def _profile_window(client: httpx.AsyncClient, url: str, start: float, end
 
 
 def default_client_processes() -> int:
-    """One client process per four cores, at most 8 (the server needs cores too): 1 on a small machine."""
-    return max(1, min(8, (os.cpu_count() or 1) // 4))
+    """One client process per four cores this process may use, at most 8 (the server needs cores too): 1 below 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // 4))
 
 
 def _client(timeout_s: float) -> httpx.AsyncClient:
@@ -188,8 +192,8 @@ def deal(arrivals: list[Arrival], hands: int) -> list[list[tuple[int, Arrival]]]
 
 async def run_rate(client: httpx.AsyncClient, url: str, rate: float, duration_s: float, warmup_s: float,
                    items: list[WorkloadItem], endpoint: str, seed: int, forced: bool,
-                   origin: float | None = None, workers: list[asyncio.subprocess.Process] | None = None,
-                   timeout_s: float = 120.0) -> list[dict[str, Any]]:
+                   origin: float | None = None,
+                   workers: list[asyncio.subprocess.Process] | None = None) -> list[dict[str, Any]]:
     """Every request of one rate (warm-up ones flagged), in arrival order, on this rate's clock (0 = start of the
     warm-up, at perf_counter time `origin`, by default now). With `workers` (client processes, `_client_workers`),
     each sends and listens to a share of the arrivals; without, this event loop does it all."""
@@ -199,60 +203,83 @@ async def run_rate(client: httpx.AsyncClient, url: str, rate: float, duration_s:
         return await _listen(client, url, deal(arrivals, 1)[0], seed, forced, origin)
     shares = deal(arrivals, len(workers))
     for worker, share in zip(workers, shares, strict=True):
-        job = {"url": url, "seed": seed, "forced": forced, "origin": origin, "timeout_s": timeout_s,
+        job = {"url": url, "seed": seed, "forced": forced, "origin": origin,
                "share": [[index, dataclasses.asdict(arrival)] for index, arrival in share]}
         worker.stdin.write(json.dumps(job).encode() + b"\n")
     await asyncio.gather(*(worker.stdin.drain() for worker in workers))
-    answers = await asyncio.gather(*(worker.stdout.readline() for worker in workers))
-    if not all(answers):
-        raise RuntimeError("a capacity client process ended before answering (its error is above)")
+    answers = await asyncio.gather(*(_answer(worker) for worker in workers))  # the first failure raises at once
     by_index = {index: sample for share, answer in zip(shares, answers, strict=True)
-                for (index, _), sample in zip(share, json.loads(answer), strict=True)}
+                for (index, _), sample in zip(share, answer, strict=True)}
     return [by_index[i] for i in range(len(arrivals))]
 
 
+async def _answer(worker: asyncio.subprocess.Process) -> list[dict[str, Any]]:
+    line = await worker.stdout.readline()
+    if not line:
+        raise RuntimeError(f"a capacity client process ended (exit code {await worker.wait()}) before answering")
+    return json.loads(line)
+
+
 @contextlib.asynccontextmanager
-async def _client_workers(processes: int) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+async def _client_workers(processes: int, timeout_s: float) -> AsyncIterator[list[asyncio.subprocess.Process]]:
     """`processes` client processes (this module run as a program: `_worker`), started and ready before the first
-    rate, ended when the sweep is (their input closed; killed if they linger). None started for one: the sweep's
-    own event loop listens."""
+    rate, ended with the sweep: their input closes, which also ends a rate they are in (and would if this process
+    were killed); killed if they linger. None started for one: the sweep's own event loop listens."""
     workers: list[asyncio.subprocess.Process] = []
     try:
         for _ in range(processes if processes > 1 else 0):
             workers.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "omnivox.bench.capacity_client", stdin=asyncio.subprocess.PIPE,
+                sys.executable, "-m", "omnivox.bench.capacity_client", str(timeout_s), stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, limit=WORKER_LINE_LIMIT))
         for worker in workers:
-            if (await worker.stdout.readline()).strip() != b"ready":
-                raise RuntimeError("a capacity client process did not start (its error is above)")
+            try:
+                ready = await asyncio.wait_for(worker.stdout.readline(), WORKER_START_S)
+            except asyncio.TimeoutError:
+                ready = b""
+            if ready.strip() != b"ready":
+                raise RuntimeError(f"a capacity client process did not start within {WORKER_START_S:g} s")
         yield workers
     finally:
         for worker in workers:
             if worker.returncode is None:
                 worker.stdin.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(worker.wait() for worker in workers)), WORKER_EXIT_S)
+        if workers:
+            await asyncio.wait([asyncio.ensure_future(worker.wait()) for worker in workers], timeout=WORKER_EXIT_S)
         for worker in workers:
             if worker.returncode is None:
                 worker.kill()
                 await worker.wait()
 
 
-def _worker() -> None:
+def _worker(timeout_s: float) -> None:
     """A client process: for each job line on stdin (a rate's share of arrivals), sends and listens to every
-    request in it and answers one line of samples; ends when its input does."""
+    request in it and answers one line of samples. Its input closing ends it, within a rate too. Ctrl-C reaches
+    the whole process group: the parent ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _raise_open_files()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        job = json.loads(line)
-        share = [(index, Arrival(a["at_s"], WorkloadItem(**a["item"]), a["endpoint"], a["warmup"]))
-                 for index, a in job["share"]]
+    asyncio.run(_serve_jobs(timeout_s))
 
-        async def listen(job=job, share=share) -> list[dict[str, Any]]:
-            async with _client(job["timeout_s"]) as client:
-                return await _listen(client, job["url"], share, job["seed"], job["forced"], job["origin"])
 
-        print(json.dumps(asyncio.run(listen())), flush=True)
+async def _serve_jobs(timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    jobs = asyncio.StreamReader(limit=WORKER_LINE_LIMIT)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(jobs), sys.stdin)
+    async with _client(timeout_s) as client:  # made before "ready": a rate's first arrivals go out on time
+        print("ready", flush=True)
+        next_line = asyncio.ensure_future(jobs.readline())
+        while line := await next_line:
+            job = json.loads(line)
+            share = [(index, Arrival(a["at_s"], WorkloadItem(**a["item"]), a["endpoint"], a["warmup"]))
+                     for index, a in job["share"]]
+            rate = asyncio.ensure_future(_listen(client, job["url"], share, job["seed"], job["forced"], job["origin"]))
+            next_line = asyncio.ensure_future(jobs.readline())  # the next job comes after the answer: or the end
+            await asyncio.wait([rate, next_line], return_when=asyncio.FIRST_COMPLETED)
+            if not rate.done():  # input closed mid-rate: the sweep ended
+                rate.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await rate
+                return
+            print(json.dumps(rate.result()), flush=True)
 
 
 async def _server_info(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
@@ -308,7 +335,7 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
     skipped: list[float] = []
     interrupted: list[float] = []
     stop_reason: list[str] = []
-    async with _client_workers(client_processes) as workers:
+    async with _client_workers(client_processes, timeout_s) as workers:
         async with _client(timeout_s) as client:
             info = await _server_info(client, url)
             forced = bool(info.get("random_weights", info.get("dummy_weights", False)))
@@ -339,7 +366,7 @@ async def sweep_async(url: str, rates: list[float], *, items: list[WorkloadItem]
                                                                origin + warmup_s + duration_s))
                 try:
                     rate_samples = await run_rate(client, url, rate, duration_s, warmup_s, items, endpoint, seed,
-                                                  forced, origin, workers, timeout_s)
+                                                  forced, origin, workers)
                     profile = await profiler  # the replies may all end before the window does
                 except asyncio.CancelledError:  # Ctrl-C or a time limit: keep the rates that finished
                     interrupted.append(rate)
@@ -375,4 +402,4 @@ def sweep(url: str, rates: list[float], **kwargs: Any) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _worker()
+    _worker(float(sys.argv[1]))

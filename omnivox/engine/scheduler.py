@@ -5,17 +5,17 @@ cache rows, its random keys and its playback clock. `advance` runs each coroutin
 waits; the iteration then launches the LLM's work on its own stream (a decode step when a stream needs text now or
 soon, else every `llm_gather_s` for the rows running ahead; short prompts ride along inside it, others run as a
 prefill within a token budget) and launches, meanwhile, the vocoder windows (on the vocoder's stream), one TTS step
-for every row in a TTS call and the TTS prefills.
-The TTS step's codes are read in the next iteration, after its next step is launched: a row's next step takes them
-on the device, so the host's work of one iteration runs beside the device's step, and the device always has the next
-step queued. While it waits for the last step and the vocoder, LLM work that finishes hands its results over and the
-LLM's next work is launched at once (it starts on the device when the TTS step ends).
+for every row in a TTS call and the TTS prefills. The TTS step's codes are read in the next iteration, after its
+next step is launched: a row's next step takes them on the device, so the host's work of one iteration runs beside
+the device's step, and the device always has the next step queued. While it waits for the last step and the
+vocoder, LLM work that finishes hands its results over and the LLM's next work is launched at once (it starts on
+the device when the TTS step ends).
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
 is about to underrun, TTS prefills (on the loop's stream) are held to one per iteration (they delay every stream's
-next step), the LLM's prompt prefills (on its own stream) are not; a stream more
-than `ahead_limit_s` ahead waits (its rows idle). Vocoder windows of streams with audio to spare gather into larger
+next step), the LLM's prompt prefills (on its own stream) are not; a stream more than `ahead_limit_s` ahead waits
+(its rows idle). Vocoder windows of streams with audio to spare gather into larger
 batches for up to `vocoder_gather_s`.
 """
 
@@ -383,16 +383,9 @@ class Scheduler:
         in the next iteration. A call's later steps feed on the codes its last step drew, on the device."""
         if not lives:
             return None
-        now = self.clock()
+        rows, calls, now = [], [], self.clock()
         for live in lives:
             live.mark("speaking", now)
-        rows, calls = self._tts_rows(lives)
-        return self._launch("tts", lives, lambda: self.tts.step(rows), "tts", calls)
-
-    def _tts_rows(self, lives: list[Live]) -> tuple[list[TTSRow], list[CallInProgress]]:
-        """The next step of each of `lives`' TTS calls, counted as launched."""
-        rows, calls = [], []
-        for live in lives:
             if live.tts_sampling is None:
                 s = live.sampling
                 live.tts_sampling = TTSSampling(tuple(s.tts_temperature), s.tts_top_p, s.tts_top_k, s.greedy,
@@ -404,7 +397,7 @@ class Scheduler:
                                prev_drawn=i > 0))
             call.launched += 1
             calls.append(call)
-        return rows, calls
+        return self._launch("tts", lives, lambda: self.tts.step(rows), "tts", calls)
 
     def _resolve_tts(self, launched: Launched | None) -> None:
         """Hands each call its step's codes; a call that drew EOS or its last step gives the request its result (a

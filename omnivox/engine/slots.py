@@ -1,7 +1,7 @@
 """Slot tables: which row of a cache pool each holder owns, with the rows in use kept at the front.
 
 A batched step over every live row runs on rows 0..B-1 of a pool (a view, no gather: omnivox/models/kv_cache.py), so
-the rows that take part must be contiguous (steps and prefills of a few rows gather theirs instead: `KVRows`). The
+the rows that take part must be contiguous (prefills of a few rows gather theirs instead: `KVRows`). The
 table keeps them so: rows are ordered [active | idle | free]; a holder that becomes active, idle or free is swapped
 to the edge of its region (the pool swaps the two rows' caches). Holders keep a handle whose `row` follows these
 moves. Swaps happen when a request starts or ends, possibly while a step is in flight: the swap is queued after it

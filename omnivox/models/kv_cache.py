@@ -151,9 +151,9 @@ class KVPool:
 
 
 class KVRows:
-    """Rows `rows` of a pool (a long tensor [batch], any rows in any order), keys [0, key_len): for prefills and
-    steps of a few rows spread over the pool. Writes go straight into the pool; the keys returned are a gathered
-    copy."""
+    """Rows `rows` of a pool (a long tensor [batch], any rows in any order), keys [0, key_len): for prefills of a
+    few rows spread over the pool (LLM prompts, also riding along with a decode step; TTS text). Writes go straight
+    into the pool; the keys returned are a gathered copy."""
 
     def __init__(self, pool: KVPool, rows: torch.Tensor, key_len: int):
         self.pool, self.rows, self.key_len = pool, rows, key_len
