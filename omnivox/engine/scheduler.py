@@ -15,8 +15,8 @@ Deadlines: a stream's playback clock is first-audio time + audio delivered. `pla
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
 is about to underrun, TTS prefills (on the loop's stream) are held to one per iteration (they delay every stream's
 next step), the LLM's prompt prefills (on its own stream) are not; a stream more than `ahead_limit_s` ahead waits
-(its rows idle). Vocoder windows of streams with audio to spare gather into larger
-batches for up to `vocoder_gather_s`.
+(its rows idle). Vocoder windows of streams with audio to spare gather into larger batches for up to
+`vocoder_gather_s`.
 """
 
 from __future__ import annotations

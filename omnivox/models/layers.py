@@ -303,7 +303,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         rope: Rope,
-        cache: KVView | Segments | None,
+        cache: KVView | KVRows | Segments | None,
         mask: torch.Tensor | None,
         compiled: bool = False,
     ) -> torch.Tensor:
@@ -386,7 +386,7 @@ class DecoderStack(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVView | Segments | None,
+        cache: KVView | KVRows | Segments | None,
         mask: torch.Tensor | None = None,
         compiled: bool = False,
     ) -> torch.Tensor:

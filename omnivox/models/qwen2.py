@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnivox.config import LLMConfig
-from omnivox.models.kv_cache import KVView
+from omnivox.models.kv_cache import KVRows, KVView
 from omnivox.models.layers import DecoderStack, Segments
 
 
@@ -51,7 +51,7 @@ class Qwen2LM(nn.Module):
         self,
         ids: torch.Tensor | None,
         positions: torch.Tensor,
-        cache: KVView | Segments | None,
+        cache: KVView | KVRows | Segments | None,
         mask: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
         compiled: bool = False,
