@@ -457,6 +457,32 @@ def test_steps_fed_their_drawn_codes_equal_steps_fed_from_the_host(model):
     assert drawn == fed and len(set(fed)) > 1
 
 
+def test_the_loops_first_call_equals_its_steps_fed_one_at_a_time_from_the_host(model):
+    """A segment's first TTS call as the loop runs it (each step launched before the codes of the one before it are
+    read, and fed them on the device) against the same call stepped one token at a time, each step fed the codes
+    drawn before it from the host: only the first step feeds [Ptts] and skips top-p/top-k."""
+    engine = Engine(model)
+    prefills, first_rows = [], []
+    prefill_rows, step = engine.tts.prefill_text_rows, engine.tts.step
+    engine.tts.prefill_text_rows = lambda items: prefills.append(list(items)) or prefill_rows(items)
+    engine.tts.step = lambda rows: first_rows.extend(rows[:1] if not first_rows else ()) or step(rows)
+    windows = record_codes(engine)
+    [(_, _, _, loop_windows)] = drain([engine.read_aloud("Read this sentence aloud.", seed=3,
+                                                         forced_audio_seconds=0.7, request_id="r")], windows)
+    first = first_rows[0]
+    tts = Engine(model).tts
+    row = tts.slots.acquire(active=True).row
+    for _, ids, begin, speaker in prefills[0]:
+        tts.prefill_text(row, ids, begin, speaker)
+    fed, prev = [], None
+    for i in range(25):
+        one = TTSRow(row, first.position + i, prev, first.num_text_tokens, i < 10, False, first.sampling, i)
+        prev, eos = tts.step([one]).get()[0]
+        assert not eos
+        fed.append(prev)
+    assert [tuple(c) for c in loop_windows[0][:25]] == fed
+
+
 # ---- slot compaction --------------------------------------------------------------------------------------------
 def test_slot_table_keeps_active_rows_in_front_and_caches_follow_their_handles():
     pool = KVPool(num_layers=2, num_kv_heads=1, head_dim=2, capacity=3, dtype=torch.float32, device="cpu", slots=6)

@@ -47,7 +47,7 @@ class TTSSampling:
 class TTSRow:
     row: int
     position: int
-    prev_codes: Sequence[int] | None  # None: the segment's first audio step
+    prev_codes: Sequence[int] | None  # None (and not prev_drawn): the segment's first audio step, fed [Ptts]
     num_text_tokens: int
     ban_eos: bool
     force_eos: bool
@@ -179,8 +179,8 @@ class TTSExecutor:
         no_codes = [0] * self.num_vq
         # one list per row, converted by numpy in one go: a slice assignment per field costs more than the step's
         # whole packing at a hundred rows
-        ints[index] = [[r.position, r.prev_codes is None, r.num_text_tokens, r.ban_eos, r.force_eos,
-                        r.sampling.top_k, r.sampling.greedy, r.sampling.seed, r.counter, r.prev_drawn,
+        ints[index] = [[r.position, r.prev_codes is None and not r.prev_drawn, r.num_text_tokens, r.ban_eos,
+                        r.force_eos, r.sampling.top_k, r.sampling.greedy, r.sampling.seed, r.counter, r.prev_drawn,
                         *(no_codes if r.prev_codes is None else r.prev_codes)] for r in rows]
         floats[index] = [[*r.sampling.temperature, r.sampling.top_p] for r in rows]
         out = self.graphs.run(("tts", first, batch, width), lambda **kw: self._step(first, width, **kw),
