@@ -31,3 +31,16 @@ def test_host_bench_writes_a_results_document(tmp_path):
     results = read_results(tmp_path / "host_bench.json")
     assert results["kind"] == "host" and results["config"]["streams"] == 2
     assert results["extra"]["iterations"] > 0 and "gen2" in results["extra"]["gc_pauses"]
+
+
+def test_host_bench_with_the_device_and_the_loop_profiled(tmp_path):
+    """With the step bodies kept (the tiny model on the CPU) the loop serves the streams for real, and the profile
+    names the loop's own functions."""
+    from omnivox.bench.host_bench import main
+    from omnivox.bench.results import read_results
+
+    main(["--streams", "2", "--seconds", "0.8", "--warmup", "0.3", "--with-device", "--profile", "15",
+          "--out", str(tmp_path)])
+    extra = read_results(tmp_path / "host_bench.json")["extra"]
+    assert extra["iterations"] > 0 and extra["mean_rows"]["tts"] >= 1
+    assert "scheduler.py" in extra["profile"] and "(step)" in extra["profile"]

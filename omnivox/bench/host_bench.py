@@ -5,7 +5,13 @@ spent while the device waits for its next step, so it bounds the iteration rate 
 garbage collector's pauses are timed too (the heap settled after start-up, as the server does): a long one stalls
 every stream at once.
 
-    python -m omnivox.bench.host_bench [--streams 96] [--seconds 20] [--out OUT]
+    python -m omnivox.bench.host_bench [--streams 96] [--seconds 20] [--out OUT] [--profile 40]
+    python -m omnivox.bench.host_bench --with-device --device cuda --full-size --streams 200 --profile 40
+
+`--with-device` keeps the step bodies: the loop's host time beside a real device (on a GPU, full-size random
+weights with `--full-size`), where launches, copies and waits cost what they cost there; streams then wait for
+their listener as in the server. `--profile N` runs cProfile in the loop thread over the measuring window and
+prints its N costliest functions (the profiler slows Python code, so its times are inflated; the shares guide).
 
 A closed loop keeps `--streams` chats of the standard workload live (forced replies and lengths, the tiny model's
 tokenizers and request state); streams are never held back for being ahead of their listener, so most of them
@@ -18,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
+import io
 import math
+import pstats
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -67,9 +76,37 @@ def stub_device(engine: Engine) -> None:
     engine.vocoder._decode = lambda codes: torch.zeros(codes.shape[0], codes.shape[1] * 512)
 
 
-async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: float) -> dict[str, Any]:
+class LoopProfile:
+    """cProfile of the engine loop's iterations while `on` (the profiler must be enabled in the thread it watches:
+    each `Scheduler.step` call is wrapped)."""
+
+    def __init__(self, engine: Engine):
+        self.profile, self.on = cProfile.Profile(), False
+        step = engine.scheduler.step
+
+        def profiled() -> bool:
+            if not self.on:
+                return step()
+            self.profile.enable()
+            try:
+                return step()
+            finally:
+                self.profile.disable()
+
+        engine.scheduler.step = profiled
+
+    def top(self, n: int) -> str:
+        out = io.StringIO()
+        stats = pstats.Stats(self.profile, stream=out)
+        stats.sort_stats("tottime").print_stats(n)
+        stats.sort_stats("cumulative").print_stats(n)
+        return out.getvalue()
+
+
+async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: float,
+                    profile: LoopProfile | None = None) -> dict[str, Any]:
     """Runs `streams` chats at once for `warmup_s` + `seconds`, replacing each as it ends; returns the loop's host
-    time by part over the last `seconds`, per iteration."""
+    time by part over the last `seconds`, per iteration (profiled over them if `profile` is given)."""
     _, items = split_warmup(load_workload())
     script = ReplyScript(items)
     started = [0]
@@ -106,11 +143,15 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
     parts0, iterations0, live = dict(scheduler.loop_seconds), scheduler.iterations, []
     for stage in rows:
         rows[stage].clear()
+    if profile is not None:
+        profile.on = True
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         live.append(len(scheduler.live))
         await asyncio.sleep(0.05)
     wall = time.perf_counter() - t0
+    if profile is not None:
+        profile.on = False
     cpu = time.clock_gettime(cpu_clock) - cpu0
     gc.callbacks.remove(time_collections)
     parts = {k: v - parts0.get(k, 0.0) for k, v in scheduler.loop_seconds.items()}
@@ -137,16 +178,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--out", default=None)
     p.add_argument("--no-settle", action="store_true", help="leave the start-up heap unfrozen (the server freezes it)")
+    p.add_argument("--with-device", action="store_true", help="keep the step bodies (streams wait for their listener)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (with --with-device)")
+    p.add_argument("--full-size", action="store_true", help="the released model's sizes, random weights (GPU)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile the loop: its N costliest functions")
     args = p.parse_args(argv)
-    model = build_dummy_model(tiny_config(), device="cpu", dtype=torch.float32, seed=0)
-    engine = Engine(model, config=EngineConfig(max_concurrent_requests=args.streams))
-    engine.scheduler.config.ahead_limit_s = math.inf  # no stream waits for its listener: as many rows as can be
-    stub_device(engine)
+    config = EngineConfig(max_concurrent_requests=args.streams)
+    if args.full_size:
+        engine = Engine.from_pretrained(None, device=args.device, dummy_weights=True, config=config)
+    else:
+        engine = Engine(build_dummy_model(tiny_config(), device=args.device, dtype=torch.float32, seed=0), config)
+    if args.with_device:
+        with console.status("warm-up (the shared prompt, the default voice, every step graph)"):
+            engine.warm_up()
+    else:
+        engine.scheduler.config.ahead_limit_s = math.inf  # no stream waits for its listener: as many rows as can be
+        stub_device(engine)
+    profile = LoopProfile(engine) if args.profile else None
     if not args.no_settle:
         settle_heap()
-    result = asyncio.run(keep_live(engine, args.streams, args.seconds, args.warmup))
+    result = asyncio.run(keep_live(engine, args.streams, args.seconds, args.warmup, profile))
+    device = f"{engine.device} device" if args.with_device else "device stubbed"
     table = Table(title=f"engine loop host time, {args.streams} streams live (mean {result['live_mean']:.1f}), "
-                        f"{result['iterations_per_s']:.0f} iterations/s, device stubbed")
+                        f"{result['iterations_per_s']:.0f} iterations/s, {device}")
     table.add_column("part")
     table.add_column("ms / iteration", justify="right")
     for part, ms in result["ms_per_iteration"].items():
@@ -157,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     console.print("mean rows per batch:", {k: round(v, 1) for k, v in result["mean_rows"].items()})
     console.print("garbage collector:", ", ".join(f"{g}: {p['count']} pauses, longest {p['max_ms']:.1f} ms"
                                                   for g, p in result["gc_pauses"].items()))
+    if profile is not None:
+        result["profile"] = profile.top(args.profile)
+        print(result["profile"])  # plain: rich would wrap pstats' wide lines
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
