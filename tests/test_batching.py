@@ -483,10 +483,36 @@ def test_the_loops_first_call_equals_its_steps_fed_one_at_a_time_from_the_host(m
     assert [tuple(c) for c in loop_windows[0][:25]] == fed
 
 
+def test_vocoder_windows_of_every_length_replay_in_graphs(model):
+    """With graphs "on" (run eagerly, shape keys recorded) and windows batched as on a GPU: the two usual lengths at
+    any batch size, other lengths in batches of at most SHORT_WINDOW_BATCH (more are split), and the PCM of each
+    window as decoded alone (to float tolerance: batched convolutions sum in another order on a CPU)."""
+    vocoder = Engine(model).vocoder
+    vocoder.graphs, vocoder.batched, vocoder.max_batch = EagerGraphs(), True, 16
+    rng = np.random.default_rng(0)
+    lengths = [29] * 11 + [25, 7] + [13] * 10
+    windows = [rng.integers(0, 600, (n, vocoder.num_vq)) for n in lengths]
+    pcm = vocoder.decode(windows).get()
+    keys = vocoder.graphs.keys
+    assert sorted(keys) == sorted([("vocoder", 16, 29), ("vocoder", 1, 25), ("vocoder", 1, 7), ("vocoder", 8, 13),
+                                   ("vocoder", 2, 13)])
+    for window, out in zip(windows, pcm, strict=True):
+        alone = vocoder._decode(torch.from_numpy(window)[None])[0].numpy()
+        assert out.shape == alone.shape and np.allclose(out, alone, atol=1e-5)
+    vocoder.graphs = EagerGraphs()
+    vocoder.warm_up()
+    short = {("vocoder", b, n) for n in range(1, 30) if n not in (25, 29) for b in (1, 2, 4, 8)}
+    usual = {("vocoder", b, n) for n in (25, 29) for b in (1, 2, 4, 8, 16)}
+    assert set(vocoder.graphs.keys) == short | usual
+
+
 # ---- slot compaction --------------------------------------------------------------------------------------------
-def test_slot_table_keeps_active_rows_in_front_and_caches_follow_their_handles():
+@pytest.mark.parametrize("moves", [False, True], ids=["swaps", "moves on release"])
+def test_slot_table_keeps_active_rows_in_front_and_caches_follow_their_handles(moves):
+    """Random acquires, activations and releases; with `moves`, a release moves the holders at the region edges into
+    the gap by one-way copies (`KVPool.move_slot`) instead of swapping."""
     pool = KVPool(num_layers=2, num_kv_heads=1, head_dim=2, capacity=3, dtype=torch.float32, device="cpu", slots=6)
-    table = SlotTable(6, pool.swap_slots)
+    table = SlotTable(6, pool.swap_slots, pool.move_slot if moves else None)
     rng = random.Random(1)
     owned: dict[int, object] = {}  # value written into the row -> handle
     next_value = 1.0

@@ -215,3 +215,28 @@ def test_compiled_layers_give_the_same_caches_and_outputs_with_the_compiled_writ
     (ours, our_outs), (theirs, their_outs) = results["compiled"], results["eager"]
     assert_same_pools(ours, theirs)
     assert all(torch.equal(a, b) for a, b in zip(our_outs, their_outs, strict=True))
+
+
+def test_bulk_slot_operations_touch_their_slots_only():
+    """swap_slots, move_slot, zero_slot and copy_prefix (multi-tensor copies over every layer) against the same moves
+    written slot by slot."""
+    def pool() -> KVPool:
+        p = KVPool(num_layers=3, num_kv_heads=2, head_dim=4, capacity=5, dtype=torch.float32, device="cpu", slots=4)
+        for i, buf in enumerate((*p.k, *p.v)):
+            buf.copy_(torch.arange(buf.numel(), dtype=torch.float32).view_as(buf) + 1000 * i)
+        return p
+
+    ours, expected, other = pool(), pool(), pool()
+    for buf in (*other.k, *other.v):
+        buf.neg_()
+    ours.swap_slots(0, 2)
+    ours.move_slot(3, 1)
+    ours.zero_slot(0, 2)
+    ours.copy_prefix(other, 1, 3, 3)
+    for exp, src in zip((*expected.k, *expected.v), (*other.k, *other.v), strict=True):
+        exp[[0, 2]] = exp[[2, 0]].clone()
+        exp[1] = exp[3]
+        exp[0, :, :2] = 0
+        exp[3, :, :3] = src[1, :, :3]
+    for mine, exp in zip((*ours.k, *ours.v), (*expected.k, *expected.v), strict=True):
+        assert torch.equal(mine, exp)

@@ -91,7 +91,7 @@ class LLMExecutor:
         self.scratch = self.capacity - 1
         self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.capacity, model.dtype,
                            model.device, slots)
-        self.slots = SlotTable(slots, self._swap)
+        self.slots = SlotTable(slots, self._swap, self._move)
         self.graphs = graphs
         self.widths = length_buckets(self.capacity, 256)
         self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1, eager
@@ -120,6 +120,10 @@ class LLMExecutor:
     def _swap(self, a: int, b: int) -> None:
         with self.on_stream():
             self.pool.swap_slots(a, b)
+
+    def _move(self, src: int, dst: int) -> None:
+        with self.on_stream():
+            self.pool.move_slot(src, dst)
 
     @torch.inference_mode()
     def copy_prefix(self, source: KVPool, row: int, length: int) -> None:

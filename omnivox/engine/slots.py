@@ -1,11 +1,12 @@
 """Slot tables: which row of a cache pool each holder owns, with the rows in use kept at the front.
 
 A batched step over every live row runs on rows 0..B-1 of a pool (a view, no gather: omnivox/models/kv_cache.py), so
-the rows that take part must be contiguous (prefills of a few rows gather theirs instead: `KVRows`). The
-table keeps them so: rows are ordered [active | idle | free]; a holder that becomes active, idle or free is swapped
-to the edge of its region (the pool swaps the two rows' caches). Holders keep a handle whose `row` follows these
-moves. Swaps happen when a request starts or ends, possibly while a step is in flight: the swap is queued after it
-on the pool's stream, and the step's results go by the rows it was launched with.
+the rows that take part must be contiguous (prefills of a few rows gather theirs instead: `KVRows`). The table keeps
+them so: rows are ordered [active | idle | free]; a holder that becomes active or idle is swapped to the edge of its
+region (the pool swaps the two rows' caches); a holder that gives its row back has the holders at those edges moved
+into the gap (one-way copies: the row given back holds nothing worth keeping). Holders keep a handle whose `row`
+follows these moves. Moves happen when a request starts or ends, possibly while a step is in flight: they are queued
+after it on the pool's stream, and the step's results go by the rows it was launched with.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ class SlotHandle:
 
 
 class SlotTable:
-    def __init__(self, size: int, swap: Callable[[int, int], None]):
+    def __init__(self, size: int, swap: Callable[[int, int], None], move: Callable[[int, int], None] | None = None):
         self.size = size
         self._swap_rows = swap
+        self._move_row = move  # (src, dst): dst takes src's cache; None: a swap does it
         self._holders: list[SlotHandle | None] = [None] * size
         self.num_active = 0
         self.num_used = 0
@@ -58,10 +60,27 @@ class SlotTable:
     def release(self, handle: SlotHandle) -> None:
         if self._holders[handle.row] is not handle:
             return  # released twice: harmless
-        self.deactivate(handle)
-        self._move(handle, self.num_used - 1)
+        if handle.active:
+            self._vacate(handle, self.num_active - 1)
+            handle.active = False
+            self.num_active -= 1
+        self._vacate(handle, self.num_used - 1)
         self._holders[handle.row] = None
         self.num_used -= 1
+
+    def _vacate(self, handle: SlotHandle, row: int) -> None:
+        """`handle` (whose cache is given up) goes to `row`; `row`'s holder moves into its place."""
+        if self._move_row is None:
+            self._move(handle, row)
+            return
+        if handle.row == row:
+            return
+        other = self._holders[row]
+        if other is not None:
+            self._move_row(row, handle.row)
+            other.row = handle.row
+        self._holders[handle.row], self._holders[row] = other, handle
+        handle.row = row
 
     def _move(self, handle: SlotHandle, row: int) -> None:
         """Swap `handle`'s row with `row` (and whoever holds it)."""

@@ -69,7 +69,7 @@ class TTSExecutor:
         self.pool = KVPool(c.num_hidden_layers, c.num_attention_heads, c.head_dim, self.capacity, model.dtype,
                            model.device, slots)
         self.drawn = torch.zeros(slots, self.num_vq, dtype=torch.long, device=model.device)  # each row's last codes
-        self.slots = SlotTable(slots, self._swap)
+        self.slots = SlotTable(slots, self._swap, self._move)
         self.graphs = graphs
         self.widths = length_buckets(self.capacity, 512)
         self.one_row_at_a_time = one_row_at_a_time  # the reference path: every step at batch 1, eager
@@ -81,6 +81,10 @@ class TTSExecutor:
         tmp = self.drawn[a].clone()
         self.drawn[a] = self.drawn[b]
         self.drawn[b] = tmp
+
+    def _move(self, src: int, dst: int) -> None:
+        self.pool.move_slot(src, dst)
+        self.drawn[dst] = self.drawn[src]
 
     @torch.inference_mode()
     def clear_condition_slots(self, row: int) -> None:

@@ -3,7 +3,9 @@
 Windows of different lengths are not padded into one batch: both decoders look ahead (non-causal convolutions),
 so padding would change the last samples of the shorter windows. Windows are nearly all one length (25 new
 tokens + 4 of context, or 25 for a segment's first), so grouping by length keeps the batches large, and those two
-lengths replay as CUDA graphs per batch size (padding rows are whole extra windows, dropped after).
+lengths replay as CUDA graphs per batch size (padding rows are whole extra windows, dropped after). Every other
+length up to 29 (a reply's last window, a call cut short by EOS) replays as graphs of up to 8 windows: run eagerly,
+such a window cost the loop several milliseconds of kernel launches.
 
 On a CPU windows are decoded one at a time: batching buys little there, and batched convolutions sum in another
 order than single ones, so a window's PCM would change in its last bits with its batch-mates. One at a time, a
@@ -22,6 +24,8 @@ import torch
 from omnivox.engine.graphs import GraphCache, Pending, batch_bucket, batch_buckets
 
 GRAPHED_WINDOWS = (25, 29)  # a segment's first call; every later call (25 new tokens + 4 of context)
+LONGEST_WINDOW = 29
+SHORT_WINDOW_BATCH = 8  # windows of the other lengths replay in graphs of at most this many
 
 
 class VocoderExecutor:
@@ -62,19 +66,24 @@ class VocoderExecutor:
 
     def _group(self, windows: list[np.ndarray]) -> torch.Tensor:
         length = len(windows[0])
-        if self.graphs is None or not self.graphs.enabled or length not in GRAPHED_WINDOWS:
+        if self.graphs is None or not self.graphs.enabled or length > LONGEST_WINDOW:
             return self._decode(torch.from_numpy(np.stack(windows)).to(self.device))
-        batch = batch_bucket(len(windows), self.max_batch)
+        limit = self.max_batch if length in GRAPHED_WINDOWS else min(SHORT_WINDOW_BATCH, self.max_batch)
+        if len(windows) > limit:  # each part copied out before the next replay of the same graph overwrites it
+            return torch.cat([self._group(windows[i:i + limit]).clone() for i in range(0, len(windows), limit)])
+        batch = batch_bucket(len(windows), limit)
         codes = np.zeros((batch, length, self.num_vq), np.int64)
         codes[: len(windows)] = np.stack(windows)
         pcm = self.graphs.run(("vocoder", batch, length), lambda codes: self._decode(codes), {"codes": codes})
         return pcm[: len(windows)]  # the graph's output: copied to the host before the next replay
 
     def warm_up(self) -> None:
-        """Captures the vocoder graphs for every batch size and graphed window length."""
+        """Captures the vocoder graphs: the two usual window lengths at every batch size, the others up to
+        SHORT_WINDOW_BATCH windows."""
         if self.graphs is None or not self.graphs.enabled:
             return
         with self._on_stream():
-            for batch in batch_buckets(self.max_batch):
-                for length in GRAPHED_WINDOWS:
+            for length in range(1, LONGEST_WINDOW + 1):
+                limit = self.max_batch if length in GRAPHED_WINDOWS else min(SHORT_WINDOW_BATCH, self.max_batch)
+                for batch in batch_buckets(limit):
                     self._group([np.zeros((length, self.num_vq), np.int64)] * batch).cpu()
