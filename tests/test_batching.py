@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -273,16 +274,25 @@ def test_prompts_riding_along_with_a_decode_step_change_nothing(model, compile):
 
 class EagerGraphs(GraphCache):
     """Graphs "on", so the executors take their graph-only paths (warm-up, batched TTS text prefills), with every
-    step run eagerly and each shape key recorded: what a CPU can check of them."""
+    step run eagerly and each shape key recorded: what a CPU can check of them. With `reuse_outputs`, as a captured
+    graph's, each key's output is one buffer that the next run of the key overwrites (a CPU result handed on
+    without a copy, as the loop's pipelined TTS steps are, would then change under its reader)."""
 
-    def __init__(self):
+    def __init__(self, reuse_outputs: bool = False):
         super().__init__(torch.device("cpu"), enabled=False)
         self.enabled = True
         self.keys: list = []
+        self.outputs: dict | None = {} if reuse_outputs else None
 
     def run(self, key, fn, inputs):
         self.keys.append(key)
-        return fn(**{name: torch.as_tensor(value) for name, value in inputs.items()})
+        out = fn(**{name: torch.as_tensor(value) for name, value in inputs.items()})
+        if self.outputs is None:
+            return out
+        kept = self.outputs.setdefault(key, out)
+        if kept is not out:
+            kept.copy_(out)
+        return kept
 
 
 def test_warm_up_captures_every_tts_step_the_loop_may_run(model):
@@ -462,21 +472,21 @@ def test_the_loops_first_call_equals_its_steps_fed_one_at_a_time_from_the_host(m
     read, and fed them on the device) against the same call stepped one token at a time, each step fed the codes
     drawn before it from the host: only the first step feeds [Ptts] and skips top-p/top-k."""
     engine = Engine(model)
-    prefills, first_rows = [], []
+    prefills, loop_rows = [], []
     prefill_rows, step = engine.tts.prefill_text_rows, engine.tts.step
     engine.tts.prefill_text_rows = lambda items: prefills.append(list(items)) or prefill_rows(items)
-    engine.tts.step = lambda rows: first_rows.extend(rows[:1] if not first_rows else ()) or step(rows)
+    engine.tts.step = lambda rows: loop_rows.extend(rows) or step(rows)  # one request: one row a step
     windows = record_codes(engine)
     [(_, _, _, loop_windows)] = drain([engine.read_aloud("Read this sentence aloud.", seed=3,
                                                          forced_audio_seconds=0.7, request_id="r")], windows)
-    first = first_rows[0]
+    assert [r.prev_drawn for r in loop_rows[:25]] == [False] + [True] * 24, "the loop fed steps on the device"
     tts = Engine(model).tts
     row = tts.slots.acquire(active=True).row
     for _, ids, begin, speaker in prefills[0]:
         tts.prefill_text(row, ids, begin, speaker)
     fed, prev = [], None
-    for i in range(25):
-        one = TTSRow(row, first.position + i, prev, first.num_text_tokens, i < 10, False, first.sampling, i)
+    for i, theirs in enumerate(loop_rows[:25]):  # the loop's own rows, fed from the host instead
+        one = replace(theirs, row=row, prev_codes=prev if i else theirs.prev_codes, prev_drawn=False)
         prev, eos = tts.step([one]).get()[0]
         assert not eos
         fed.append(prev)
@@ -488,14 +498,14 @@ def test_vocoder_windows_of_every_length_replay_in_graphs(model):
     any batch size, other lengths in batches of at most SHORT_WINDOW_BATCH (more are split), and the PCM of each
     window as decoded alone (to float tolerance: batched convolutions sum in another order on a CPU)."""
     vocoder = Engine(model).vocoder
-    vocoder.graphs, vocoder.batched, vocoder.max_batch = EagerGraphs(), True, 16
+    vocoder.graphs, vocoder.batched, vocoder.max_batch = EagerGraphs(reuse_outputs=True), True, 16
     rng = np.random.default_rng(0)
-    lengths = [29] * 11 + [25, 7] + [13] * 10
+    lengths = [29] * 11 + [25, 7] + [13] * 18  # 13: three graph runs of one key (8 + 8), then one of 2
     windows = [rng.integers(0, 600, (n, vocoder.num_vq)) for n in lengths]
     pcm = vocoder.decode(windows).get()
     keys = vocoder.graphs.keys
     assert sorted(keys) == sorted([("vocoder", 16, 29), ("vocoder", 1, 25), ("vocoder", 1, 7), ("vocoder", 8, 13),
-                                   ("vocoder", 2, 13)])
+                                   ("vocoder", 8, 13), ("vocoder", 2, 13)])
     for window, out in zip(windows, pcm, strict=True):
         alone = vocoder._decode(torch.from_numpy(window)[None])[0].numpy()
         assert out.shape == alone.shape and np.allclose(out, alone, atol=1e-5)

@@ -7,6 +7,10 @@ engine before batching, one request at a time, whose outputs were checked token 
 code. Every path of the batched engine is compared with the others elsewhere; this test ties them to that engine,
 so a rule every path shares (a step's input, a sampling flag) cannot drift unseen. Rewrite the file
 (`python tests/test_golden.py`) only from a tree whose PCM still equals 67d86ad's for these requests.
+
+Greedy codes are argmaxes over fp32 logits: a machine whose arithmetic differs (another BLAS or instruction set)
+could flip a near-tie. If this test fails while the path-to-path tests pass, run 67d86ad's engine on that machine
+(`git worktree add`, the same three requests): if its codes differ from the file too, the file is what moved.
 """
 
 from __future__ import annotations

@@ -217,13 +217,15 @@ def test_compiled_layers_give_the_same_caches_and_outputs_with_the_compiled_writ
     assert all(torch.equal(a, b) for a, b in zip(our_outs, their_outs, strict=True))
 
 
-def test_bulk_slot_operations_touch_their_slots_only():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the multi-tensor kernels' fast path runs on a GPU"))])
+def test_bulk_slot_operations_touch_their_slots_only(device):
     """swap_slots, move_slot, zero_slot and copy_prefix (multi-tensor copies over every layer) against the same moves
     written slot by slot."""
     def pool() -> KVPool:
-        p = KVPool(num_layers=3, num_kv_heads=2, head_dim=4, capacity=5, dtype=torch.float32, device="cpu", slots=4)
+        p = KVPool(num_layers=3, num_kv_heads=2, head_dim=4, capacity=5, dtype=torch.float32, device=device, slots=4)
         for i, buf in enumerate((*p.k, *p.v)):
-            buf.copy_(torch.arange(buf.numel(), dtype=torch.float32).view_as(buf) + 1000 * i)
+            buf.copy_(torch.arange(buf.numel(), dtype=torch.float32, device=device).view_as(buf) + 1000 * i)
         return p
 
     ours, expected, other = pool(), pool(), pool()

@@ -10,8 +10,8 @@ every stream at once.
 
 `--with-device` keeps the step bodies: the loop's host time beside a real device (on a GPU, full-size random
 weights with `--full-size`), where launches, copies and waits cost what they cost there; streams then wait for
-their listener as in the server. `--profile N` runs cProfile in the loop thread over the measuring window and
-prints its N costliest functions (the profiler slows Python code, so its times are inflated; the shares guide).
+their listener as in the server. `--profile N` samples the loop thread's stack every millisecond over the
+measuring window and prints the N functions it was found in most, on themselves and anywhere on the stack.
 
 A closed loop keeps `--streams` chats of the standard workload live (forced replies and lengths, the tiny model's
 tokenizers and request state); streams are never held back for being ahead of their listener, so most of them
@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import gc
-import io
 import math
-import pstats
+import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -76,35 +76,65 @@ def stub_device(engine: Engine) -> None:
     engine.vocoder._decode = lambda codes: torch.zeros(codes.shape[0], codes.shape[1] * 512)
 
 
-class LoopProfile:
-    """cProfile of the engine loop's iterations while `on` (the profiler must be enabled in the thread it watches:
-    each `Scheduler.step` call is wrapped)."""
+class LoopSampler:
+    """Where the loop thread is, sampled every `interval_s` while running (`sys._current_frames`): each function's
+    share of samples on top of the stack (itself and the C calls it makes, sleeps included) and anywhere on it. It
+    watches just that thread on any Python (cProfile records every thread since 3.12), and costs the loop only the
+    moment the sampler holds the interpreter lock."""
 
-    def __init__(self, engine: Engine):
-        self.profile, self.on = cProfile.Profile(), False
-        step = engine.scheduler.step
+    def __init__(self, engine: Engine, interval_s: float = 1e-3):
+        self.engine, self.interval_s = engine, interval_s
+        self.on_top: defaultdict[str, int] = defaultdict(int)
+        self.on_stack: defaultdict[str, int] = defaultdict(int)
+        self.samples = 0
+        self._running = threading.Event()
+        self._thread: threading.Thread | None = None
 
-        def profiled() -> bool:
-            if not self.on:
-                return step()
-            self.profile.enable()
-            try:
-                return step()
-            finally:
-                self.profile.disable()
+    def start(self) -> None:
+        self._running.set()
+        self._thread = threading.Thread(target=self._sample, name="loop-sampler", daemon=True)
+        self._thread.start()
 
-        engine.scheduler.step = profiled
+    def stop(self) -> None:
+        self._running.clear()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _sample(self) -> None:
+        ident = self.engine.loop_thread.ident
+        while self._running.is_set():
+            frame = sys._current_frames().get(ident)
+            if frame is not None:
+                self.samples += 1
+                self.on_top[_where(frame)] += 1
+                for where in {_where(f) for f in _stack(frame)}:
+                    self.on_stack[where] += 1
+            time.sleep(self.interval_s)
 
     def top(self, n: int) -> str:
-        out = io.StringIO()
-        stats = pstats.Stats(self.profile, stream=out)
-        stats.sort_stats("tottime").print_stats(n)
-        stats.sort_stats("cumulative").print_stats(n)
-        return out.getvalue()
+        lines = [f"{self.samples} samples of the loop thread, one every {1e3 * self.interval_s:g} ms"]
+        for title, counts in (("on top of the stack", self.on_top), ("anywhere on the stack", self.on_stack)):
+            lines += ["", f"  share  function ({title})"]
+            for where, count in sorted(counts.items(), key=lambda kv: -kv[1])[:n]:
+                lines.append(f"{100 * count / max(self.samples, 1):6.1f} %  {where}")
+        return "\n".join(lines)
+
+
+def _stack(frame: FrameType | None):
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _where(frame: FrameType) -> str:
+    code = frame.f_code
+    path = code.co_filename
+    cut = path.rfind("omnivox/")
+    return f"{path[cut:] if cut >= 0 else path.rsplit('/', 1)[-1]}:{code.co_firstlineno}({code.co_name})"
 
 
 async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: float,
-                    profile: LoopProfile | None = None) -> dict[str, Any]:
+                    profile: LoopSampler | None = None) -> dict[str, Any]:
     """Runs `streams` chats at once for `warmup_s` + `seconds`, replacing each as it ends; returns the loop's host
     time by part over the last `seconds`, per iteration (profiled over them if `profile` is given)."""
     _, items = split_warmup(load_workload())
@@ -144,14 +174,14 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
     for stage in rows:
         rows[stage].clear()
     if profile is not None:
-        profile.on = True
+        profile.start()
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         live.append(len(scheduler.live))
         await asyncio.sleep(0.05)
     wall = time.perf_counter() - t0
     if profile is not None:
-        profile.on = False
+        profile.stop()
     cpu = time.clock_gettime(cpu_clock) - cpu0
     gc.callbacks.remove(time_collections)
     parts = {k: v - parts0.get(k, 0.0) for k, v in scheduler.loop_seconds.items()}
@@ -181,8 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--with-device", action="store_true", help="keep the step bodies (streams wait for their listener)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (with --with-device)")
     p.add_argument("--full-size", action="store_true", help="the released model's sizes, random weights (GPU)")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile the loop: its N costliest functions")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="sample the loop thread: the N functions it is found in most")
     args = p.parse_args(argv)
+    if not args.with_device and (args.full_size or args.device != "cpu"):
+        p.error("--full-size and --device are for --with-device runs (a stubbed device runs the tiny model on a CPU)")
     config = EngineConfig(max_concurrent_requests=args.streams)
     if args.full_size:
         engine = Engine.from_pretrained(None, device=args.device, dummy_weights=True, config=config)
@@ -194,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         engine.scheduler.config.ahead_limit_s = math.inf  # no stream waits for its listener: as many rows as can be
         stub_device(engine)
-    profile = LoopProfile(engine) if args.profile else None
+    profile = LoopSampler(engine) if args.profile else None
     if not args.no_settle:
         settle_heap()
     result = asyncio.run(keep_live(engine, args.streams, args.seconds, args.warmup, profile))
@@ -213,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                                                   for g, p in result["gc_pauses"].items()))
     if profile is not None:
         result["profile"] = profile.top(args.profile)
-        print(result["profile"])  # plain: rich would wrap pstats' wide lines
+        print(result["profile"])  # plain: rich would wrap the wide lines
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

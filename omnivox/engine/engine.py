@@ -332,7 +332,8 @@ class Engine:
         llm_row = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * positions
         tts_row = 2 * tts.num_hidden_layers * tts.num_attention_heads * tts.head_dim * self.config.tts_capacity
         free, _ = torch.cuda.mem_get_info(self.device)
-        budget = free * self.config.memory_fraction - self.config.max_sessions * llm_row * item
+        # each pool keeps one slot more, the spare of its row swaps
+        budget = free * self.config.memory_fraction - (self.config.max_sessions + 1) * llm_row * item - tts_row * item
         slots = int(budget // ((llm_row + tts_row) * item))
         if slots < 1:
             raise InvalidRequest("the GPU has no room for one stream's caches: lower --max-session-tokens")

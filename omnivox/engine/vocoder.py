@@ -24,7 +24,7 @@ import torch
 from omnivox.engine.graphs import GraphCache, Pending, batch_bucket, batch_buckets
 
 GRAPHED_WINDOWS = (25, 29)  # a segment's first call; every later call (25 new tokens + 4 of context)
-LONGEST_WINDOW = 29
+LONGEST_WINDOW = max(GRAPHED_WINDOWS)  # a window is at most a call's 25 new tokens + 4 of context
 SHORT_WINDOW_BATCH = 8  # windows of the other lengths replay in graphs of at most this many
 
 
@@ -70,7 +70,11 @@ class VocoderExecutor:
             return self._decode(torch.from_numpy(np.stack(windows)).to(self.device))
         limit = self.max_batch if length in GRAPHED_WINDOWS else min(SHORT_WINDOW_BATCH, self.max_batch)
         if len(windows) > limit:  # each part copied out before the next replay of the same graph overwrites it
-            return torch.cat([self._group(windows[i:i + limit]).clone() for i in range(0, len(windows), limit)])
+            parts = []
+            for i in range(0, len(windows), limit):
+                part = self._group(windows[i:i + limit])
+                parts.append(part if i + limit >= len(windows) else part.clone())
+            return torch.cat(parts)
         batch = batch_bucket(len(windows), limit)
         codes = np.zeros((batch, length, self.num_vq), np.int64)
         codes[: len(windows)] = np.stack(windows)
