@@ -68,7 +68,7 @@ class VocoderExecutor:
         length = len(windows[0])
         if self.graphs is None or not self.graphs.enabled or length > LONGEST_WINDOW:
             return self._decode(torch.from_numpy(np.stack(windows)).to(self.device))
-        limit = self.max_batch if length in GRAPHED_WINDOWS else min(SHORT_WINDOW_BATCH, self.max_batch)
+        limit = self._graph_batch(length)
         if len(windows) > limit:  # each part copied out before the next replay of the same graph overwrites it
             parts = []
             for i in range(0, len(windows), limit):
@@ -81,6 +81,10 @@ class VocoderExecutor:
         pcm = self.graphs.run(("vocoder", batch, length), lambda codes: self._decode(codes), {"codes": codes})
         return pcm[: len(windows)]  # the graph's output: copied to the host before the next replay
 
+    def _graph_batch(self, length: int) -> int:
+        """The most windows of `length` one graph decodes."""
+        return self.max_batch if length in GRAPHED_WINDOWS else min(SHORT_WINDOW_BATCH, self.max_batch)
+
     def warm_up(self) -> None:
         """Captures the vocoder graphs: the two usual window lengths at every batch size, the others up to
         SHORT_WINDOW_BATCH windows."""
@@ -88,6 +92,5 @@ class VocoderExecutor:
             return
         with self._on_stream():
             for length in range(1, LONGEST_WINDOW + 1):
-                limit = self.max_batch if length in GRAPHED_WINDOWS else min(SHORT_WINDOW_BATCH, self.max_batch)
-                for batch in batch_buckets(limit):
+                for batch in batch_buckets(self._graph_batch(length)):
                     self._group([np.zeros((length, self.num_vq), np.int64)] * batch).cpu()
