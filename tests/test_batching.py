@@ -517,12 +517,11 @@ def test_vocoder_windows_of_every_length_replay_in_graphs(model):
 
 
 # ---- slot compaction --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("moves", [False, True], ids=["swaps", "moves on release"])
-def test_slot_table_keeps_active_rows_in_front_and_caches_follow_their_handles(moves):
-    """Random acquires, activations and releases; with `moves`, a release moves the holders at the region edges into
-    the gap by one-way copies (`KVPool.move_slot`) instead of swapping."""
+def test_slot_table_keeps_active_rows_in_front_and_caches_follow_their_handles():
+    """Random acquires, activations and releases (a release moves the holders at the region edges into the gap by
+    one-way copies, `KVPool.move_slot`)."""
     pool = KVPool(num_layers=2, num_kv_heads=1, head_dim=2, capacity=3, dtype=torch.float32, device="cpu", slots=6)
-    table = SlotTable(6, pool.swap_slots, pool.move_slot if moves else None)
+    table = SlotTable(6, pool.swap_slots, pool.move_slot)
     rng = random.Random(1)
     owned: dict[int, object] = {}  # value written into the row -> handle
     next_value = 1.0

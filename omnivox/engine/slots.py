@@ -22,10 +22,10 @@ class SlotHandle:
 
 
 class SlotTable:
-    def __init__(self, size: int, swap: Callable[[int, int], None], move: Callable[[int, int], None] | None = None):
+    def __init__(self, size: int, swap: Callable[[int, int], None], move: Callable[[int, int], None]):
         self.size = size
         self._swap_rows = swap
-        self._move_row = move  # (src, dst): dst takes src's cache; None: a swap does it
+        self._move_row = move  # (src, dst): dst takes src's cache
         self._holders: list[SlotHandle | None] = [None] * size
         self.num_active = 0
         self.num_used = 0
@@ -69,16 +69,13 @@ class SlotTable:
         self.num_used -= 1
 
     def _vacate(self, handle: SlotHandle, row: int) -> None:
-        """`handle` (whose cache is given up) goes to `row`; `row`'s holder moves into its place."""
-        if self._move_row is None:
-            self._move(handle, row)
-            return
+        """`handle` (whose cache is given up) goes to `row`, an edge of the rows in use; `row`'s holder moves into
+        its place."""
         if handle.row == row:
             return
         other = self._holders[row]
-        if other is not None:
-            self._move_row(row, handle.row)
-            other.row = handle.row
+        self._move_row(row, handle.row)
+        other.row = handle.row
         self._holders[handle.row], self._holders[row] = other, handle
         handle.row = row
 
