@@ -125,22 +125,24 @@ def test_streams_ordered_by_least_buffered():
     assert [r.buffered_s(100.0) for r in plan["prefill"]] == pytest.approx([0.9, 1.2, 2.0, 3.0])
 
 
-def test_about_to_underrun_holds_tts_text_prefills_to_one_per_iteration():
+def test_about_to_underrun_holds_tts_prefills_to_one_batch_of_text_and_one_audio_prefill():
     fillers = [live(prefill_text(), buffered=b) for b in (2.0, 4.0, 6.0)]
+    restarts = [live(TTSPrefillAudio(np.zeros((50, 4), np.int64), 5), buffered=b) for b in (1.5, 3.0)]
     dry = live(prefill_text(), buffered=CONFIG.underrun_reserve_s / 2)
     stepping = [live(tts_step(), buffered=b) for b in (0.0, 1.0)]
-    s = scheduler(*fillers, dry, *stepping)
+    s = scheduler(*fillers, *restarts, dry, *stepping, urgent_text_prefills=3)
     plan = s.plan(100.0)
-    assert plan["prefill"] == [dry], "one prefill only: the stream about to run dry"
+    assert plan["prefill"] == [dry, restarts[0], fillers[0], fillers[1]], \
+        "the stream about to run dry first; three text prefills (one batch) and one audio prefill, least buffered first"
     assert plan["tts"] == stepping, "TTS steps are not held back"
     # a prompt prefill runs on the LLM's own stream, beside the TTS step: new streams are not held back
     prompts = [live(NEXT_CHUNK, LLMPrefill([1, 2, 3])) for _ in range(2)]
-    plan = scheduler(*fillers, dry, *prompts, *stepping).plan(100.0)
+    plan = scheduler(*fillers, dry, *prompts, *stepping, urgent_text_prefills=1).plan(100.0)
     assert plan["prefill"] == [dry, *prompts], "the dry stream's text prefill, then every prompt prefill"
     # once the clock moves on, a stream that has already run dry also holds prefills back
-    s2 = scheduler(*fillers, live(tts_step(), buffered=CONFIG.underrun_reserve_s + 0.1))
+    s2 = scheduler(*fillers, live(tts_step(), buffered=CONFIG.underrun_reserve_s + 0.1), urgent_text_prefills=2)
     assert len(s2.plan(100.0)["prefill"]) == 3
-    assert len(s2.plan(100.2)["prefill"]) == 1
+    assert len(s2.plan(100.2)["prefill"]) == 2
 
 
 def test_a_stream_far_ahead_is_left_out_of_every_kind_of_work():

@@ -13,10 +13,11 @@ the device when the TTS step ends).
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
-is about to underrun, TTS prefills (on the loop's stream) are held to one per iteration (they delay every stream's
-next step), the LLM's prompt prefills (on its own stream) are not; a stream more than `ahead_limit_s` ahead waits
-(its rows idle). Vocoder windows of streams with audio to spare gather into larger batches for up to
-`vocoder_gather_s`.
+is about to underrun, TTS prefills (on the loop's stream) are held to one batch of text prefills (up to
+`urgent_text_prefills` rows, which cost about what one does) and one segment-restart audio prefill per iteration
+(they delay every stream's next step), the LLM's prompt prefills (on its own stream) are not; a stream more than
+`ahead_limit_s` ahead waits (its rows idle). Vocoder windows of streams with audio to spare gather into larger
+batches for up to `vocoder_gather_s`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class SchedulerConfig:
     vocoder_gather_s: float = 0.05  # windows of streams with audio to spare gather this long while TTS steps run
     vocoder_gather_rows: int = 8  # ... or until this many wait
     underrun_reserve_s: float = 0.3  # a stream with less buffered than this is about to underrun
+    urgent_text_prefills: int = 8  # TTS text prefills an iteration while a stream is about to underrun
     ahead_limit_s: float = 20.0  # a stream with more buffered than this waits
 
 
@@ -229,10 +231,12 @@ class Scheduler:
         gathered = now - self._last_decode_at >= cfg.llm_gather_s
         llm = llm_rows if needed or rider_ready or (llm_rows and (gathered or not gather)) else []
         prefills.sort(key=lambda r: (r not in urgent, r.first_audio_at is not None, buffered[r], r.order))
-        if urgent:  # a TTS prefill (text or audio) on the loop's stream delays the step of a stream about to run
-            # dry: one at most; the LLM's prefills run on its own stream and are not held back
-            speech = [r for r in prefills if r.prefill_side() is r.speech][:1]
-            prefills = [r for r in prefills if r in speech or r.prefill_side() is not r.speech]
+        if urgent:  # TTS prefills on the loop's stream delay the step of a stream about to run dry: one batch of
+            # text prefills (as costly for a few rows as for one) and one audio prefill at most; the LLM's prefills
+            # run on its own stream and are not held back
+            texts = [r for r in prefills if r.speech.waiting_on(TTSPrefillText)][:cfg.urgent_text_prefills]
+            audio = [r for r in prefills if r.speech.waiting_on(TTSPrefillAudio)][:1]
+            prefills = [r for r in prefills if r in texts or r in audio or r.prefill_side() is not r.speech]
         return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
 
     def stats(self, now: float) -> dict[str, dict[str, float]]:
