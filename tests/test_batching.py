@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from omnivox.engine.engine import Engine, EngineConfig
-from omnivox.engine.graphs import GraphCache, batch_buckets
+from omnivox.engine.graphs import GraphCache, batch_bucket, batch_buckets
+from omnivox.engine.llm_executor import LLMRow, LLMSampling, PrefillRow
 from omnivox.engine.slots import SlotTable
 from omnivox.engine.tts_executor import TTSRow, TTSSampling
 from omnivox.engine.types import SAMPLES_PER_AUDIO_TOKEN, SamplingParams
@@ -491,6 +492,41 @@ def test_the_loops_first_call_equals_its_steps_fed_one_at_a_time_from_the_host(m
         assert not eos
         fed.append(prev)
     assert [tuple(c) for c in loop_windows[0][:25]] == fed
+
+
+def test_a_decode_step_over_just_its_rows_equals_one_over_every_active_row(model):
+    """When the rows taking part fit a smaller batch than the active rows, the LLM's decode step runs over just them
+    (their keys gathered): the same tokens and the same cache as the step over every active row, with and without
+    a prompt riding along (the cache up to a CPU's matrix-product rounding, which differs with the batch size)."""
+    llm = Engine(model).llm
+    handles = [llm.slots.acquire(active=True) for _ in range(6)]
+    prompts = [PrefillRow(h.row, 0, list(range(5 + i, 25 + 2 * i))) for i, h in enumerate(handles[:5])]
+    llm.prefill(prompts).get()
+    rows = [LLMRow(handles[i].row, 7 + i, len(prompts[i].ids), [3, 7 + i], LLMSampling(1.0, 20, 0.9, 1.1, False, 5, i))
+            for i in (4, 1)]
+    riding = [PrefillRow(handles[5].row, 0, [9, 8, 7, 6], [9], LLMSampling(1.0, 20, 0.9, 1.1, False, 6, 0))]
+    gathered_steps = []
+    step, with_prompts = llm._step, llm._step_with_prompts
+    llm._step = lambda *a, rows=None, **kw: gathered_steps.append(rows is not None) or step(*a, rows=rows, **kw)
+    llm._step_with_prompts = lambda *a, step_rows=None, **kw: gathered_steps.append(step_rows is not None) or \
+        with_prompts(*a, step_rows=step_rows, **kw)
+    every = batch_bucket(llm.slots.num_active, llm.slots.size, llm.smallest_batch)
+    before = [buf.clone() for buf in llm.pool._buffers]
+    cache = {}
+    for name, run in [("gathered", lambda: llm.decode(rows, riding)),
+                      ("every row", lambda: llm._decode_with_prompts(0, every, rows, riding)),
+                      ("gathered alone", lambda: llm.decode(rows)),
+                      ("every row alone", lambda: llm._decode(0, every, rows))]:
+        for buf, saved in zip(llm.pool._buffers, before, strict=True):
+            buf.copy_(saved)
+        tokens = run().get()
+        cache[name] = tokens, [buf[:, :, : llm.scratch].clone() for buf in llm.pool._buffers]
+    assert gathered_steps == [True, False, True, False]
+    for a, b in (("gathered", "every row"), ("gathered alone", "every row alone")):
+        assert cache[a][0] == cache[b][0]
+        for x, y in zip(cache[a][1], cache[b][1], strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(cache[a][1][0], before[0][:, :, : llm.scratch]), "the step wrote its keys"
 
 
 def test_vocoder_windows_of_every_length_replay_in_graphs(model):

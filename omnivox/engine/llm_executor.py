@@ -4,8 +4,11 @@ active rows, on the executor's own CUDA stream so they run beside the TTS.
 It knows rows, positions and sampling parameters, never requests. A decode step runs on rows 0..B-1 of the pool
 (B: the captured batch size that holds the active rows, omnivox/engine/slots.py keeps them in front); rows without
 a token this step write to the scratch position (the last one, never used by a session) and their output is
-dropped. Masks, sampling and the counter-based random numbers all run inside the step, so it replays as one CUDA
-graph per (batch size, key width). A prefill runs the prompts of several rows, wherever they are in the pool, as
+dropped. When the rows taking part fit a smaller batch, the step runs over just them instead, wherever they are
+(`KVRows`: their keys gathered): a step's cost is mostly its rows' share of the products, and a gathered row's
+keys cost little beside them (a few of the ~256 active rows take part in a step when streams run ahead). Masks,
+sampling and the counter-based random numbers all run inside the step, so it replays as one CUDA graph per (batch
+size, key width). A prefill runs the prompts of several rows, wherever they are in the pool, as
 one padded batch (pads write to the scratch position), replayed as a CUDA graph per (batch, length, key width).
 Short prompts may instead ride along with a decode step, in the same forward (one graph per decode shape): the
 weights, which a step at these batch sizes spends most of its time reading, are then read once for both.
@@ -205,37 +208,42 @@ class LLMExecutor:
             steps = [self._decode(r.row, 1, [r]).get()[0] for r in rows]
             return Ready(steps + (self.prefill(list(prompts)).get() if prompts else []))
         batch = batch_bucket(self.slots.num_active, self.slots.size, self.smallest_batch)
+        gathered = batch_bucket(len(rows), self.slots.size, self.smallest_batch) if rows else batch
+        first, batch = (None, gathered) if gathered < batch else (0, batch)
         if not prompts:
-            return self._decode(0, batch, rows)
+            return self._decode(first, batch, rows)
         if len(prompts) > RIDING_PROMPTS or not all(can_ride(len(p.ids)) for p in prompts):
             raise ValueError(f"at most {RIDING_PROMPTS} prompts of 1..{RIDING_PROMPT_TOKENS} ids ride along")
-        return self._decode_with_prompts(batch, rows, prompts)
+        return self._decode_with_prompts(first, batch, rows, prompts)
 
-    def _decode_with_prompts(self, batch: int, rows: list[LLMRow], prompts: Sequence[PrefillRow]) -> Pending:
-        """A decode step over pool rows 0..batch-1 with prompts riding along: one forward over the step's tokens
-        and the prompts' (`Segments`), so the weights are read once for both. A prefill alone costs about as much
-        as a decode step; inside one it costs a few more rows of each product."""
+    def _decode_with_prompts(self, first: int | None, batch: int, rows: list[LLMRow],
+                             prompts: Sequence[PrefillRow]) -> Pending:
+        """A decode step (as `_decode`) with prompts riding along: one forward over the step's tokens and the
+        prompts' (`Segments`), so the weights are read once for both. A prefill alone costs about as much as a
+        decode step; inside one it costs a few more rows of each product."""
         ends = [r.position + 1 for r in rows] + [p.start + len(p.ids) for p in prompts]
         width = length_bucket(max(ends), self.widths)
         riding = [_entry(p) for p in prompts] + [None] * (RIDING_PROMPTS - len(prompts))
-        ints, floats = self._step_inputs(0, batch, rows, riding)
+        ints, floats, index = self._step_inputs(first, batch, rows, riding)
         inputs = dict(self._prompt_arrays(prompts, RIDING_PROMPTS, RIDING_PROMPT_TOKENS), ints=ints, floats=floats)
+        key = ("llm+prompts", batch, width)
+        if first is None:
+            inputs["step_rows"], key = self._gather_rows(batch, rows), ("llm_rows+prompts", batch, width)
         with self.on_stream() as caller:
-            tokens, hidden = self.graphs.run(("llm+prompts", batch, width),
-                                             lambda **kw: self._step_with_prompts(width, **kw), inputs)
+            tokens, hidden = self.graphs.run(key, lambda **kw: self._step_with_prompts(width, **kw), inputs)
             prompt_results = self._prompt_results(prompts, hidden, caller)
-            index = [r.row for r in rows]
 
             def results(tokens: np.ndarray) -> list:
                 return [int(tokens[i]) for i in index] + prompt_results(tokens, batch)
 
             return Pending((tokens,), results, self.stream)
 
-    def _step_with_prompts(self, width: int, ints, floats, ids, positions, rows, last):
+    def _step_with_prompts(self, width: int, ints, floats, ids, positions, rows, last, step_rows=None):
         batch = ints.shape[0] - ids.shape[0]
         step_ids, step_positions = ints[:batch, :1], ints[:batch, 1:2]
+        view = self.pool.view(0, batch, width) if step_rows is None else KVRows(self.pool, step_rows, width)
         segments = Segments([
-            Segment(step_positions, self.pool.view(0, batch, width), causal_mask(step_positions, width)),
+            Segment(step_positions, view, causal_mask(step_positions, width)),
             Segment(positions, KVRows(self.pool, rows, width), causal_mask(positions, width)),
         ])
         flat_ids = torch.cat([step_ids.flatten(), ids.flatten()])[None]
@@ -244,15 +252,24 @@ class LLMExecutor:
         final = torch.cat([hidden[:batch], prompts[torch.arange(ids.shape[0], device=ids.device), last]])
         return self._sample(self.llm.compute_logits(final), ints, floats), prompts
 
-    def _decode(self, first: int, batch: int, rows: list[LLMRow]) -> Pending:
-        """One step over pool rows first..first+batch-1, of which `rows` take part."""
+    def _decode(self, first: int | None, batch: int, rows: list[LLMRow]) -> Pending:
+        """One step over pool rows first..first+batch-1, of which `rows` take part; `first` None: over `rows`
+        alone, wherever they are, padded to `batch`."""
         width = length_bucket(max(r.position for r in rows) + 1, self.widths)
-        ints, floats = self._step_inputs(first, batch, rows)
+        ints, floats, index = self._step_inputs(first, batch, rows)
+        inputs, key = {"ints": ints, "floats": floats}, ("llm", first, batch, width)
+        if first is None:
+            inputs["rows"], key = self._gather_rows(batch, rows), ("llm_rows", batch, width)
         with self.on_stream():
-            out = self.graphs.run(("llm", first, batch, width),
-                                  lambda **kw: self._step(first, width, **kw), {"ints": ints, "floats": floats})
-            index = [r.row - first for r in rows]
+            out = self.graphs.run(key, lambda **kw: self._step(first, width, **kw), inputs)
             return Pending((out,), lambda tokens: [int(tokens[i]) for i in index], self.stream)
+
+    @staticmethod
+    def _gather_rows(batch: int, rows: list[LLMRow]) -> np.ndarray:
+        """A gathered step's pool rows; padding rows write to the first row's scratch position."""
+        pool_rows = np.full(batch, rows[0].row if rows else 0, np.int64)
+        pool_rows[: len(rows)] = [r.row for r in rows]
+        return pool_rows
 
     def warm_up(self) -> None:
         """Captures every (batch size, key width) decode graph, with and without prompts riding along, and the
@@ -261,17 +278,26 @@ class LLMExecutor:
         if not self.graphs.enabled:
             return
         with self.on_stream():
-            for batch in batch_buckets(self.slots.size, self.smallest_batch):
+            buckets = batch_buckets(self.slots.size, self.smallest_batch)
+            for batch in buckets:
+                gathered = batch < buckets[-1]  # a step over every active row never needs a gather
                 for width in self.widths:
                     ints, floats = self._pack([None] * batch, batch)
                     self.graphs.run(("llm", 0, batch, width), lambda w=width, **kw: self._step(0, w, **kw),
                                     {"ints": ints, "floats": floats})
+                    if gathered:
+                        self.graphs.run(("llm_rows", batch, width), lambda w=width, **kw: self._step(None, w, **kw),
+                                        {"ints": ints, "floats": floats, "rows": np.zeros(batch, np.int64)})
                     ints, floats = self._pack([None] * (batch + RIDING_PROMPTS), batch + RIDING_PROMPTS)
                     scratch = PrefillRow(0, self.scratch, [0])  # one id at the scratch position
-                    prompts = self._prompt_arrays([scratch], RIDING_PROMPTS, RIDING_PROMPT_TOKENS)
+                    prompts = dict(self._prompt_arrays([scratch], RIDING_PROMPTS, RIDING_PROMPT_TOKENS), ints=ints,
+                                   floats=floats)
                     self.graphs.run(("llm+prompts", batch, width),
-                                    lambda w=width, **kw: self._step_with_prompts(w, **kw),
-                                    dict(prompts, ints=ints, floats=floats))
+                                    lambda w=width, **kw: self._step_with_prompts(w, **kw), prompts)
+                    if gathered:
+                        self.graphs.run(("llm_rows+prompts", batch, width),
+                                        lambda w=width, **kw: self._step_with_prompts(w, **kw),
+                                        dict(prompts, step_rows=np.zeros(batch, np.int64)))
             for batch in (2, 4, 8, 16, 32):  # the prefills of up to 32 new conversations at once
                 for length in (PREFILL_ALIGN, 2 * PREFILL_ALIGN, 4 * PREFILL_ALIGN):
                     for width in self.widths:
@@ -283,9 +309,9 @@ class LLMExecutor:
                         self.graphs.run(("prefill", batch, length, width),
                                         lambda w=width, **kw: self._prefill_step(w, **kw), inputs)
 
-    def _step(self, first: int, width: int, ints, floats) -> torch.Tensor:
+    def _step(self, first: int | None, width: int, ints, floats, rows=None) -> torch.Tensor:
         ids, positions = ints[:, :1], ints[:, 1:2]
-        view = self.pool.view(first, ids.shape[0], width)
+        view = self.pool.view(first, ids.shape[0], width) if first is not None else KVRows(self.pool, rows, width)
         hidden = self.llm(ids, positions, view, causal_mask(positions, width), compiled=self.compiled)[:, -1]
         return self._sample(self.llm.compute_logits(hidden), ints, floats)
 
@@ -294,17 +320,19 @@ class LLMExecutor:
         return sample(logits, ints[:, 6:], temperature=floats[:, 0], top_k=ints[:, 2], top_p=floats[:, 1],
                       repetition_penalty=floats[:, 2], greedy=ints[:, 3] != 0, seeds=ints[:, 4], counters=ints[:, 5])
 
-    def _step_inputs(self, first: int, batch: int, rows: list[LLMRow],
-                     after: list[tuple[list[int], LLMSampling] | None] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """A decode step's packed inputs: row r at batch index r.row - first (its token, position and sampling), then
-        the sampling entries `after` (prompts riding along) past the step's `batch` rows."""
+    def _step_inputs(self, first: int | None, batch: int, rows: list[LLMRow],
+                     after: list[tuple[list[int], LLMSampling] | None] = ()) -> tuple[np.ndarray, np.ndarray, list]:
+        """A decode step's packed inputs and each row's batch index: row r at r.row - first (`first` None: in the
+        order given) with its token, position and sampling, then the sampling entries `after` (prompts riding along)
+        past the step's `batch` rows."""
+        index = list(range(len(rows))) if first is None else [r.row - first for r in rows]
         entries: list[tuple[list[int], LLMSampling] | None] = [None] * batch
-        for r in rows:
-            entries[r.row - first] = (r.window, r.sampling)
+        for i, r in zip(index, rows, strict=True):
+            entries[i] = (r.window, r.sampling)
         ints, floats = self._pack(entries + list(after), batch + len(after))
-        for r in rows:
-            ints[r.row - first, :2] = r.token, r.position
-        return ints, floats
+        for i, r in zip(index, rows, strict=True):
+            ints[i, :2] = r.token, r.position
+        return ints, floats, index
 
     def _pack(self, entries, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """The step's inputs in two host arrays: ints [B, 6 + WINDOW] (token, position, top_k, greedy, seed,
