@@ -309,6 +309,24 @@ def test_warm_up_captures_every_tts_step_the_loop_may_run(model):
     assert torch.equal(tts.drawn, before), "warm-up drew codes for a real row"
 
 
+def test_warm_up_captures_every_llm_step_the_loop_may_run(model):
+    """Warm-up runs an LLM decode step, with and without prompts riding along, over the active rows at every batch
+    size and key width, and over gathered rows at every batch size below the largest (scratch positions only)."""
+    llm = Engine(model, EngineConfig()).llm
+    llm.graphs = EagerGraphs()
+    before = [buf.clone() for buf in llm.pool._buffers]
+    llm.warm_up()
+    buckets = batch_buckets(llm.slots.size, llm.smallest_batch)
+    every = {(b, w) for b in buckets for w in llm.widths}
+    gathered = {(b, w) for b, w in every if b < buckets[-1]}  # a gathered step is smaller than the active rows'
+    assert {key[2:] for key in llm.graphs.keys if key[0] == "llm"} == every
+    assert {key[1:] for key in llm.graphs.keys if key[0] == "llm+prompts"} == every
+    assert {key[1:] for key in llm.graphs.keys if key[0] == "llm_rows"} == gathered
+    assert {key[1:] for key in llm.graphs.keys if key[0] == "llm_rows+prompts"} == gathered
+    for buf, saved in zip(llm.pool._buffers, before, strict=True):
+        assert torch.equal(buf[:, :, : llm.scratch], saved[:, :, : llm.scratch]), "warm-up wrote a real position"
+
+
 def test_batched_tts_text_prefills_give_the_same_audio(model, batched):
     """With graphs on, the TTS text prefills of several streams run as one step over just their rows (wherever they
     are in the pool); off (CPU) they run one at a time. The eight mixed requests: the same tokens, codes and PCM."""
@@ -503,7 +521,7 @@ def test_a_decode_step_over_just_its_rows_equals_one_over_every_active_row(model
     prompts = [PrefillRow(h.row, 0, list(range(5 + i, 25 + 2 * i))) for i, h in enumerate(handles[:5])]
     llm.prefill(prompts).get()
     rows = [LLMRow(handles[i].row, 7 + i, len(prompts[i].ids), [3, 7 + i], LLMSampling(1.0, 20, 0.9, 1.1, False, 5, i))
-            for i in (4, 1)]
+            for i in (4, 1, 2)]  # a batch of 4: one padding row
     riding = [PrefillRow(handles[5].row, 0, [9, 8, 7, 6], [9], LLMSampling(1.0, 20, 0.9, 1.1, False, 6, 0))]
     gathered_steps = []
     step, with_prompts = llm._step, llm._step_with_prompts

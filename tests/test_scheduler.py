@@ -135,6 +135,10 @@ def test_about_to_underrun_holds_tts_prefills_to_one_batch_of_text_and_one_audio
     assert plan["prefill"] == [dry, restarts[0], fillers[0], fillers[1]], \
         "the stream about to run dry first; three text prefills (one batch) and one audio prefill, least buffered first"
     assert plan["tts"] == stepping, "TTS steps are not held back"
+    # a text longer than a batched prefill's rows (a read-aloud part's) runs alone: one of those at most
+    parts = [live(TTSPrefillText(list(range(40)), 0), buffered=b) for b in (0.5, 0.6)]
+    plan = scheduler(*fillers, *parts, dry, urgent_text_prefills=3).plan(100.0)
+    assert plan["prefill"] == [dry, parts[0], fillers[0], fillers[1]]
     # a prompt prefill runs on the LLM's own stream, beside the TTS step: new streams are not held back
     prompts = [live(NEXT_CHUNK, LLMPrefill([1, 2, 3])) for _ in range(2)]
     plan = scheduler(*fillers, dry, *prompts, *stepping, urgent_text_prefills=1).plan(100.0)

@@ -267,7 +267,7 @@ class LLMExecutor:
     @staticmethod
     def _gather_rows(batch: int, rows: list[LLMRow]) -> np.ndarray:
         """A gathered step's pool rows; padding rows write to the first row's scratch position."""
-        pool_rows = np.full(batch, rows[0].row if rows else 0, np.int64)
+        pool_rows = np.full(batch, rows[0].row, np.int64)
         pool_rows[: len(rows)] = [r.row for r in rows]
         return pool_rows
 

@@ -13,11 +13,11 @@ the device when the TTS step ends).
 
 Deadlines: a stream's playback clock is first-audio time + audio delivered. `plan` orders prefills: a stream about
 to underrun first, then streams without audio yet, then the rest by how little they have buffered; while any stream
-is about to underrun, TTS prefills (on the loop's stream) are held to one batch of text prefills (up to
-`urgent_text_prefills` rows, which cost about what one does) and one segment-restart audio prefill per iteration
-(they delay every stream's next step), the LLM's prompt prefills (on its own stream) are not; a stream more than
-`ahead_limit_s` ahead waits (its rows idle). Vocoder windows of streams with audio to spare gather into larger
-batches for up to `vocoder_gather_s`.
+is about to underrun, TTS prefills (on the loop's stream) are held to one batch of short text prefills (up to
+`urgent_text_prefills` rows, which cost about what one does with graphs on), one longer text (run alone) and one
+segment-restart audio prefill per iteration (they delay every stream's next step), the LLM's prompt prefills (on
+its own stream) are not; a stream more than `ahead_limit_s` ahead waits (its rows idle). Vocoder windows of streams
+with audio to spare gather into larger batches for up to `vocoder_gather_s`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from omnivox.engine.graphs import Pending, Ready
 from omnivox.engine.live import CallInProgress, Live
 from omnivox.engine.llm_executor import RIDING_PROMPTS, LLMExecutor, LLMRow, LLMSampling, PrefillRow, can_ride
 from omnivox.engine.request import LLMChunk, Piece
-from omnivox.engine.tts_executor import TTSExecutor, TTSRow, TTSSampling
+from omnivox.engine.tts_executor import PREFILL_WIDTH, TTSExecutor, TTSRow, TTSSampling
 from omnivox.engine.types import SAMPLE_RATE
 from omnivox.engine.vocoder import VocoderExecutor
 from omnivox.engine.work import (
@@ -232,11 +232,14 @@ class Scheduler:
         llm = llm_rows if needed or rider_ready or (llm_rows and (gathered or not gather)) else []
         prefills.sort(key=lambda r: (r not in urgent, r.first_audio_at is not None, buffered[r], r.order))
         if urgent:  # TTS prefills on the loop's stream delay the step of a stream about to run dry: one batch of
-            # text prefills (as costly for a few rows as for one) and one audio prefill at most; the LLM's prefills
-            # run on its own stream and are not held back
-            texts = [r for r in prefills if r.speech.waiting_on(TTSPrefillText)][:cfg.urgent_text_prefills]
+            # short text prefills (as costly for a few rows as for one), one longer text (a read-aloud part's, run
+            # alone) and one audio prefill at most; the LLM's prefills run on its own stream and are not held back
+            texts = [r for r in prefills if r.speech.waiting_on(TTSPrefillText)]
+            short = [r for r in texts if len(r.speech.item.ids) <= PREFILL_WIDTH][:cfg.urgent_text_prefills]
+            long = [r for r in texts if len(r.speech.item.ids) > PREFILL_WIDTH][:1]
             audio = [r for r in prefills if r.speech.waiting_on(TTSPrefillAudio)][:1]
-            prefills = [r for r in prefills if r in texts or r in audio or r.prefill_side() is not r.speech]
+            kept = {*short, *long, *audio}
+            prefills = [r for r in prefills if r in kept or r.prefill_side() is not r.speech]
         return {"vocode": vocode, "tts": tts, "llm": llm, "prefill": prefills}
 
     def stats(self, now: float) -> dict[str, dict[str, float]]:
