@@ -14,7 +14,8 @@
 #   and recorded as the commit of its results, which a `git archive` tree cannot know); C, C_ARGS, C_LABEL: an
 #   optional third tree, run after B
 # Writes OUT_DIR/{a,b,c}-single.json, {a,b,c}-capacity.json, {a,b,c}-capacity.png and ab.log; prints a summary
-# last.
+# last. Each tree's runs write straight under OUT_DIR (single-{a,b,c}/, cap-{a,b,c}/: server and client logs, the
+# capacity document rewritten after each rate), so a `timeout` around this script loses nothing already measured.
 set -uo pipefail
 out=${1:-${OUT:-out/ab}}
 mkdir -p "$out"
@@ -37,14 +38,14 @@ for name in $names; do
     echo "== $name: one stream at a time ($root ${extra[$name]}; ${OMNIVOX_COMMIT})" | tee -a "$log"
     # shellcheck disable=SC2086  # MODEL_ARGS is a list of words
     (cd "$root" && PYTHONPATH="$root:${PYTHONPATH:-}" timeout 240 "$py" -m omnivox.bench.batch_bench $args \
-        --out "/tmp/ab-single-$name" --parts single --trials "${TRIALS:-3}") >> "$log" 2>&1
-    cp "/tmp/ab-single-$name/batch_bench.json" "$out/$name-single.json" 2>/dev/null
+        --out "$out/single-$name" --parts single --trials "${TRIALS:-3}") >> "$log" 2>&1
+    mv "$out/single-$name/batch_bench.json" "$out/$name-single.json" 2>/dev/null && rmdir "$out/single-$name"
     echo "== $name: capacity" | tee -a "$log"
     SERVER_TREE="$root" RATES=${RATES:-10,12,14} DURATION=${DURATION:-15} WARMUP=${WARMUP:-4} TTFA_BOUND=1000 \
-        BUDGET=${SWEEP_BUDGET:-150} MODEL_ARGS="$args" bash "$here/bench/capacity_gpu.sh" "/tmp/ab-cap-$name" \
+        BUDGET=${SWEEP_BUDGET:-150} MODEL_ARGS="$args" bash "$here/bench/capacity_gpu.sh" "$out/cap-$name" \
         >> "$log" 2>&1
-    cp "/tmp/ab-cap-$name/capacity.json" "$out/$name-capacity.json" 2>/dev/null
-    cp "/tmp/ab-cap-$name/capacity.png" "$out/$name-capacity.png" 2>/dev/null
+    mv "$out/cap-$name/capacity.json" "$out/$name-capacity.json" 2>/dev/null
+    mv "$out/cap-$name/capacity.png" "$out/$name-capacity.png" 2>/dev/null
 done
 
 "$py" - "$out" <<'EOF'
