@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import math
 
+import pytest
+
 from omnivox.bench.host_bench import keep_live, stub_device
 from omnivox.engine.engine import Engine, EngineConfig
 
@@ -21,6 +23,19 @@ def test_host_bench_serves_streams_with_the_device_stubbed_and_reports_the_loop(
     assert math.isclose(result["ms_per_iteration_total"], sum(parts.values()))
     assert result["mean_rows"]["tts"] >= 1 and result["mean_rows"]["vocoder"] >= 1
     assert engine.wait_idle(10.0) and engine.scheduler.live == [], "every stream ended when the benchmark did"
+
+
+def test_host_bench_reports_a_failing_stream_rather_than_figures(model):
+    engine = Engine(model, config=EngineConfig(max_concurrent_requests=2))
+    engine.scheduler.config.ahead_limit_s = math.inf
+    stub_device(engine)
+
+    def broken_step(*_, **__):
+        raise ValueError("broken step")
+
+    engine.tts._step = broken_step
+    with pytest.raises(ValueError, match="broken step"):
+        asyncio.run(keep_live(engine, streams=2, seconds=1.5, warmup_s=0.2))
 
 
 def test_host_bench_writes_a_results_document(tmp_path):

@@ -182,6 +182,10 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
     wall = time.perf_counter() - t0
     if profile is not None:
         profile.stop()
+    failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    if failed:  # a stream's request failed: its error, not figures of a loop with fewer streams than asked
+        engine.shutdown()
+        raise failed[0]
     cpu = time.clock_gettime(cpu_clock) - cpu0
     gc.callbacks.remove(time_collections)
     parts = {k: v - parts0.get(k, 0.0) for k, v in scheduler.loop_seconds.items()}

@@ -8,10 +8,10 @@ dropped. When the rows taking part fit a smaller batch, the step runs over just 
 (`KVRows`: their keys gathered): a step's cost is mostly its rows' share of the products, and a gathered row's
 keys cost little beside them (a few of the ~256 active rows take part in a step when streams run ahead). Masks,
 sampling and the counter-based random numbers all run inside the step, so it replays as one CUDA graph per (batch
-size, key width). A prefill runs the prompts of several rows, wherever they are in the pool, as
-one padded batch (pads write to the scratch position), replayed as a CUDA graph per (batch, length, key width).
-Short prompts may instead ride along with a decode step, in the same forward (one graph per decode shape): the
-weights, which a step at these batch sizes spends most of its time reading, are then read once for both.
+size, key width). A prefill runs the prompts of several rows, wherever they are in the pool, as one padded batch
+(pads write to the scratch position), replayed as a CUDA graph per (batch, length, key width). Short prompts may
+instead ride along with a decode step, in the same forward (one graph per decode shape): the weights, which a step
+at these batch sizes spends most of its time reading, are then read once for both.
 
 Both return `Pending` results: the loop launches the LLM's work, runs the TTS and the vocoder meanwhile, and only
 then waits for the tokens.
