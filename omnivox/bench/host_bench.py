@@ -182,11 +182,10 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
     wall = time.perf_counter() - t0
     if profile is not None:
         profile.stop()
+    # a stream's failure is raised below, not figures of a loop with fewer streams than asked (whose thread may have
+    # gone idle and ended: its CPU clock is then gone)
     failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
-    if failed:  # a stream's request failed: its error, not figures of a loop with fewer streams than asked
-        engine.shutdown()
-        raise failed[0]
-    cpu = time.clock_gettime(cpu_clock) - cpu0
+    cpu = 0.0 if failed else time.clock_gettime(cpu_clock) - cpu0
     gc.callbacks.remove(time_collections)
     parts = {k: v - parts0.get(k, 0.0) for k, v in scheduler.loop_seconds.items()}
     iterations = scheduler.iterations - iterations0
@@ -195,6 +194,8 @@ async def keep_live(engine: Engine, streams: int, seconds: float, warmup_s: floa
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     engine.shutdown()  # while this event loop still runs: the loop thread hands its last chunks to it
+    if failed:
+        raise failed[0]
     per_it = {k: 1e3 * v / max(iterations, 1) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
     return {"streams": streams, "wall_s": wall, "iterations": iterations, "iterations_per_s": iterations / wall,
             "live_mean": sum(live) / max(len(live), 1), "ms_per_iteration": per_it,
